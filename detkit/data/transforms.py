@@ -1,0 +1,151 @@
+"""Sample transforms: letterbox to the network's square input, training augmentation, and the inverse
+mapping from letterboxed pixels back to the original image.
+
+Every random choice of a training transform comes from a generator seeded by (seed, epoch, index), so an
+augmented sample depends on nothing else: not on worker processes, not on the order samples are drawn, and
+a resumed run sees exactly the samples the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+PAD_VALUE = 114
+
+
+def letterbox_geometry(height: int, width: int, size: int, scale: float = 1.0) -> tuple[float, int, int]:
+    """Resize factor and (left, top) padding that fit an image into a ``size``² square, centred.
+
+    ``scale`` multiplies the fitting factor (training jitter); the resized image may then exceed the canvas.
+    """
+    ratio = size / max(height, width) * scale
+    new_w, new_h = round(width * ratio), round(height * ratio)
+    return ratio, (size - new_w) // 2, (size - new_h) // 2
+
+
+def warp(image: np.ndarray, ratio: float, left: int, top: int, size: int) -> np.ndarray:
+    """Resize ``image`` by ``ratio`` and place its top-left corner at (left, top) of a ``size``² canvas."""
+    h, w = image.shape[:2]
+    new_w, new_h = max(round(w * ratio), 1), max(round(h * ratio), 1)
+    interp = cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
+    x0, y0 = max(left, 0), max(top, 0)
+    x1, y1 = min(left + new_w, size), min(top + new_h, size)
+    if x1 > x0 and y1 > y0:
+        canvas[y0:y1, x0:x1] = resized[y0 - top : y1 - top, x0 - left : x1 - left]
+    return canvas
+
+
+def unletterbox(boxes: Tensor, ratio: float, pad: Sequence[float], orig_size: Sequence[int]) -> Tensor:
+    """Map (N, 4) xyxy boxes from letterboxed pixels back to the original image's pixels, clipped to it.
+
+    ``pad`` is (left, top), ``orig_size`` is (height, width) — the values a letterbox transform recorded.
+    """
+    offset = boxes.new_tensor([pad[0], pad[1], pad[0], pad[1]])
+    out = (boxes - offset) / ratio
+    h, w = orig_size
+    return torch.stack(
+        [out[:, 0].clamp(0, w), out[:, 1].clamp(0, h), out[:, 2].clamp(0, w), out[:, 3].clamp(0, h)], dim=1
+    )
+
+
+def to_target(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sample, ratio: float, pad) -> tuple:
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+    target = {
+        "boxes": torch.from_numpy(boxes.astype(np.float32)).reshape(-1, 4),
+        "labels": torch.from_numpy(labels.astype(np.int64)),
+        "image_id": int(sample.image_id),
+        "orig_size": tuple(int(v) for v in sample.orig_size),
+        "ratio": float(ratio),
+        "pad": (float(pad[0]), float(pad[1])),
+    }
+    return tensor, target
+
+
+class Letterbox:
+    """Evaluation transform: fit into a ``size``² canvas keeping the aspect ratio; returns (image, target)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, sample, index: int) -> tuple[Tensor, dict]:
+        h, w = sample.image.shape[:2]
+        ratio, left, top = letterbox_geometry(h, w, self.size)
+        image = warp(sample.image, ratio, left, top, self.size)
+        boxes = sample.boxes * ratio + np.array([left, top, left, top], dtype=np.float32)
+        return to_target(image, boxes, sample.labels, sample, ratio, (left, top))
+
+
+class TrainTransform:
+    """Training transform: random scale and placement inside the letterbox canvas, optional horizontal flip,
+    colour jitter through albumentations; boxes cut by the canvas are clipped and dropped below
+    ``min_visible`` of their area or ``min_size`` pixels.
+
+    Args:
+        size: square output side in pixels.
+        seed: run seed; with the epoch and the sample index it fixes every random choice.
+        scale: (low, high) multiplier of the letterbox resize factor.
+        translate: largest shift of the image inside the canvas, as a fraction of ``size``.
+        fliplr: probability of a horizontal flip (0 for classes that are not mirror-symmetric, e.g. digits).
+        hue, saturation, value: colour jitter strengths (albumentations ``ColorJitter``).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        scale: Sequence[float] = (0.75, 1.25),
+        translate: float = 0.1,
+        fliplr: float = 0.5,
+        hue: float = 0.015,
+        saturation: float = 0.5,
+        value: float = 0.3,
+        min_visible: float = 0.4,
+        min_size: float = 2.0,
+    ) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.scale, self.translate, self.fliplr = tuple(scale), translate, fliplr
+        self.min_visible, self.min_size = min_visible, min_size
+        self.color = A.Compose(
+            [A.ColorJitter(brightness=value, contrast=value / 2, saturation=saturation, hue=hue, p=1.0)], seed=seed
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, sample, index: int) -> tuple[Tensor, dict]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        h, w = sample.image.shape[:2]
+        ratio, left, top = letterbox_geometry(h, w, self.size, rng.uniform(*self.scale))
+        shift = self.translate * self.size
+        left = int(round(left + rng.uniform(-shift, shift)))
+        top = int(round(top + rng.uniform(-shift, shift)))
+        image = warp(sample.image, ratio, left, top, self.size)
+        boxes = sample.boxes * ratio + np.array([left, top, left, top], dtype=np.float32)
+        labels = sample.labels
+        if rng.random() < self.fliplr:
+            image = np.ascontiguousarray(image[:, ::-1])
+            boxes = np.stack([self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], axis=1)
+        self.color.set_random_seed(int(rng.integers(2**31)))
+        image = self.color(image=image)["image"]
+        boxes, labels = clip_boxes(boxes.reshape(-1, 4), labels, self.size, self.min_visible, self.min_size)
+        return to_target(image, boxes, labels, sample, ratio, (left, top))
+
+
+def clip_boxes(
+    boxes: np.ndarray, labels: np.ndarray, size: int, min_visible: float, min_size: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clip (N, 4) xyxy boxes to a ``size``² canvas; keep those with enough of their area left and both
+    sides at least ``min_size`` pixels."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    clipped = boxes.clip(0, size)
+    wh = clipped[:, 2:] - clipped[:, :2]
+    keep = (wh.min(axis=1) >= min_size) & (wh.prod(axis=1) >= min_visible * np.maximum(area, 1e-6))
+    return clipped[keep], labels[keep]

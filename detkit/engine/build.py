@@ -1,0 +1,59 @@
+"""Build datasets, loaders, model, optimizer and schedule from a Hydra config."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from detkit.data.loader import build_loader
+from detkit.data.transforms import Letterbox, TrainTransform
+from detkit.engine.optim import build_optimizer, build_scheduler
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (model initialisation); data randomness has its own per-sample seeds."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(data_cfg: DictConfig) -> None:
+    """Generate the built-in dataset on first use (a no-op for user datasets)."""
+    builtin = data_cfg.get("builtin")
+    if builtin:
+        from detkit.data.builtin import ensure_builtin
+
+        ensure_builtin(**builtin)
+
+
+def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool | None = None):
+    """The ``split`` dataset (``data.<split>`` config) with training or letterbox transforms."""
+    train = split == "train" if train is None else train
+    size = data_cfg.img_size
+    transforms = TrainTransform(size, seed=seed, **data_cfg.augment) if train else Letterbox(size)
+    return instantiate(data_cfg[split], transforms=transforms)
+
+
+def build_data_loader(dataset, data_cfg: DictConfig, train: bool, seed: int = 0):
+    batch = data_cfg.batch_size if train else data_cfg.get("eval_batch_size", data_cfg.batch_size)
+    return build_loader(dataset, batch, train=train, seed=seed, num_workers=data_cfg.num_workers)
+
+
+def build_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
+    return instantiate(model_cfg, num_classes=num_classes)
+
+
+def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int):
+    """Optimizer and per-step scheduler for ``cfg.trainer.epochs`` epochs."""
+    optim = dict(cfg.optim)
+    optimizer = build_optimizer(model, **optim)
+    sched = dict(cfg.schedule)
+    warmup_steps = round(sched.pop("warmup_epochs") * steps_per_epoch)
+    total = cfg.trainer.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, total, min(warmup_steps, total), **sched)
+    return optimizer, scheduler

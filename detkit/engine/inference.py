@@ -1,0 +1,94 @@
+"""Run a trained detector on image files and draw its detections."""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from detkit.data.transforms import Letterbox, unletterbox
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def list_images(source: str | Path) -> list[Path]:
+    """One image file, or the image files of a folder (sorted); errors name what is missing."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+        return files
+    raise FileNotFoundError(f"source {source} is neither an image file nor a folder")
+
+
+class _FileSample:
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.boxes = np.zeros((0, 4), dtype=np.float32)
+        self.labels = np.zeros((0,), dtype=np.int64)
+        self.image_id = 0
+        self.orig_size = image.shape[:2]
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from exc
+
+
+@torch.no_grad()
+def detect(model: nn.Module, image: np.ndarray, img_size: int, device: str = "cpu") -> dict:
+    """Detections for one RGB uint8 (H, W, 3) image: ``boxes`` xyxy in its pixels, ``scores``, ``labels``."""
+    tensor, meta = Letterbox(img_size)(_FileSample(image), 0)
+    det = model.eval()(tensor[None].to(device))[0]
+    boxes = unletterbox(det["boxes"].cpu(), meta["ratio"], meta["pad"], meta["orig_size"])
+    return {"boxes": boxes, "scores": det["scores"].cpu(), "labels": det["labels"].cpu()}
+
+
+def class_colors(n: int) -> list[tuple[int, int, int]]:
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(n, 1), 0.9, 1.0)) for i in range(n)]
+
+
+def draw(image: np.ndarray, det: dict, class_names: Sequence[str]) -> Image.Image:
+    """The image with one labelled rectangle per detection."""
+    canvas = Image.fromarray(image)
+    pen = ImageDraw.Draw(canvas)
+    colors = class_colors(len(class_names))
+    for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+        pen.rectangle(box, outline=colors[label], width=2)
+        pen.text((box[0] + 2, max(box[1] - 11, 0)), f"{class_names[label]} {score:.2f}", fill=colors[label])
+    return canvas
+
+
+def predict_files(model: nn.Module, source: str | Path, out_dir: str | Path, img_size: int,
+                  class_names: Sequence[str], score_thresh: float = 0.25, device: str = "cpu") -> list[dict]:
+    """Detect on every image of ``source``; write ``<name>.jpg`` with boxes drawn into ``out_dir`` and
+    return the detections (xyxy pixels, class names) as JSON-ready dicts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path in list_images(source):
+        image = read_rgb(path)
+        det = detect(model, image, img_size, device)
+        keep = det["scores"] >= score_thresh
+        det = {k: v[keep] for k, v in det.items()}
+        draw(image, det, class_names).save(out_dir / f"{path.stem}.jpg", quality=92)
+        records.append({
+            "file": str(path),
+            "detections": [
+                {"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4), "label": int(label),
+                 "class": class_names[label]}
+                for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())
+            ],
+        })
+    return records

@@ -1,0 +1,114 @@
+"""What the command-line tools do, as functions tests can call: train, evaluate a checkpoint, predict."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from detkit.engine.build import (
+    build_data_loader,
+    build_dataset,
+    build_model,
+    build_optimization,
+    prepare_data,
+    seed_everything,
+)
+from detkit.engine.checkpoint import load_checkpoint
+from detkit.engine.hooks import CheckpointHook, EvalHook, ProgressHook, TensorBoardHook, write_json
+from detkit.engine.trainer import Hook, Trainer
+from detkit.evaluation.coco import evaluate_coco, format_table, predict, to_coco_results
+
+
+def make_evaluator(dataset, loader, out_dir: Path, device):
+    """Callable(model) → metrics that also writes ``predictions.json`` and ``metrics.json`` in ``out_dir``."""
+
+    def evaluate(model) -> dict:
+        predictions = predict(model, loader, device)
+        results = to_coco_results(predictions, dataset.label_to_category_id)
+        metrics = evaluate_coco(dataset.coco, results, dataset.class_names)
+        write_json(results, out_dir / "predictions.json")
+        write_json({k: v for k, v in metrics.items() if k != "summary"}, out_dir / "metrics.json")
+        return metrics
+
+    return evaluate
+
+
+def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) -> dict:
+    """Train ``cfg`` into ``out_dir`` (checkpoints, TensorBoard, metrics, predictions); returns the final
+    validation metrics. ``cfg.resume`` continues from a checkpoint exactly."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(cfg.trainer.threads)
+    prepare_data(cfg.data)
+    seed_everything(cfg.seed)
+    train_set = build_dataset(cfg.data, "train", cfg.seed)
+    val_set = build_dataset(cfg.data, "val", cfg.seed)
+    train_loader = build_data_loader(train_set, cfg.data, train=True, seed=cfg.seed)
+    val_loader = build_data_loader(val_set, cfg.data, train=False)
+    model = build_model(cfg.model, train_set.num_classes)
+    optimizer, scheduler = build_optimization(cfg, model, len(train_set) // cfg.data.batch_size)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model {type(model).__name__}: {params / 1e6:.2f}M parameters; train {len(train_set)} images, "
+          f"val {len(val_set)} images, {train_set.num_classes} classes; output {out_dir}")
+    extra = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "class_names": list(train_set.class_names),
+        "label_to_category_id": list(train_set.label_to_category_id),
+    }
+    evaluate = make_evaluator(val_set, val_loader, out_dir, cfg.device)
+    hooks = [
+        ProgressHook(),
+        EvalHook(evaluate, every=cfg.trainer.eval_every),
+        CheckpointHook(out_dir, extra, every_steps=cfg.trainer.checkpoint_every_steps),
+        TensorBoardHook(out_dir / "tb", every=cfg.trainer.log_every),
+        *extra_hooks,
+    ]
+    trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, cfg.device,
+                      cfg.trainer.grad_clip_norm)
+    if cfg.get("resume"):
+        trainer.load_state_dict(load_checkpoint(cfg.resume))
+        print(f"resumed from {cfg.resume} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
+    start = time.perf_counter()
+    trainer.train()
+    if trainer.stop_requested:
+        return {}
+    print(f"trained in {time.perf_counter() - start:.0f}s\n{format_table(trainer.metrics)}")
+    print(f"mAP@[.5:.95] {trainer.metrics['AP']:.4f}  mAP@0.5 {trainer.metrics['AP50']:.4f}")
+    return trainer.metrics
+
+
+def load_trained(checkpoint: str | Path, device: str = "cpu"):
+    """(model in eval mode, stored config, checkpoint state) from a training checkpoint."""
+    state = load_checkpoint(checkpoint, device)
+    cfg = OmegaConf.create(state["config"])
+    model = build_model(cfg.model, len(state["class_names"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, state
+
+
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_cfg: DictConfig | None = None,
+                        split: str = "val", device: str = "cpu") -> dict:
+    """Score a checkpoint on ``split`` of its own dataset (or ``data_cfg``); writes metrics, predictions and
+    a text report into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, cfg, state = load_trained(checkpoint, device)
+    data_cfg = data_cfg if data_cfg is not None else cfg.data
+    prepare_data(data_cfg)
+    dataset = build_dataset(data_cfg, split, train=False)
+    if list(dataset.class_names) != list(state["class_names"]):
+        raise ValueError(
+            f"{checkpoint} was trained on classes {state['class_names']} but the {split} set of "
+            f"{data_cfg[split].ann_file} has {dataset.class_names}"
+        )
+    loader = build_data_loader(dataset, data_cfg, train=False)
+    metrics = make_evaluator(dataset, loader, out_dir, device)(model)
+    report = f"checkpoint {checkpoint}\ndata {data_cfg[split].ann_file}\n\n{format_table(metrics)}\n"
+    (out_dir / "report.txt").write_text(report)
+    print(report)
+    print(f"mAP@[.5:.95] {metrics['AP']:.4f}  mAP@0.5 {metrics['AP50']:.4f}")
+    return metrics

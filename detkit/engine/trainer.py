@@ -1,0 +1,173 @@
+"""One training loop for every detector, extended through hooks (detectron2's ``TrainerBase`` pattern).
+
+The loop knows a detector only through the common interface: ``model(images, targets)`` returns a dict of
+scalar losses in train mode. Evaluation, logging, checkpointing and compression plug in as :class:`Hook`s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+class Hook:
+    """Called by :class:`Trainer` at fixed points; override what you need. ``state_dict`` is saved in
+    checkpoints so a resumed run restores the hook too."""
+
+    def before_train(self, trainer: Trainer) -> None: ...
+    def before_epoch(self, trainer: Trainer) -> None: ...
+    def before_step(self, trainer: Trainer) -> None: ...
+    def after_backward(self, trainer: Trainer) -> None: ...
+    def after_step(self, trainer: Trainer) -> None: ...
+    def after_epoch(self, trainer: Trainer) -> None: ...
+    def after_train(self, trainer: Trainer) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Trainer:
+    """Epoch/step loop with exact resume.
+
+    Progress is ``epoch`` (0-based) and ``step_in_epoch`` (optimizer steps done in that epoch). The sample
+    order and augmentation of an epoch depend only on (seed, epoch, index), so :meth:`load_state_dict` plus
+    :meth:`train` continue a run as if it had never stopped, including from the middle of an epoch.
+
+    Args:
+        model: detector in the common interface.
+        optimizer, scheduler: the scheduler is stepped once per optimizer step.
+        loader: training loader built by :func:`detkit.data.loader.build_loader`.
+        epochs: total epochs of the run.
+        hooks: called in list order at every point.
+        grad_clip_norm: clip the global gradient norm to this value (None: no clipping).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loader: DataLoader,
+        epochs: int,
+        hooks: Sequence[Hook] = (),
+        device: str | torch.device = "cpu",
+        grad_clip_norm: float | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
+        self.epochs, self.hooks, self.device = epochs, list(hooks), torch.device(device)
+        self.grad_clip_norm = grad_clip_norm
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.losses: dict[str, float] = {}
+        self.batch_size = 0
+        self.step_time = 0.0
+        self.stop_requested = False
+        self.metrics: dict = {}  # the latest evaluation, set by an evaluation hook
+        self.is_best = False  # whether that evaluation is the best so far
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader.dataset) // self.loader.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _call(self, point: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)(self)
+
+    def train(self) -> None:
+        """Run from the current progress to the end; returns early if a hook sets ``stop_requested``."""
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(self.loader.dataset)} images, fewer than one batch of "
+                f"{self.loader.batch_size}"
+            )
+        self.model.to(self.device).train()
+        self._call("before_train")
+        while self.epoch < self.epochs:
+            self._run_epoch()
+            if self.stop_requested:
+                return
+            self._call("after_epoch")
+            self.epoch += 1
+            self.step_in_epoch = 0
+        self._call("after_train")
+
+    def _run_epoch(self) -> None:
+        for obj in (self.loader.sampler, self.loader.dataset):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(self.epoch)
+        self.loader.sampler.start_at(self.step_in_epoch * self.loader.batch_size)
+        self._call("before_epoch")
+        for images, targets in self.loader:
+            self._call("before_step")
+            start = time.perf_counter()
+            self.run_step(images, targets)
+            self.step_time = time.perf_counter() - start
+            self.step_in_epoch += 1
+            self.global_step += 1
+            self._call("after_step")
+            if self.stop_requested:
+                return
+
+    def run_step(self, images: torch.Tensor, targets: list[dict]) -> None:
+        images = images.to(self.device, non_blocking=True)
+        targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        losses = self.model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise FloatingPointError(
+                f"non-finite loss at epoch {self.epoch} step {self.step_in_epoch} (global step "
+                f"{self.global_step}): {detail}; lower the learning rate or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._call("after_backward")
+        if self.grad_clip_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.batch_size = images.shape[0]
+        self.losses = {k: v.item() for k, v in losses.items()}
+        self.losses["loss"] = loss.item()
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run exactly (hook states keyed by class name)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "torch_rng": torch.get_rng_state(),
+            "hooks": {type(h).__name__: h.state_dict() for h in self.hooks},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        if self.step_in_epoch >= self.steps_per_epoch:  # saved at an epoch's end
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        torch.set_rng_state(state["torch_rng"])
+        hook_states = state.get("hooks", {})
+        for hook in self.hooks:
+            if type(hook).__name__ in hook_states:
+                hook.load_state_dict(hook_states[type(hook).__name__])

@@ -1,0 +1,118 @@
+"""YOLOv3-family loss: anchor assignment by shape, IoU-family box loss, BCE objectness and classes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+
+_BOX_LOSSES = {
+    "ciou": complete_box_iou_loss,
+    "diou": distance_box_iou_loss,
+    "giou": generalized_box_iou_loss,
+}
+
+
+def match_anchors(gt_wh: Tensor, anchors: Tensor, ratio_thresh: float) -> Tensor:
+    """Which anchors are responsible for which ground truths, by shape alone.
+
+    Args:
+        gt_wh: (M, 2) ground-truth widths and heights in pixels.
+        anchors: (L, A, 2) anchor widths and heights in pixels, per level.
+        ratio_thresh: an anchor matches when neither side differs from the GT's by more than this factor.
+
+    Returns:
+        (M, L, A) bool. Every GT also keeps its single best anchor (highest shape IoU over all levels), so
+        no object is left without a predictor, however unusual its shape.
+    """
+    flat = anchors.reshape(-1, 2)
+    ratio = gt_wh[:, None, :] / flat[None]
+    worst = torch.maximum(ratio, 1.0 / ratio).amax(dim=2)
+    match = worst < ratio_thresh
+    inter = torch.minimum(gt_wh[:, None, :], flat[None]).prod(dim=2)
+    shape_iou = inter / (gt_wh.prod(dim=1)[:, None] + flat.prod(dim=1)[None] - inter)
+    if len(gt_wh):
+        match[torch.arange(len(gt_wh)), shape_iou.argmax(dim=1)] = True
+    return match.view(len(gt_wh), *anchors.shape[:2])
+
+
+class YOLOLoss(nn.Module):
+    """Loss over raw head outputs of every level.
+
+    ``λ_box · L_box + λ_obj · Σ_l w_l · L_obj,l + λ_cls · L_cls``: the box term is an IoU-family loss between
+    decoded predictions and their ground truths; objectness is BCE over every prediction with target
+    IoU(pred, GT) (detached) at responsible predictions and 0 elsewhere, so the score ranks localisation
+    quality; classes are independent BCE (YOLOv3) on responsible predictions. All terms are means, so the
+    loss does not grow with the batch or the image size.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        box_loss: str = "ciou",
+        box_weight: float = 0.05,
+        obj_weight: float = 1.0,
+        cls_weight: float = 0.5,
+        level_weights: Sequence[float] = (4.0, 1.0, 0.4),
+        ratio_thresh: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if box_loss not in _BOX_LOSSES:
+            raise ValueError(f"unknown box_loss {box_loss!r}; expected one of {sorted(_BOX_LOSSES)}")
+        self.num_classes = num_classes
+        self.box_loss = _BOX_LOSSES[box_loss]
+        self.box_weight, self.obj_weight, self.cls_weight = box_weight, obj_weight, cls_weight
+        self.level_weights = list(level_weights)
+        self.ratio_thresh = ratio_thresh
+
+    def forward(
+        self, outputs: Sequence[Tensor], boxes: Sequence[Tensor], targets: Sequence[dict], anchors: Tensor,
+        strides: Sequence[int],
+    ) -> dict[str, Tensor]:
+        """
+        Args:
+            outputs: per level, raw head output (B, A, H, W, 5 + C): tx, ty, tw, th, objectness, classes.
+            boxes: per level, the decoded predicted boxes (B, A, H, W, 4), xyxy pixels.
+            targets: per image, ``boxes`` (N, 4) xyxy pixels of the input tensor and ``labels`` (N,).
+            anchors: (L, A, 2) pixels. strides: per level.
+        """
+        device = outputs[0].device
+        gt = torch.cat([t["boxes"].to(device, torch.float32) for t in targets])
+        labels = torch.cat([t["labels"].to(device) for t in targets])
+        image_index = torch.cat(
+            [torch.full((len(t["boxes"]),), i, device=device, dtype=torch.long) for i, t in enumerate(targets)]
+        )
+        match = match_anchors((gt[:, 2:] - gt[:, :2]).clamp(min=1.0), anchors, self.ratio_thresh)
+        centers = (gt[:, :2] + gt[:, 2:]) / 2
+
+        zero = outputs[0].sum() * 0.0
+        loss_box, loss_cls, loss_obj = zero, zero, zero
+        num_pos = 0
+        for level, (out, pred_boxes, stride) in enumerate(zip(outputs, boxes, strides)):
+            _, _, h, w, _ = out.shape
+            gt_idx, anchor_idx = match[:, level].nonzero(as_tuple=True)
+            cell = (centers[gt_idx] / stride).long()
+            gx, gy = cell[:, 0].clamp(0, w - 1), cell[:, 1].clamp(0, h - 1)
+            b = image_index[gt_idx]
+            obj_target = torch.zeros_like(out[..., 4])
+            if len(gt_idx):
+                pred = pred_boxes[b, anchor_idx, gy, gx]
+                per_box = self.box_loss(pred, gt[gt_idx], reduction="none")
+                loss_box = loss_box + per_box.sum()
+                num_pos += len(gt_idx)
+                iou = (1.0 - per_box.detach()).clamp(min=0.0)
+                obj_target[b, anchor_idx, gy, gx] = iou.to(obj_target.dtype)
+                cls_logits = out[b, anchor_idx, gy, gx, 5:]
+                cls_target = F.one_hot(labels[gt_idx], self.num_classes).to(cls_logits.dtype)
+                loss_cls = loss_cls + F.binary_cross_entropy_with_logits(cls_logits, cls_target, reduction="sum")
+            level_obj = F.binary_cross_entropy_with_logits(out[..., 4], obj_target)
+            loss_obj = loss_obj + self.level_weights[level] * level_obj
+        num_pos = max(num_pos, 1)
+        return {
+            "loss_box": self.box_weight * loss_box / num_pos,
+            "loss_obj": self.obj_weight * loss_obj,
+            "loss_cls": self.cls_weight * loss_cls / (num_pos * self.num_classes),
+        }

@@ -1,0 +1,60 @@
+"""YOLOv3's top-down neck: the deepest map is processed first, then reduced by a 1×1 conv, upsampled ×2
+(nearest) and concatenated onto the next shallower backbone map, down to the shallowest one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detkit.models.layers import ConvBNAct
+
+
+def conv_set(c_in: int, c_mid: int, pairs: int, act: str) -> nn.Sequential:
+    """YOLOv3's 'convolutional set': 1×1 (c_mid) then ``pairs`` × (3×3 to 2·c_mid, 1×1 back to c_mid).
+
+    ``pairs=2`` is the paper's five-conv set; ``pairs=0`` a single 1×1 for compact models.
+    """
+    layers = [ConvBNAct(c_in, c_mid, 1, act=act)]
+    for _ in range(pairs):
+        layers += [ConvBNAct(c_mid, 2 * c_mid, 3, act=act), ConvBNAct(2 * c_mid, c_mid, 1, act=act)]
+    return nn.Sequential(*layers)
+
+
+class YOLOv3Neck(nn.Module):
+    """Top-down fusion of backbone maps.
+
+    Args:
+        in_channels: channels of the backbone maps, shallowest first (e.g. strides 8, 16, 32).
+        channels: ``c_mid`` of each level's conv set, shallowest first.
+        pairs: (3×3, 1×1) pairs in each conv set.
+
+    Input: maps shallowest first; output: one map per level, shallowest first, with ``channels[i]`` channels
+    and the input's spatial size.
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: Sequence[int], pairs: int = 2, act: str = "leaky"):
+        super().__init__()
+        if len(in_channels) != len(channels):
+            raise ValueError("in_channels and channels must have one entry per level")
+        n = len(in_channels)
+        self.sets = nn.ModuleList()
+        self.reduce = nn.ModuleList()
+        for level in reversed(range(n)):
+            lateral = channels[level + 1] // 2 if level < n - 1 else 0
+            self.sets.append(conv_set(in_channels[level] + lateral, channels[level], pairs, act))
+            if level > 0:
+                self.reduce.append(ConvBNAct(channels[level], channels[level] // 2, 1, act=act))
+        self.out_channels = list(channels)
+
+    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
+        outputs = []
+        x = None
+        for i, feature in enumerate(reversed(features)):
+            if x is not None:
+                up = nn.functional.interpolate(self.reduce[i - 1](x), size=feature.shape[-2:], mode="nearest")
+                feature = torch.cat([up, feature], dim=1)
+            x = self.sets[i](feature)
+            outputs.append(x)
+        return outputs[::-1]

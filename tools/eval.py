@@ -1,0 +1,20 @@
+"""Evaluate a checkpoint: ``python tools/eval.py checkpoint=PATH [split=val] [data=coco data.val_json=...]``.
+
+Prints the COCO table and writes metrics.json, predictions.json and report.txt into the run folder.
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from detkit.engine.launch import evaluate_checkpoint
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate_checkpoint(cfg.checkpoint, HydraConfig.get().runtime.output_dir, cfg.get("data"), cfg.split,
+                        cfg.device)
+
+
+if __name__ == "__main__":
+    main()
