@@ -1,9 +1,16 @@
 """The built-in dataset: handwritten digits on real photos, written as a standard COCO dataset.
 
 Everything it draws ships inside installed packages (no download): the objects are scikit-learn's 1,797
-handwritten 8×8 digits (10 classes), the backgrounds are photos bundled with scikit-image and scikit-learn.
-Each image's randomness comes from ``SeedSequence([seed, split, index])``, so the same seed gives the same
-bytes whatever the number of worker processes.
+handwritten 8×8 digits (10 classes), the backgrounds are photos bundled with scikit-image and scikit-learn,
+the unannotated distractors are drawn shapes. Each image's randomness comes from
+``SeedSequence([seed, split, index])``, so the same seed gives the same bytes whatever the number of worker
+processes.
+
+Layout written under ``root``::
+
+    annotations/instances_train.json, annotations/instances_val.json   (COCO, xywh float pixel boxes)
+    images/train/000000.jpg ...,       images/val/000000.jpg ...
+    .complete                          (written last: JSON fingerprint of the generation parameters)
 """
 
 from __future__ import annotations
@@ -25,16 +32,23 @@ from PIL import Image
 CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 # Deliberately non-contiguous, like COCO's, so the label <-> category id mapping is exercised by default.
 CATEGORY_IDS: tuple[int, ...] = tuple(1 + 2 * d for d in range(10))
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 SPLITS = ("train", "val")
-_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "horse.png", "brick.png", "grass.png",
-           "gravel.png", "hubble_deep_field.jpg", "retina.jpg", "motorcycle_left.png", "color.png", "coins.png",
-           "camera.png", "page.png", "text.png", "moon.png", "immunohistochemistry.png", "ihc.png")
+# text.png (handwritten formulas with digits) and page.png (printed text) are left out on purpose: their
+# unannotated characters would be digit look-alikes, i.e. label noise.
+_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "horse.png", "brick.png",
+           "grass.png", "gravel.png", "hubble_deep_field.jpg", "retina.jpg", "motorcycle_left.png",
+           "color.png", "coins.png", "camera.png", "moon.png", "ihc.png", "cell.png")
+_EMPTY_FRACTION = 0.05
+_MAX_OBJECTS = 8
+_PLACEMENT_TRIES = 8
+_MIN_DIGIT_HEIGHT = 8
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, list[np.ndarray]]:
-    """(1797, 8, 8) glyphs scaled to [0, 1] and, per class, the indices of its glyphs."""
+    """(1797, 8, 8) float32 glyphs in [0, 1] and, per class, the indices of its glyphs."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -43,8 +57,11 @@ def _digits() -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 @lru_cache(maxsize=1)
-def _photos() -> list[np.ndarray]:
-    """RGB uint8 background photos from scikit-image's data folder and scikit-learn's sample images."""
+def _photos() -> tuple[np.ndarray, ...]:
+    """RGB uint8 (H, W, 3) background photos from scikit-image's data folder and scikit-learn's samples.
+
+    Files are read directly from disk (never through ``skimage.data``'s fetchers, which may download).
+    """
     import skimage.data
     from sklearn.datasets import load_sample_images
 
@@ -58,74 +75,121 @@ def _photos() -> list[np.ndarray]:
     photos += [np.ascontiguousarray(im[..., :3]) for im in load_sample_images().images]
     if len(photos) < 4:
         raise RuntimeError(f"too few background photos found in {folder} and scikit-learn's sample images")
-    return photos
+    return tuple(photos)
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    photo = _photos()[rng.integers(len(_photos()))]
+    """A jittered random crop of a random photo: float32 (height, width, 3) RGB in [0, 255]."""
+    photos = _photos()
+    photo = photos[rng.integers(len(photos))]
     ph, pw = photo.shape[:2]
-    crop_h = int(min(ph, pw * height / width) * rng.uniform(0.3, 1.0))
-    crop_w = min(int(crop_h * width / height), pw)
-    y, x = rng.integers(0, ph - crop_h + 1), rng.integers(0, pw - crop_w + 1)
-    image = cv2.resize(photo[y : y + crop_h, x : x + crop_w], (width, height), interpolation=cv2.INTER_AREA)
+    aspect = width / height * rng.uniform(0.85, 1.15)
+    crop_h = max(int(min(ph, pw / aspect) * rng.uniform(0.35, 1.0)), 16)
+    crop_w = min(max(int(crop_h * aspect), 16), pw)
+    y, x = int(rng.integers(0, ph - crop_h + 1)), int(rng.integers(0, pw - crop_w + 1))
+    crop = photo[y : y + crop_h, x : x + crop_w]
+    shrink = crop_w > width and crop_h > height
+    image = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     if rng.random() < 0.5:
         image = image[:, ::-1]
-    gain = rng.uniform(0.7, 1.25, size=3) * rng.uniform(0.8, 1.15)
-    return np.clip(image.astype(np.float32) * gain, 0, 255)
+    image = image.astype(np.float32)
+    gray = image.mean(axis=2, keepdims=True)
+    image = gray + (image - gray) * np.float32(rng.uniform(0.5, 1.3))  # saturation
+    gain = rng.uniform(0.75, 1.25, size=3) * rng.uniform(0.7, 1.2)  # tint and brightness
+    return np.clip(image * gain.astype(np.float32), 0, 255)
 
 
-def _clutter(rng: np.random.Generator, image: np.ndarray) -> None:
-    """Unannotated distractors: filled or outlined circles, ellipses, rectangles, triangles and curves."""
+def _draw_clutter(rng: np.random.Generator, image: np.ndarray, count: int) -> None:
+    """Draw ``count`` unannotated distractors in place on float32 (H, W, 3) ``image``.
+
+    Blobs, rings, wide ellipses, squat rectangles, fat triangles and long curves: nothing is a short
+    straight vertical stroke (a "1") or an upright ellipse outline (a "0").
+    """
     h, w = image.shape[:2]
-    for _ in range(rng.integers(0, 7)):
+    for _ in range(count):
         color = tuple(float(v) for v in rng.uniform(0, 255, 3))
-        thick = -1 if rng.random() < 0.5 else int(rng.integers(1, 4))
+        r = int(math.exp(rng.uniform(math.log(4), math.log(min(h, w) / 4))))
         cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
-        r = int(rng.uniform(4, min(h, w) / 4))
-        kind = rng.integers(5)
+        thick = int(rng.integers(1, max(2, r // 4) + 1))
+        filled = rng.random() < 0.5
+        kind = int(rng.integers(6))
         if kind == 0:
-            cv2.circle(image, (cx, cy), r, color, thick, cv2.LINE_AA)
-        elif kind == 1:
-            axes = (r, max(int(r * rng.uniform(0.3, 0.9)), 2))
-            cv2.ellipse(image, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, color, thick, cv2.LINE_AA)
+            cv2.circle(image, (cx, cy), r, color, -1 if filled else thick, cv2.LINE_AA)
+        elif kind == 1:  # filled: any orientation but not thin; outline: lying, so never an upright "0"
+            ratio = rng.uniform(0.5, 0.9) if filled else rng.uniform(0.3, 0.7)
+            angle = rng.uniform(0, 180) if filled else rng.uniform(-30, 30)
+            axes = (r, max(int(r * ratio), 2))
+            cv2.ellipse(image, (cx, cy), axes, float(angle), 0, 360, color, -1 if filled else thick,
+                        cv2.LINE_AA)
         elif kind == 2:
-            cv2.rectangle(image, (cx - r, cy - int(r * rng.uniform(0.4, 1))), (cx + r, cy + r), color, thick)
-        elif kind == 3:
-            pts = (np.array([cx, cy]) + rng.uniform(-r, r, (3, 2))).astype(np.int32)
-            if thick < 0:
+            half_h = max(int(r * rng.uniform(0.6, 1.0)), 2)
+            cv2.rectangle(image, (cx - r, cy - half_h), (cx + r, cy + half_h), color, -1 if filled else thick)
+        elif kind == 3:  # a jittered equilateral triangle: never a sliver
+            angles = rng.uniform(0, 2 * math.pi) + np.arange(3) * 2 * math.pi / 3 + rng.uniform(-0.3, 0.3, 3)
+            pts = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], 1).astype(np.int32)
+            if filled:
                 cv2.fillPoly(image, [pts], color, cv2.LINE_AA)
             else:
                 cv2.polylines(image, [pts], True, color, thick, cv2.LINE_AA)
-        else:  # a smooth arc, never a short straight stroke (that would look like a "1")
-            axes = (r, max(int(r * rng.uniform(0.5, 1.0)), 2))
+        elif kind == 4:  # an arc of a circle
             start = float(rng.uniform(0, 360))
-            cv2.ellipse(image, (cx, cy), axes, 0.0, start, start + float(rng.uniform(90, 200)), color,
-                        max(thick, 1), cv2.LINE_AA)
+            end = start + float(rng.uniform(100, 220))
+            cv2.ellipse(image, (cx, cy), (r, r), 0.0, start, end, color, thick, cv2.LINE_AA)
+        else:  # a long, waving curve, never steeper than 50° (a near-vertical one could pass for a "1")
+            length = rng.uniform(3, 6) * r
+            t = np.linspace(-0.5, 0.5, 24)
+            phase = 2 * math.pi * (rng.uniform(0.5, 1.2) * t + rng.random())
+            along, across = t * length, r * rng.uniform(0.4, 0.8) * np.sin(phase)
+            theta = math.radians(rng.uniform(-50, 50))
+            xs = cx + along * math.cos(theta) - across * math.sin(theta)
+            ys = cy + along * math.sin(theta) + across * math.cos(theta)
+            cv2.polylines(image, [np.stack([xs, ys], 1).astype(np.int32)], False, color, thick, cv2.LINE_AA)
 
 
-def _overlaps_too_much(box: np.ndarray, placed: list[np.ndarray]) -> bool:
-    for other in placed:
-        iw = min(box[2], other[2]) - max(box[0], other[0])
-        ih = min(box[3], other[3]) - max(box[1], other[1])
-        if iw <= 0 or ih <= 0:
-            continue
-        inter = iw * ih
-        area_b = (box[2] - box[0]) * (box[3] - box[1])
-        area_o = (other[2] - other[0]) * (other[3] - other[1])
-        if inter / (area_b + area_o - inter) > 0.25 or inter / area_o > 0.35:
-            return True
-    return False
+def _glyph_alpha(glyph: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Upscale an (8, 8) glyph in [0, 1] to a soft alpha mask whose 8×8 cell is ``w × h`` pixels.
+
+    The glyph gets a one-cell empty margin first, so the (round(1.25 h), round(1.25 w)) mask keeps soft
+    edges. Returns (mask, xyxy box tight around alpha ≥ 0.3 in mask pixels), or None if nothing is visible.
+    """
+    padded = np.pad(glyph, 1)
+    mask = cv2.resize(padded, (round(w * 1.25), round(h * 1.25)), interpolation=cv2.INTER_CUBIC)
+    mask = np.clip((mask - 0.08) * 1.5, 0, 1)  # crisper strokes than a plain bicubic blur
+    rows, cols = np.flatnonzero(mask.max(1) >= 0.3), np.flatnonzero(mask.max(0) >= 0.3)
+    if len(rows) == 0 or len(cols) == 0:
+        return None
+    return mask, np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64)
 
 
-def _contrasting_color(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
-    """A saturated random colour whose luminance differs from ``under``'s mean by at least ~70."""
-    lum_bg = float(under.reshape(-1, 3).mean(0) @ np.array([0.299, 0.587, 0.114]))
+def _luminance_target(rng: np.random.Generator, under: np.ndarray) -> tuple[float, float]:
+    """A random (low, high) luminance band for a digit drawn over pixels of luminance ``under`` (N,).
+
+    Preferably the band lies ≥ 70 from their mean and ≥ 20 beyond their 10th (dark digit) or 90th (light
+    digit) percentile, so a digit also stands out on a busy background; the darker or lighter side is picked
+    at random among the feasible ones. When neither is feasible the background spans most of the range
+    (e.g. black and white halves) and the band sits halfway between the two percentiles, ≥ 75 from both.
+    """
+    mean = float(under.mean())
+    low, high = (float(v) for v in np.percentile(under, [10, 90]))
+    dark_limit, light_limit = min(mean - 70, low - 20), max(mean + 70, high + 20)
+    dark_ok, light_ok = dark_limit >= 0, light_limit <= 255
+    if dark_ok and light_ok:
+        dark_ok = rng.random() < dark_limit / (dark_limit + 255 - light_limit + 1e-6)
+    elif not (dark_ok or light_ok):
+        middle = (low + high) / 2
+        return middle - 5, middle + 5
+    if dark_ok:
+        return max(dark_limit - 80, 0.0, mean - 160), dark_limit
+    return light_limit, min(light_limit + 80, 255.0, mean + 160)
+
+
+def _contrasting_color(rng: np.random.Generator, band: tuple[float, float]) -> np.ndarray:
+    """A random-hue (3,) float32 RGB colour whose luminance is uniform in ``band``."""
     hue = rng.uniform(0, 6)
     base = np.clip(np.abs((hue + np.array([0.0, 4.0, 2.0])) % 6 - 3) - 1, 0, 1)  # HSV hue → RGB at S=V=1
-    color = 255 * (1 - rng.uniform(0.3, 1.0) * (1 - base))
-    lum = float(color @ np.array([0.299, 0.587, 0.114]))
-    target = lum_bg - 90 if lum_bg > 128 else lum_bg + 90
-    target = float(np.clip(target + rng.uniform(-20, 20), 0, 255))
+    color = 255 * (1 - rng.uniform(0.4, 1.0) * (1 - base))
+    lum = float(color @ _LUMA)
+    target = rng.uniform(*band) if band[1] > band[0] else band[0]
     if target < lum:
         color = color * target / max(lum, 1e-3)
     else:
@@ -133,62 +197,93 @@ def _contrasting_color(rng: np.random.Generator, under: np.ndarray) -> np.ndarra
     return np.clip(color, 0, 255).astype(np.float32)
 
 
-def _paste_digit(rng: np.random.Generator, image: np.ndarray, glyph: np.ndarray, x0: int, y0: int, w: int,
-                 h: int) -> np.ndarray | None:
-    """Alpha-blend a coloured glyph into ``image`` at (x0, y0) with size (w, h); returns its tight xyxy box
-    (alpha ≥ 0.3) or None if nothing visible remains."""
-    mask = np.clip(cv2.resize(glyph, (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
-    rows, cols = np.flatnonzero(mask.max(1) >= 0.3), np.flatnonzero(mask.max(0) >= 0.3)
-    if len(rows) == 0 or len(cols) == 0:
-        return None
-    region = image[y0 : y0 + h, x0 : x0 + w]
-    color = _contrasting_color(rng, region)
-    if rng.random() < 0.3:  # a vertical gradient towards a second colour of similar luminance
-        other = _contrasting_color(rng, region)
-        t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
-        fill = color * (1 - t) + other * t
-    else:
-        fill = np.broadcast_to(color, region.shape)
-    alpha = (mask * rng.uniform(0.85, 1.0))[..., None]
-    region[:] = region * (1 - alpha) + fill * alpha
-    return np.array([x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1], dtype=np.float64)
+def _digit_fill(rng: np.random.Generator, region: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Float32 (h, w, 3) fill for a digit with alpha ``mask`` (h, w) over ``region`` (h, w, 3): solid,
+    gradient or texture of colours that all contrast with the region under the glyph on the same side."""
+    under = (region @ _LUMA)[mask >= 0.3]
+    band = _luminance_target(rng, under if under.size else (region @ _LUMA).ravel())
+    first = _contrasting_color(rng, band)
+    kind = rng.random()
+    if kind < 0.6:
+        return np.broadcast_to(first, region.shape)
+    second = _contrasting_color(rng, band)
+    h, w = region.shape[:2]
+    if kind < 0.85:  # linear gradient in a random direction
+        theta = rng.uniform(0, 2 * math.pi)
+        t = np.add.outer(np.arange(h) * math.sin(theta), np.arange(w) * math.cos(theta))
+        t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+    else:  # blotchy texture: coarse noise, smoothly upsampled
+        grid = rng.random((int(rng.integers(2, 6)), int(rng.integers(2, 6))), dtype=np.float32)
+        t = np.clip(cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
+    t = t.astype(np.float32)[..., None]
+    return first * (1 - t) + second * t
 
 
-def render_image(seed: int, split: int, index: int, min_size: int, max_size: int) -> tuple[bytes, int, int, list]:
-    """One image: (JPEG bytes, width, height, [(xyxy box, class index), ...])."""
+def _overlaps_too_much(box: np.ndarray, placed: list[np.ndarray]) -> bool:
+    """True if xyxy ``box`` has IoU > 0.25 with, or covers > 35% of, any earlier box in ``placed``."""
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    for other in placed:
+        iw = min(box[2], other[2]) - max(box[0], other[0])
+        ih = min(box[3], other[3]) - max(box[1], other[1])
+        if iw <= 0 or ih <= 0:
+            continue
+        inter = iw * ih
+        area_o = (other[2] - other[0]) * (other[3] - other[1])
+        if inter / (area + area_o - inter) > 0.25 or inter / area_o > 0.35:
+            return True
+    return False
+
+
+def render_image(seed: int, split: int, index: int, min_size: int = 256, max_size: int = 320
+                 ) -> tuple[bytes, int, int, list[tuple[np.ndarray, int]]]:
+    """Draw image ``index`` of split number ``split`` (0 train, 1 val) for ``seed``.
+
+    Returns (JPEG bytes, width, height, objects) where each object is (float64 (4,) xyxy box in absolute
+    pixels, tight around the glyph where its alpha ≥ 0.3; 0-based class index).
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, split, index]))
     width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
     image = np.ascontiguousarray(_background(rng, width, height))
-    _clutter(rng, image)
+    _draw_clutter(rng, image, int(rng.integers(0, 7)))
     glyphs, by_class = _digits()
-    count = 0 if rng.random() < 0.05 else int(rng.integers(1, 9))
-    largest = min(width, height) / 3
+    count = 0 if rng.random() < _EMPTY_FRACTION else int(rng.integers(1, _MAX_OBJECTS + 1))
+    log_range = (math.log(_MIN_DIGIT_HEIGHT), math.log(min(width, height) / 3))
     placed: list[np.ndarray] = []
     objects = []
     for _ in range(count):
-        for _attempt in range(10):
-            h = int(round(math.exp(rng.uniform(math.log(8), math.log(largest)))))
-            w = max(int(round(h * rng.uniform(0.65, 1.0))), 4)
-            x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-            if not _overlaps_too_much(np.array([x0, y0, x0 + w, y0 + h], dtype=np.float64), placed):
-                break
-        else:
-            continue
         label = int(rng.integers(10))
         glyph = glyphs[by_class[label][rng.integers(len(by_class[label]))]]
-        box = _paste_digit(rng, image, glyph, x0, y0, w, h)
-        if box is not None:
+        for _attempt in range(_PLACEMENT_TRIES):  # rejection sampling; giving up means one object fewer
+            h = int(round(math.exp(rng.uniform(*log_range))))
+            alpha = _glyph_alpha(glyph, max(int(round(h * rng.uniform(0.65, 1.0))), 4), h)
+            if alpha is None:
+                break
+            mask, tight = alpha
+            mh, mw = mask.shape
+            x0, y0 = int(rng.integers(0, width - mw + 1)), int(rng.integers(0, height - mh + 1))
+            box = tight + np.array([x0, y0, x0, y0])
+            if _overlaps_too_much(box, placed):
+                continue
+            region = image[y0 : y0 + mh, x0 : x0 + mw]
+            fill = _digit_fill(rng, region, mask)
+            opacity = (mask * np.float32(rng.uniform(0.85, 1.0)))[..., None]
+            region[:] = region * (1 - opacity) + fill * opacity
             placed.append(box)
             objects.append((box, label))
-    noise = rng.normal(0, rng.uniform(0, 6), image.shape)
-    pixels = np.clip(image + noise, 0, 255).astype(np.uint8)
+            break
+    noise = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(0, 5))
+    pixels = np.clip(image + noise + 0.5, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue(), width, height, objects
 
 
-def _render_task(args: tuple) -> tuple[bytes, int, int, list]:
+def _render_task(args: tuple[int, int, int, int, int]) -> tuple[bytes, int, int, list]:
     return render_image(*args)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # the pool already uses every core; also avoids OpenCV's thread pool after fork
 
 
 def _write_split(root: Path, split: int, count: int, seed: int, min_size: int, max_size: int, pool) -> None:
@@ -196,7 +291,7 @@ def _write_split(root: Path, split: int, count: int, seed: int, min_size: int, m
     image_dir = root / "images" / name
     image_dir.mkdir(parents=True)
     tasks = [(seed, split, i, min_size, max_size) for i in range(count)]
-    results = pool.imap(_render_task, tasks, chunksize=16) if pool else map(_render_task, tasks)
+    results = pool.imap(_render_task, tasks, chunksize=8) if pool else map(_render_task, tasks)
     images, annotations = [], []
     for i, (jpeg, width, height, objects) in enumerate(results):
         file_name = f"{i:06d}.jpg"
@@ -204,11 +299,14 @@ def _write_split(root: Path, split: int, count: int, seed: int, min_size: int, m
         images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
         for box, label in objects:
             x1, y1, x2, y2 = (float(v) for v in box)
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": CATEGORY_IDS[label],
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-    categories = [{"id": c, "name": n, "supercategory": "digit"} for c, n in zip(CATEGORY_IDS, CLASS_NAMES)]
-    coco = {"info": {"description": f"detkit built-in dataset, {name} split", "version": GENERATOR_VERSION},
-            "images": images, "annotations": annotations, "categories": categories}
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                "category_id": CATEGORY_IDS[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    categories = [{"id": c, "name": n, "supercategory": "digit"}
+                  for c, n in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)]
+    info = {"description": f"detkit built-in dataset (handwritten digits on photos), {name} split",
+            "version": str(GENERATOR_VERSION), "seed": seed}
+    coco = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     (root / "annotations").mkdir(exist_ok=True)
     (root / "annotations" / f"instances_{name}.json").write_text(json.dumps(coco))
 
@@ -218,27 +316,54 @@ def _fingerprint(num_train: int, num_val: int, seed: int, min_size: int, max_siz
             "min_size": min_size, "max_size": max_size}
 
 
+def _remove_stale_partials(root: Path) -> None:
+    """Delete ``ROOT.tmp-<pid>`` folders left by interrupted runs whose process no longer exists."""
+    for tmp in root.parent.glob(f"{root.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
+
+
 def generate_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500, seed: int = 0,
                      min_size: int = 256, max_size: int = 320, workers: int = 2) -> Path:
-    """Write the dataset to ``root`` (replacing what is there) through a temporary folder and a rename.
+    """Write the dataset to ``root``, replacing whatever is there, and return ``root``.
 
-    Layout: ``annotations/instances_{train,val}.json``, ``images/{train,val}/NNNNNN.jpg`` and ``.complete``
-    holding the generation parameters.
+    Images are ``width × height`` with both independently uniform in [min_size, max_size]. The output is
+    written into ``ROOT.tmp-<pid>`` and renamed onto ``root`` at the end, so an interrupted run never
+    leaves a folder that looks complete. The bytes depend only on the parameters, not on ``workers``.
     """
     if not 32 <= min_size <= max_size:
         raise ValueError(f"need 32 <= min_size <= max_size, got {min_size}, {max_size}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"image counts must be >= 0, got {num_train}, {num_val}")
     root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(root)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    tmp.mkdir()
+    _digits(), _photos()  # decode once here, so forked workers inherit the caches
+    pool = None
+    if workers > 1 and num_train + num_val > 1:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker)
     try:
         for split, count in enumerate((num_train, num_val)):
             _write_split(tmp, split, count, seed, min_size, max_size, pool)
+        (tmp / ".complete").write_text(json.dumps(_fingerprint(num_train, num_val, seed, min_size, max_size)))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         if pool:
             pool.terminate()
-    (tmp / ".complete").write_text(json.dumps(_fingerprint(num_train, num_val, seed, min_size, max_size)))
+            pool.join()
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
     return root
@@ -246,14 +371,20 @@ def generate_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500
 
 def ensure_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500, seed: int = 0,
                    min_size: int = 256, max_size: int = 320, workers: int = 2) -> Path:
-    """Generate the dataset unless ``root`` already holds a complete one with the same parameters."""
+    """Generate the dataset into ``root`` unless it already holds a complete one with these parameters.
+
+    ``workers`` does not change the output, so it is not part of the fingerprint. Returns ``root``.
+    """
     root = Path(root)
-    marker = root / ".complete"
     wanted = _fingerprint(num_train, num_val, seed, min_size, max_size)
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
-        return root
-    print(f"generating the built-in dataset into {root} ({num_train} train / {num_val} val images, seed {seed})")
+    try:
+        if json.loads((root / ".complete").read_text()) == wanted:
+            return root
+    except (OSError, ValueError):
+        pass
+    print(f"generating the built-in dataset into {root} ({num_train} train / {num_val} val images, "
+          f"seed {seed}) ...", end=" ", flush=True)
     start = time.perf_counter()
     generate_builtin(root, num_train, num_val, seed, min_size, max_size, workers)
-    print(f"built-in dataset generated in {time.perf_counter() - start:.1f}s")
+    print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
     return root

@@ -79,7 +79,8 @@ def load_coco_json(ann_file: str | Path) -> dict:
     try:
         data = json.loads(ann_file.read_text())
     except json.JSONDecodeError as exc:
-        problem = Problem(str(ann_file), None, None, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        message = f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        problem = Problem(str(ann_file), None, None, message)
         raise DatasetError(ann_file, [problem]) from None
     except UnicodeDecodeError as exc:
         raise DatasetError(ann_file, [Problem(str(ann_file), None, None, f"not UTF-8 text: {exc}")]) from None

@@ -101,7 +101,7 @@ class EvalHook(Hook):
         if done % self.every and done != trainer.epochs:
             return
         start = time.perf_counter()
-        metrics = self.evaluate(trainer.model)
+        metrics = self.evaluate(trainer.eval_model)
         metrics["epoch"] = done
         trainer.metrics = metrics
         self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -125,7 +125,8 @@ class CheckpointHook(Hook):
         self.out_dir, self.extra, self.every_steps = Path(out_dir), dict(extra or {}), every_steps
 
     def _state(self, trainer: Trainer) -> dict:
-        return {**trainer.state_dict(), **self.extra}
+        # "weights" are what evaluation and deployment use (the EMA when there is one).
+        return {**trainer.state_dict(), "weights": trainer.eval_model.state_dict(), **self.extra}
 
     def after_step(self, trainer: Trainer) -> None:
         if self.every_steps and trainer.global_step % self.every_steps == 0:

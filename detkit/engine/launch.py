@@ -17,6 +17,7 @@ from detkit.engine.build import (
     seed_everything,
 )
 from detkit.engine.checkpoint import load_checkpoint
+from detkit.engine.ema import EMAHook
 from detkit.engine.hooks import CheckpointHook, EvalHook, ProgressHook, TensorBoardHook, write_json
 from detkit.engine.trainer import Hook, Trainer
 from detkit.evaluation.coco import evaluate_coco, format_table, predict, to_coco_results
@@ -67,8 +68,10 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
         TensorBoardHook(out_dir / "tb", every=cfg.trainer.log_every),
         *extra_hooks,
     ]
+    if cfg.trainer.ema.enabled:
+        hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
     trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, cfg.device,
-                      cfg.trainer.grad_clip_norm)
+                      cfg.trainer.grad_clip_norm, cfg.trainer.channels_last)
     if cfg.get("resume"):
         trainer.load_state_dict(load_checkpoint(cfg.resume))
         print(f"resumed from {cfg.resume} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
@@ -86,7 +89,7 @@ def load_trained(checkpoint: str | Path, device: str = "cpu"):
     state = load_checkpoint(checkpoint, device)
     cfg = OmegaConf.create(state["config"])
     model = build_model(cfg.model, len(state["class_names"]))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("weights", state["model"]))
     return model.to(device).eval(), cfg, state
 
 

@@ -46,6 +46,7 @@ class Trainer:
         epochs: total epochs of the run.
         hooks: called in list order at every point.
         grad_clip_norm: clip the global gradient norm to this value (None: no clipping).
+        channels_last: NHWC memory layout for model and inputs (faster convolutions on CPU).
     """
 
     def __init__(
@@ -58,10 +59,13 @@ class Trainer:
         hooks: Sequence[Hook] = (),
         device: str | torch.device = "cpu",
         grad_clip_norm: float | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
         self.epochs, self.hooks, self.device = epochs, list(hooks), torch.device(device)
         self.grad_clip_norm = grad_clip_norm
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.ema = None  # a ModelEMA when an EMA hook is installed; evaluation and checkpoints then use it
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -81,6 +85,11 @@ class Trainer:
         return self.epochs * self.steps_per_epoch
 
     @property
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate and deploy: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -95,7 +104,7 @@ class Trainer:
                 f"the training set has {len(self.loader.dataset)} images, fewer than one batch of "
                 f"{self.loader.batch_size}"
             )
-        self.model.to(self.device).train()
+        self.model.to(self.device, memory_format=self.memory_format).train()
         self._call("before_train")
         while self.epoch < self.epochs:
             self._run_epoch()
@@ -124,7 +133,7 @@ class Trainer:
                 return
 
     def run_step(self, images: torch.Tensor, targets: list[dict]) -> None:
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         losses = self.model(images, targets)
         loss = sum(losses.values())

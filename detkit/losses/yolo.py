@@ -47,6 +47,9 @@ class YOLOLoss(nn.Module):
     IoU(pred, GT) (detached) at responsible predictions and 0 elsewhere, so the score ranks localisation
     quality; classes are independent BCE (YOLOv3) on responsible predictions. All terms are means, so the
     loss does not grow with the batch or the image size.
+
+    With ``neighbor_cells`` a GT is also assigned to the two adjacent cells nearest its centre (left or right,
+    above or below), tripling the positives; the decoder's offset range must reach them (``xy_scale`` ≥ 2).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class YOLOLoss(nn.Module):
         cls_weight: float = 0.5,
         level_weights: Sequence[float] = (4.0, 1.0, 0.4),
         ratio_thresh: float = 4.0,
+        neighbor_cells: bool = False,
     ) -> None:
         super().__init__()
         if box_loss not in _BOX_LOSSES:
@@ -67,6 +71,7 @@ class YOLOLoss(nn.Module):
         self.box_weight, self.obj_weight, self.cls_weight = box_weight, obj_weight, cls_weight
         self.level_weights = list(level_weights)
         self.ratio_thresh = ratio_thresh
+        self.neighbor_cells = neighbor_cells
 
     def forward(
         self, outputs: Sequence[Tensor], boxes: Sequence[Tensor], targets: Sequence[dict], anchors: Tensor,
@@ -94,8 +99,7 @@ class YOLOLoss(nn.Module):
         for level, (out, pred_boxes, stride) in enumerate(zip(outputs, boxes, strides)):
             _, _, h, w, _ = out.shape
             gt_idx, anchor_idx = match[:, level].nonzero(as_tuple=True)
-            cell = (centers[gt_idx] / stride).long()
-            gx, gy = cell[:, 0].clamp(0, w - 1), cell[:, 1].clamp(0, h - 1)
+            gt_idx, anchor_idx, gx, gy = self.assign_cells(centers[gt_idx] / stride, gt_idx, anchor_idx, w, h)
             b = image_index[gt_idx]
             obj_target = torch.zeros_like(out[..., 4])
             if len(gt_idx):
@@ -116,3 +120,22 @@ class YOLOLoss(nn.Module):
             "loss_obj": self.obj_weight * loss_obj,
             "loss_cls": self.cls_weight * loss_cls / (num_pos * self.num_classes),
         }
+
+    def assign_cells(self, grid_xy: Tensor, gt_idx: Tensor, anchor_idx: Tensor, w: int, h: int):
+        """Cells responsible for each (GT, anchor) pair: the one holding the centre (``grid_xy``, in cell
+        units), plus with ``neighbor_cells`` the horizontally and vertically adjacent cells nearest to it."""
+        cell = grid_xy.long()
+        gx, gy = cell[:, 0].clamp(0, w - 1), cell[:, 1].clamp(0, h - 1)
+        if not self.neighbor_cells:
+            return gt_idx, anchor_idx, gx, gy
+        frac = grid_xy - cell
+        dx = torch.where(frac[:, 0] < 0.5, -1, 1)
+        dy = torch.where(frac[:, 1] < 0.5, -1, 1)
+        nx, ny = gx + dx, gy + dy
+        ok_x, ok_y = (nx >= 0) & (nx < w), (ny >= 0) & (ny < h)
+        return (
+            torch.cat([gt_idx, gt_idx[ok_x], gt_idx[ok_y]]),
+            torch.cat([anchor_idx, anchor_idx[ok_x], anchor_idx[ok_y]]),
+            torch.cat([gx, nx[ok_x], gx[ok_y]]),
+            torch.cat([gy, gy[ok_x], ny[ok_y]]),
+        )

@@ -32,8 +32,9 @@ def test_resume_mid_epoch_reproduces_uninterrupted_weights(tiny_train_config, tm
 
     full, resumed = load_checkpoint(full_dir / "last.pt"), load_checkpoint(cut_dir / "last.pt")
     assert full["global_step"] == resumed["global_step"] == 6
-    for name, tensor in full["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
+    for key in ("model", "weights"):  # raw weights and the EMA that evaluation uses
+        for name, tensor in full[key].items():
+            assert torch.equal(tensor, resumed[key][name]), (key, name)
     assert full["optimizer"]["state"][0]["exp_avg"].equal(resumed["optimizer"]["state"][0]["exp_avg"])
 
 

@@ -49,7 +49,10 @@ class YOLOv3(nn.Module):
         anchors: per level (shallowest first), a list of (w, h) anchor sizes in input pixels.
         neck_channels: conv-set width per level; defaults to half the backbone's channels.
         neck_pairs: (3×3, 1×1) pairs per conv set (2 in the paper).
-        box_loss, loss_weights, level_weights, ratio_thresh: see :class:`detkit.losses.yolo.YOLOLoss`.
+        box_loss, loss_weights, level_weights, ratio_thresh, neighbor_cells: see
+            :class:`detkit.losses.yolo.YOLOLoss`; ``neighbor_cells`` needs ``xy_scale`` ≥ 2.
+        xy_scale: YOLOv4's grid-sensitivity fix, b_xy = (s·σ(t) − (s − 1)/2 + c) · stride; 1 is YOLOv3's
+            coding, where a centre on a cell border needs σ(t) → 0 or 1 (infinite logits).
         score_thresh, nms_thresh, max_det, pre_nms_topk: inference post-processing.
     """
 
@@ -65,6 +68,8 @@ class YOLOv3(nn.Module):
         loss_weights: dict | None = None,
         level_weights: Sequence[float] = (4.0, 1.0, 0.4),
         ratio_thresh: float = 4.0,
+        xy_scale: float = 1.0,
+        neighbor_cells: bool = False,
         score_thresh: float = 0.001,
         nms_thresh: float = 0.6,
         max_det: int = 300,
@@ -91,7 +96,10 @@ class YOLOv3(nn.Module):
             for c in channels
         )
         self.loss = YOLOLoss(num_classes, box_loss, **(loss_weights or {}), level_weights=level_weights,
-                             ratio_thresh=ratio_thresh)
+                             ratio_thresh=ratio_thresh, neighbor_cells=neighbor_cells)
+        if neighbor_cells and xy_scale < 2.0:
+            raise ValueError("neighbor_cells needs xy_scale >= 2 so a neighbouring cell can reach the centre")
+        self.xy_scale = xy_scale
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.max_det, self.pre_nms_topk = max_det, pre_nms_topk
         self._init_head_bias()
@@ -124,7 +132,7 @@ class YOLOv3(nn.Module):
                 torch.arange(h, device=out.device), torch.arange(w, device=out.device), indexing="ij"
             )
             grid = torch.stack([xs, ys], dim=-1).to(out.dtype)
-            xy = (out[..., :2].sigmoid() + grid) * stride
+            xy = (self.xy_scale * out[..., :2].sigmoid() - (self.xy_scale - 1) / 2 + grid) * stride
             wh = anchors.view(1, -1, 1, 1, 2) * out[..., 2:4].clamp(max=_MAX_LOG_SCALE).exp()
             boxes.append(torch.cat([xy - wh / 2, xy + wh / 2], dim=-1))
         return boxes

@@ -1,0 +1,44 @@
+"""The command-line tools end to end, as a user runs them (tiny data, seconds)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_eval_predict_from_the_command_line(tiny_builtin, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run(
+        "tools/train.py", f"hydra.run.dir={run_dir}", f"data.builtin.root={tiny_builtin}",
+        "data.builtin.num_train=24", "data.builtin.num_val=8", "+data.builtin.min_size=96",
+        "+data.builtin.max_size=128", "+data.builtin.workers=1", "data.img_size=96", "data.batch_size=8",
+        "model.backbone.width=8", "trainer.epochs=1", "trainer.threads=1",
+    )
+    assert "mAP@[.5:.95]" in out and (run_dir / "last.pt").is_file()
+    trained = json.loads((run_dir / "metrics.json").read_text())
+
+    eval_dir = tmp_path / "eval"
+    out = run("tools/eval.py", f"checkpoint={run_dir / 'last.pt'}", f"hydra.run.dir={eval_dir}")
+    assert abs(json.loads((eval_dir / "metrics.json").read_text())["AP"] - trained["AP"]) < 1e-4
+    assert (eval_dir / "report.txt").read_text().startswith("checkpoint")
+
+    pred_dir = tmp_path / "pred"
+    run("tools/predict.py", f"checkpoint={run_dir / 'last.pt'}", f"source={tiny_builtin / 'images' / 'val'}",
+        f"hydra.run.dir={pred_dir}", "score_thresh=0.0")
+    records = json.loads((pred_dir / "detections.json").read_text())
+    assert len(records) == 8 and len(list(pred_dir.glob("*.jpg"))) == 8
+    assert all({"box_xyxy", "score", "label", "class"} <= set(d) for r in records for d in r["detections"])
+
+
+def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "tools/eval.py", f"checkpoint={tmp_path / 'nope.pt'}",
+                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "nope.pt does not exist" in result.stderr
