@@ -7,13 +7,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
-_BOX_LOSSES = {
-    "ciou": complete_box_iou_loss,
-    "diou": distance_box_iou_loss,
-    "giou": generalized_box_iou_loss,
-}
+from detkit.boxes import elementwise_iou
+from detkit.losses.box import box_loss
+
+IOU_KINDS = ("iou", "giou", "diou", "ciou")
 
 
 def match_anchors(gt_wh: Tensor, anchors: Tensor, ratio_thresh: float) -> Tensor:
@@ -43,8 +41,9 @@ class YOLOLoss(nn.Module):
     """Loss over raw head outputs of every level.
 
     ``λ_box · L_box + λ_obj · Σ_l w_l · L_obj,l + λ_cls · L_cls``: the box term is an IoU-family loss between
-    decoded predictions and their ground truths; objectness is BCE over every prediction with target
-    IoU(pred, GT) (detached) at responsible predictions and 0 elsewhere, so the score ranks localisation
+    decoded predictions and their ground truths; objectness is BCE over every prediction with target the
+    same IoU-family value of (pred, GT), detached and clipped at 0, at responsible predictions and 0 elsewhere
+    (as YOLOv4/v5 do), so the score ranks localisation
     quality; classes are independent BCE (YOLOv3) on responsible predictions. All terms are means, so the
     loss does not grow with the batch or the image size.
 
@@ -64,10 +63,10 @@ class YOLOLoss(nn.Module):
         neighbor_cells: bool = False,
     ) -> None:
         super().__init__()
-        if box_loss not in _BOX_LOSSES:
-            raise ValueError(f"unknown box_loss {box_loss!r}; expected one of {sorted(_BOX_LOSSES)}")
+        if box_loss not in IOU_KINDS:
+            raise ValueError(f"unknown box_loss {box_loss!r}; expected one of {', '.join(IOU_KINDS)}")
         self.num_classes = num_classes
-        self.box_loss = _BOX_LOSSES[box_loss]
+        self.box_loss = box_loss
         self.box_weight, self.obj_weight, self.cls_weight = box_weight, obj_weight, cls_weight
         self.level_weights = list(level_weights)
         self.ratio_thresh = ratio_thresh
@@ -104,10 +103,10 @@ class YOLOLoss(nn.Module):
             obj_target = torch.zeros_like(out[..., 4])
             if len(gt_idx):
                 pred = pred_boxes[b, anchor_idx, gy, gx]
-                per_box = self.box_loss(pred, gt[gt_idx], reduction="none")
-                loss_box = loss_box + per_box.sum()
+                target = gt[gt_idx]
+                loss_box = loss_box + box_loss(pred, target, self.box_loss, reduction="sum")
                 num_pos += len(gt_idx)
-                iou = (1.0 - per_box.detach()).clamp(min=0.0)
+                iou = elementwise_iou(pred.detach(), target, self.box_loss).clamp(min=0.0)
                 obj_target[b, anchor_idx, gy, gx] = iou.to(obj_target.dtype)
                 cls_logits = out[b, anchor_idx, gy, gx, 5:]
                 cls_target = F.one_hot(labels[gt_idx], self.num_classes).to(cls_logits.dtype)
