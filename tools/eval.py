@@ -7,13 +7,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detkit.engine.launch import evaluate_checkpoint
+from detkit.engine.launch import evaluate_checkpoint, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate_checkpoint(cfg.checkpoint, HydraConfig.get().runtime.output_dir, cfg.get("data"), cfg.split,
-                        cfg.device)
+    with user_errors():
+        evaluate_checkpoint(cfg.checkpoint, HydraConfig.get().runtime.output_dir, cfg.get("data"), cfg.split,
+                            cfg.device)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detkit.engine.launch import train
+from detkit.engine.launch import train, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    with user_errors():
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     return metrics.get("AP", 0.0)
 
 

@@ -56,8 +56,21 @@ class DatasetError(ValueError):
         super().__init__("\n".join(lines))
 
 
+_KINDS = (
+    ("image file missing", "missing image file"), ("image file unreadable", "unreadable image"),
+    ("image size mismatch", "image size mismatch"), ("image record lacks", "incomplete image record"),
+    ("duplicate image id", "duplicate image id"), ("annotation record lacks", "incomplete annotation record"),
+    ("duplicate annotation id", "duplicate annotation id"), ("refers to an image id", "unknown image id"),
+    ("unknown category id", "unknown category id"), ("bbox is not 4 numbers", "malformed bbox"),
+    ("NaN or infinite", "NaN/inf box"), ("width", "zero or negative box size"),
+    ("height", "zero or negative box size"), ("extends outside", "box outside the image"),
+    ("duplicate box", "duplicate box"), ("malformed JSON", "malformed JSON"),
+)
+
+
 def _kind(problem: Problem) -> str:
-    return problem.message.split(" [")[0].split(" (")[0].split(":")[0]
+    """A short category of a problem, for counts."""
+    return next((kind for key, kind in _KINDS if key in problem.message), problem.message)
 
 
 @dataclass

@@ -6,10 +6,12 @@ import random
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from detkit.data.coco import DatasetError
 from detkit.data.loader import build_loader
 from detkit.data.transforms import Letterbox, TrainTransform
 from detkit.engine.optim import build_optimizer, build_scheduler
@@ -36,7 +38,13 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
     train = split == "train" if train is None else train
     size = data_cfg.img_size
     transforms = TrainTransform(size, seed=seed, **data_cfg.augment) if train else Letterbox(size)
-    return instantiate(data_cfg[split], transforms=transforms)
+    try:
+        return instantiate(data_cfg[split], transforms=transforms)
+    except InstantiationException as exc:
+        # A bad dataset is the user's to fix: show its own message, not Hydra's wrapper around it.
+        if isinstance(exc.__cause__, (DatasetError, FileNotFoundError)):
+            raise exc.__cause__ from None
+        raise
 
 
 def build_data_loader(dataset, data_cfg: DictConfig, train: bool, seed: int = 0):

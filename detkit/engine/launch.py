@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from detkit.data.coco import DatasetError
 from detkit.engine.build import (
     build_data_loader,
     build_dataset,
@@ -21,6 +23,16 @@ from detkit.engine.ema import EMAHook
 from detkit.engine.hooks import CheckpointHook, EvalHook, ProgressHook, TensorBoardHook, write_json
 from detkit.engine.trainer import Hook, Trainer
 from detkit.evaluation.coco import evaluate_coco, format_table, predict, to_coco_results
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn errors the user must fix (bad dataset, missing file) into a clean exit with just their message,
+    instead of a stack trace."""
+    try:
+        yield
+    except (DatasetError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def make_evaluator(dataset, loader, out_dir: Path, device):

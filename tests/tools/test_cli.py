@@ -42,3 +42,26 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "tools/eval.py", f"checkpoint={tmp_path / 'nope.pt'}",
                              f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "nope.pt does not exist" in result.stderr
+
+
+def test_bad_dataset_stops_training_with_one_clear_message(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(tmp_path / "img" / "a.png")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 30, "height": 20}],
+        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 0, 5]}],
+        "categories": [{"id": 1, "name": "x"}],
+    }))
+    result = subprocess.run(
+        [sys.executable, "tools/train.py", "data=coco", f"data.train_json={ann}",
+         f"data.train_images={tmp_path / 'img'}", f"data.val_json={ann}", f"data.val_images={tmp_path / 'img'}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "ann.json, image 1 ('a.png'), annotation 5: box [0, 0, 0, 5] has zero width" in result.stderr
+    assert "Traceback" not in result.stderr
