@@ -1,7 +1,8 @@
 """COCO-format detection datasets, validated before any training starts.
 
 At this boundary COCO's ``[x, y, w, h]`` boxes become xyxy absolute pixels and dataset category ids become
-0-based labels (sorted id order); ``label_to_category_id`` maps back when writing results.
+0-based labels (sorted id order); ``label_to_category_id`` maps back when writing results. Validation reads
+image headers, PNG chunk CRCs and the JPEG end marker, but decodes no pixels.
 """
 
 from __future__ import annotations
@@ -11,225 +12,248 @@ import io
 import json
 import math
 import warnings
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
 import torch
-from PIL import Image
+from pycocotools.coco import COCO
+
+from detkit.data.sample import Sample, read_rgb
+from detkit.data.validation import ON_INVALID, UNREADABLE_JSON, DatasetError, Problem, count_kinds, image_file_problem
 
 BOX_TOLERANCE = 1.0  # pixels a box may pass the image border (rounding in annotation tools); it is clipped
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One defect of a dataset, located by file, image and annotation."""
-
-    file: str
-    image_id: int | None
-    ann_id: int | None
-    message: str
-    file_name: str | None = None
-
-    def __str__(self) -> str:
-        where = [Path(self.file).name]
-        if self.image_id is not None:
-            where.append(f"image {self.image_id}" + (f" ({self.file_name!r})" if self.file_name else ""))
-        if self.ann_id is not None:
-            where.append(f"annotation {self.ann_id}")
-        return ", ".join(where) + ": " + self.message
-
-
-class DatasetError(ValueError):
-    """All problems found in a dataset, listed in the message (first 20)."""
-
-    def __init__(self, file: str | Path, problems: list[Problem], shown: int = 20) -> None:
-        self.file, self.problems = str(file), problems
-        kinds = Counter(_kind(p) for p in problems)
-        lines = [f"{len(problems)} problem(s) in {file} ({', '.join(f'{n} × {k}' for k, n in kinds.items())}):"]
-        lines += [f"  {p}" for p in problems[:shown]]
-        if len(problems) > shown:
-            lines.append(f"  ... and {len(problems) - shown} more")
-        lines.append("Fix the data, or pass data.on_invalid=drop to drop invalid boxes and images with a warning.")
-        super().__init__("\n".join(lines))
-
-
-_KINDS = (
-    ("image file missing", "missing image file"), ("image file unreadable", "unreadable image"),
-    ("image size mismatch", "image size mismatch"), ("image record lacks", "incomplete image record"),
-    ("duplicate image id", "duplicate image id"), ("annotation record lacks", "incomplete annotation record"),
-    ("duplicate annotation id", "duplicate annotation id"), ("refers to an image id", "unknown image id"),
-    ("unknown category id", "unknown category id"), ("bbox is not 4 numbers", "malformed bbox"),
-    ("NaN or infinite", "NaN/inf box"), ("width", "zero or negative box size"),
-    ("height", "zero or negative box size"), ("extends outside", "box outside the image"),
-    ("duplicate box", "duplicate box"), ("malformed JSON", "malformed JSON"),
-)
-
-
-def _kind(problem: Problem) -> str:
-    """A short category of a problem, for counts."""
-    return next((kind for key, kind in _KINDS if key in problem.message), problem.message)
-
-
-@dataclass
-class Sample:
-    """One image and its targets, before transforms."""
-
-    image: np.ndarray  # (H, W, 3) uint8 RGB
-    boxes: np.ndarray  # (N, 4) float32 xyxy absolute pixels of `image`
-    labels: np.ndarray  # (N,) int64, 0-based
-    image_id: int
-    orig_size: tuple[int, int]  # (height, width) of the file
+ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 
 
 def load_coco_json(ann_file: str | Path) -> dict:
-    """Parse a COCO annotation file; malformed JSON or a wrong top-level shape raises :class:`DatasetError`."""
+    """Parse a COCO annotation file.
+
+    Malformed JSON raises :class:`DatasetError` naming file, line and column (and the text there); so does a
+    top level that is not an object with list-valued ``images``, ``annotations`` and ``categories``. A missing
+    file raises ``FileNotFoundError``.
+    """
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"annotation file {ann_file} does not exist")
     try:
-        data = json.loads(ann_file.read_text())
-    except json.JSONDecodeError as exc:
-        message = f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        problem = Problem(str(ann_file), None, None, message)
-        raise DatasetError(ann_file, [problem]) from None
+        data = json.loads(ann_file.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
-        raise DatasetError(ann_file, [Problem(str(ann_file), None, None, f"not UTF-8 text: {exc}")]) from None
-    problems = []
-    if not isinstance(data, dict):
-        problems.append(Problem(str(ann_file), None, None, "top level is not a JSON object"))
+        message = f"malformed JSON: not UTF-8 text ({exc})"
+    except json.JSONDecodeError as exc:
+        doc, pos = exc.doc, exc.pos
+        end = doc.find("\n", pos)
+        near = doc[max(doc.rfind("\n", 0, pos) + 1, pos - 40):pos + 40 if end < 0 else min(end, pos + 40)]
+        message = f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        message += f" near {near!r}" if near else ""
     else:
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data.get(key), list):
-                problems.append(Problem(str(ann_file), None, None, f"missing or non-list top-level key {key!r}"))
-    if problems:
-        raise DatasetError(ann_file, problems)
-    return data
+        problems = _top_level_problems(data, ann_file)
+        if problems:
+            raise DatasetError(ann_file, problems)
+        return data
+    raise DatasetError(ann_file, [Problem(str(ann_file), None, None, message, kind=UNREADABLE_JSON[0])])
 
 
-def _image_problem(path: Path, width, height) -> str | None:
-    """Cheap header check: existence, readability, size. Returns a message or None."""
-    if not path.is_file():
-        return f"image file missing: {path}"
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-    except Exception as exc:  # PIL raises many types for corrupt files
-        return f"image file unreadable: {path} ({type(exc).__name__}: {exc})"
-    if size != (width, height):
-        return f"image size mismatch: file is {size[0]}x{size[1]}, json says {width}x{height}"
+def _top_level_problems(data, ann_file: str | Path) -> list[Problem]:
+    if not isinstance(data, dict):
+        messages = [f"top level is a JSON {type(data).__name__}, not an object"]
+    else:
+        messages = [f"top-level key {key!r} is missing or not a list"
+                    for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+    return [Problem(str(ann_file), None, None, m, kind=UNREADABLE_JSON[1]) for m in messages]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _is_size(value) -> bool:
+    return _is_number(value) and 0 < value < math.inf
+
+
+IMAGE_FIELDS = {"id": _is_int, "file_name": lambda v: isinstance(v, str) and v != "", "width": _is_size,
+                "height": _is_size}  # required keys of an image record, and what makes a value valid
+
+
+def box_problem(bbox: Any, width: float, height: float) -> tuple[str, str] | None:
+    """(kind, message) of a COCO ``[x, y, w, h]`` box that is not a valid box of a width×height image.
+
+    Boxes that pass the border by at most :data:`BOX_TOLERANCE` pixels are valid (the reader clips them).
+    """
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        return "malformed bbox", f"bbox is not 4 numbers: {bbox!r}"
+    if not all(math.isfinite(v) for v in bbox):
+        return "NaN/inf box", f"box {bbox} has NaN or infinite values"
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        side, value = ("width", w) if w <= 0 else ("height", h)
+        return "zero or negative box size", f"box {bbox} has {'zero' if value == 0 else 'negative'} {side}"
+    t = BOX_TOLERANCE
+    if x < -t or y < -t or x + w > width + t or y + h > height + t:
+        return "box outside the image", f"box {bbox} extends outside the {width}x{height} image (by > {t} px)"
+    if min(x + w, width) <= max(x, 0) or min(y + h, height) <= max(y, 0):
+        return "box outside the image", f"box {bbox} has no area inside the {width}x{height} image"
     return None
 
 
-def validate_coco(data: dict, ann_file: str | Path, image_dir: str | Path, check_images: bool = True
-                  ) -> tuple[list[Problem], set[int], set[int]]:
-    """Find every problem in a parsed COCO dict.
+class _Report:
+    """Problems, and the positions (in the json lists) of the records they make invalid."""
 
-    Returns (problems, bad image ids, bad annotation ids). Boxes within :data:`BOX_TOLERANCE` of the border
-    are not problems (the reader clips them).
-    """
-    file, image_dir = str(ann_file), Path(image_dir)
-    problems: list[Problem] = []
-    bad_images: set[int] = set()
-    bad_anns: set[int] = set()
-    categories = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
-    images: dict[int, dict] = {}
-    for im in data["images"]:
-        missing = [k for k in ("id", "file_name", "width", "height") if not isinstance(im, dict) or k not in im]
-        if missing:
-            image_id = im.get("id") if isinstance(im, dict) else None
-            problems.append(Problem(file, image_id, None, f"image record lacks {', '.join(missing)}"))
-            if image_id is not None:
-                bad_images.add(image_id)
-            continue
-        if im["id"] in images:
-            problems.append(Problem(file, im["id"], None, "duplicate image id", im["file_name"]))
-            bad_images.add(im["id"])
-            continue
-        images[im["id"]] = im
-        if check_images:
-            message = _image_problem(image_dir / im["file_name"], im["width"], im["height"])
-            if message:
-                problems.append(Problem(file, im["id"], None, message, im["file_name"]))
-                bad_images.add(im["id"])
-    seen_ann, seen_box = set(), set()
-    for ann in data["annotations"]:
-        ann_id = ann.get("id") if isinstance(ann, dict) else None
-        image_id = ann.get("image_id") if isinstance(ann, dict) else None
-        im = images.get(image_id)
-        name = im["file_name"] if im else None
+    def __init__(self, file: str) -> None:
+        self.file, self.problems = file, []
+        self.bad = {"categories": set(), "images": set(), "annotations": set()}
 
-        def report(message: str, ann_id=ann_id, image_id=image_id, name=name) -> None:
-            problems.append(Problem(file, image_id, ann_id, message, name))
-            if ann_id is not None:
-                bad_anns.add(ann_id)
+    def add(self, kind: str, message: str, image_id=None, ann_id=None, file_name=None, file=None) -> None:
+        image_id, ann_id = (v if _is_int(v) else None for v in (image_id, ann_id))
+        self.problems.append(Problem(file or self.file, image_id, ann_id, message, file_name, kind))
 
-        missing = [k for k in ("id", "image_id", "category_id", "bbox") if not isinstance(ann, dict) or k not in ann]
-        if missing:
-            report(f"annotation record lacks {', '.join(missing)}")
-            continue
-        if ann_id in seen_ann:
-            report("duplicate annotation id")
-            continue
-        seen_ann.add(ann_id)
-        if im is None:
-            report("refers to an image id that is not in 'images'")
-            continue
-        if ann["category_id"] not in categories:
-            report(f"unknown category id {ann['category_id']!r} (known: {sorted(categories)})")
-            continue
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            report(f"bbox is not 4 numbers: {bbox!r}")
-            continue
-        x, y, w, h = bbox
-        if not all(math.isfinite(v) for v in bbox):
-            report(f"bbox has NaN or infinite values {bbox}")
-        elif w <= 0 or h <= 0:
-            report(f"box {bbox} has {'zero' if min(w, h) == 0 else 'negative'} "
-                   f"{'width' if w <= 0 else 'height'}")
-        elif (x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > im["width"] + BOX_TOLERANCE
-              or y + h > im["height"] + BOX_TOLERANCE):
-            report(f"box {bbox} extends outside the {im['width']}x{im['height']} image")
+
+def _check_categories(categories: list, report: _Report) -> set[int]:
+    """Valid category ids; records without an integer id or with a repeated one are invalid."""
+    ids: set[int] = set()
+    for pos, cat in enumerate(categories):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            report.add("bad category record", f"category record without an integer 'id': {cat!r}")
+        elif cat["id"] in ids:
+            report.add("duplicate category id", f"duplicate category id {cat['id']}")
         else:
-            key = (image_id, ann["category_id"], *bbox)
-            if key in seen_box:
-                report(f"duplicate box {bbox} (same image, category and coordinates)")
-            seen_box.add(key)
-    return problems, bad_images, bad_anns
+            ids.add(cat["id"])
+            continue
+        report.bad["categories"].add(pos)
+    return ids
+
+
+def _check_images(images: list, report: _Report, image_dir: Path, check_images: bool
+                  ) -> tuple[dict[int, dict], set[int]]:
+    """Complete image records by id (the first of repeated ids), and the ids of incomplete records."""
+    records: dict[int, dict] = {}
+    first_pos: dict[int, int] = {}
+    incomplete: set[int] = set()
+    for pos, im in enumerate(images):
+        image_id = im.get("id") if isinstance(im, dict) else None
+        wrong = [k if not isinstance(im, dict) or k not in im else f"{k}={im[k]!r}"
+                 for k, valid in IMAGE_FIELDS.items() if not isinstance(im, dict) or not valid(im.get(k))]
+        if wrong:
+            what = f"image record lacks or has invalid {', '.join(wrong)}"
+            report.add("incomplete image record", what, image_id)
+            report.bad["images"].add(pos)
+            incomplete.update([image_id] if _is_int(image_id) else [])
+        elif image_id in records:
+            report.add("duplicate image id", "duplicate image id (its annotations are ambiguous)", image_id,
+                       file_name=im["file_name"])
+            report.bad["images"].update([pos, first_pos[image_id]])
+        else:
+            records[image_id], first_pos[image_id] = im, pos
+            path = image_dir / im["file_name"]
+            found = image_file_problem(path, im["width"], im["height"]) if check_images else None
+            if found:
+                report.add(*found, image_id, file_name=im["file_name"], file=str(path))
+                report.bad["images"].add(pos)
+    return records, incomplete
+
+
+def _annotation_problem(ann, images: dict[int, dict], incomplete: set[int], category_ids: set[int],
+                        seen_ids: set, seen_boxes: set) -> tuple[str, str] | None:
+    """(kind, message) of an invalid annotation record; adds its id and box to the ``seen`` sets."""
+    missing = [k for k in ANNOTATION_KEYS if not isinstance(ann, dict) or k not in ann]
+    if missing or not _is_int(ann["id"]):
+        what = f"lacks {', '.join(missing)}" if missing else f"has a non-integer id {ann['id']!r}"
+        return "incomplete annotation record", f"annotation record {what}"
+    if ann["id"] in seen_ids:
+        return "duplicate annotation id", "duplicate annotation id"
+    seen_ids.add(ann["id"])
+    image_id = ann["image_id"] if _is_int(ann["image_id"]) else None  # None: also unhashable junk
+    im = images.get(image_id)
+    if im is None:  # an incomplete image record is reported already and takes its annotations with it
+        return None if image_id in incomplete else (
+            "unknown image id", f"refers to image id {ann['image_id']!r}, which is not in 'images'")
+    if not _is_int(ann["category_id"]) or ann["category_id"] not in category_ids:
+        known = sorted(category_ids)
+        shown = ", ".join(map(str, known[:10])) + (", ..." if len(known) > 10 else "")
+        return "unknown category id", f"unknown category id {ann['category_id']!r} (known: {shown})"
+    found = box_problem(ann["bbox"], im["width"], im["height"])
+    if found:
+        return found
+    key = (image_id, ann["category_id"], *ann["bbox"])
+    if key in seen_boxes:
+        return "duplicate box", f"duplicate box {ann['bbox']} (same image, category, coordinates as another)"
+    seen_boxes.add(key)
+    return None
+
+
+def _check(data: dict, ann_file: str | Path, image_dir: str | Path, check_images: bool) -> _Report:
+    report = _Report(str(ann_file))
+    report.problems += _top_level_problems(data, ann_file)
+    if report.problems:
+        return report
+    category_ids = _check_categories(data["categories"], report)
+    images, incomplete = _check_images(data["images"], report, Path(image_dir), check_images)
+    seen_ids: set[int] = set()
+    seen_boxes: set[tuple] = set()
+    for pos, ann in enumerate(data["annotations"]):
+        found = _annotation_problem(ann, images, incomplete, category_ids, seen_ids, seen_boxes)
+        if found:
+            image_id, ann_id = (ann.get(k) if isinstance(ann, dict) else None for k in ("image_id", "id"))
+            im = images.get(image_id) if _is_int(image_id) else None
+            report.add(*found, image_id, ann_id, im["file_name"] if im else None)
+            report.bad["annotations"].add(pos)
+    return report
+
+
+def validate_coco(data: dict, ann_file: str | Path, image_dir: str | Path, check_images: bool = True
+                  ) -> list[Problem]:
+    """Every problem of a parsed COCO dict, in json order (categories, images, annotations).
+
+    ``check_images`` also opens every image's header (existence, readability, size). Images without
+    annotations are not problems; boxes within :data:`BOX_TOLERANCE` of the border are not either.
+    """
+    return _check(data, ann_file, image_dir, check_images).problems
+
+
+def _cleaned(data: dict, report: _Report) -> dict:
+    """The dict without invalid records nor annotations of dropped images; boxes clipped to their image."""
+    categories = [c for i, c in enumerate(data["categories"]) if i not in report.bad["categories"]]
+    images = [im for i, im in enumerate(data["images"]) if i not in report.bad["images"]]
+    sizes = {im["id"]: (im["width"], im["height"]) for im in images}
+    annotations = []
+    for i, ann in enumerate(data["annotations"]):
+        if i not in report.bad["annotations"] and ann["image_id"] in sizes:
+            (w, h), (x, y, bw, bh) = sizes[ann["image_id"]], ann["bbox"]
+            x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
+            annotations.append({**ann, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+    return {**data, "categories": categories, "images": images, "annotations": annotations}
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """A COCO-format dataset, validated on construction.
+    """A COCO-format dataset (``ann_file`` json, images under ``image_dir``), validated on construction.
 
-    Args:
-        ann_file: COCO instances json. image_dir: folder the images' ``file_name`` is relative to.
-        transforms: callable(sample, index) → (image, target); None returns :class:`Sample`.
-        on_invalid: ``error`` (default) raises :class:`DatasetError` listing every problem before training;
-            ``drop`` drops invalid annotations and unreadable images with one warning that counts them.
-        check_images: open every image header (existence, readability, size) during validation.
+    ``transforms(sample, index)`` maps a :class:`Sample` to what ``__getitem__`` returns.
+    ``on_invalid="error"`` raises :class:`DatasetError` listing every problem; ``"drop"`` drops invalid
+    annotations and images (missing, unreadable or wrongly sized file, invalid or repeated record; with their
+    annotations) and warns once, counting what was dropped and each kind of problem. ``check_images`` opens
+    every image header.
+    Label ``i`` is dataset category ``category_ids[i]`` (sorted ids); ``data`` is the cleaned json dict and
+    ``images`` its image records in ``image_ids`` (sorted) order.
     """
 
-    def __init__(self, ann_file: str | Path, image_dir: str | Path, transforms=None, on_invalid: str = "error",
+    def __init__(self, ann_file: str | Path, image_dir: str | Path,
+                 transforms: Callable[[Sample, int], Any] | None = None, on_invalid: str = "error",
                  check_images: bool = True) -> None:
-        if on_invalid not in ("error", "drop"):
-            raise ValueError(f"on_invalid must be 'error' or 'drop', got {on_invalid!r}")
+        if on_invalid not in ON_INVALID:
+            raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
         self.ann_file, self.image_dir, self.transforms = Path(ann_file), Path(image_dir), transforms
-        data = load_coco_json(self.ann_file)
-        problems, bad_images, bad_anns = validate_coco(data, self.ann_file, self.image_dir, check_images)
-        if problems and on_invalid == "error":
-            raise DatasetError(self.ann_file, problems)
-        if problems:
-            kinds = Counter(_kind(p) for p in problems)
-            warnings.warn(
-                f"{self.ann_file}: dropped {len(bad_anns)} annotation(s) and {len(bad_images)} image(s): "
-                + ", ".join(f"{n} × {k}" for k, n in kinds.items()),
-                stacklevel=2,
-            )
-        self.data = _cleaned(data, bad_images, bad_anns)
+        raw = load_coco_json(self.ann_file)
+        report = _check(raw, self.ann_file, self.image_dir, check_images)
+        if report.problems and on_invalid == "error":
+            raise DatasetError(self.ann_file, report.problems)
+        self.data = _cleaned(raw, report)
+        if report.problems:
+            self._warn_dropped(raw, report.problems)
         self.category_ids = sorted(c["id"] for c in self.data["categories"])
         names = {c["id"]: str(c.get("name", c["id"])) for c in self.data["categories"]}
         self.class_names = [names[c] for c in self.category_ids]
@@ -239,21 +263,25 @@ class CocoDetection(torch.utils.data.Dataset):
         self.images = sorted(self.data["images"], key=lambda im: im["id"])
         self.image_ids = [im["id"] for im in self.images]
         self._targets = self._index_targets()
-        self._coco = None
+        self._coco: COCO | None = None
+
+    def _warn_dropped(self, raw: dict, problems: list[Problem], shown: int = 5) -> None:
+        n_images, n_anns = len(raw["images"]), len(raw["annotations"])
+        lost_images, lost_anns = n_images - len(self.data["images"]), n_anns - len(self.data["annotations"])
+        lines = [f"{self.ann_file}: dropped {lost_images} of {n_images} images and {lost_anns} of {n_anns} "
+                 f"annotations for {len(problems)} problems ({count_kinds(problems)}); for example:"]
+        lines += [f"  {p}" for p in problems[:shown]]
+        warnings.warn("\n".join(lines), UserWarning, stacklevel=3)
 
     def _index_targets(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        per_image: dict[int, list] = {i: [] for i in self.image_ids}
+        per_image: dict[int, list[dict]] = {i: [] for i in self.image_ids}
         for ann in self.data["annotations"]:
             if not ann.get("iscrowd", 0):
                 per_image[ann["image_id"]].append(ann)
-        sizes = {im["id"]: (im["width"], im["height"]) for im in self.images}
         targets = []
-        for image_id in self.image_ids:
-            anns = per_image[image_id]
-            w, h = sizes[image_id]
+        for anns in per_image.values():
             boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
             boxes[:, 2:] += boxes[:, :2]
-            boxes = boxes.clip(0, [w, h, w, h]).astype(np.float32)
             labels = np.array([self.category_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
             targets.append((boxes, labels))
         return targets
@@ -262,54 +290,48 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.images)
 
     def load_image(self, index: int) -> np.ndarray:
-        """(H, W, 3) uint8 RGB of image ``index``."""
+        """(H, W, 3) uint8 RGB of image ``index``; an unreadable or resized file raises DatasetError."""
         im = self.images[index]
         path = self.image_dir / im["file_name"]
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise DatasetError(self.ann_file, [Problem(str(self.ann_file), im["id"], None,
-                                                        f"image file unreadable: {path}", im["file_name"])])
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        image = read_rgb(path)
+        if image is not None and image.shape[:2] == (im["height"], im["width"]):
+            return image
+        found = image_file_problem(path, im["width"], im["height"])
+        if image is not None:
+            found = found or ("image size mismatch", f"image size mismatch: file is {image.shape[1]}x"
+                              f"{image.shape[0]}, annotation says {im['width']}x{im['height']}")
+        kind, message = found or ("unreadable image", f"image file unreadable: {path}")
+        problem = Problem(str(path), im["id"], None, message, im["file_name"], kind)
+        raise DatasetError(self.ann_file, [problem])
 
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes (N, 4) float32 xyxy pixels and labels (N,) int64 of image ``index``, crowd excluded."""
-        return self._targets[index]
+        """Boxes (N, 4) float32 xyxy pixels and labels (N,) int64 of image ``index``; crowd excluded."""
+        boxes, labels = self._targets[index]
+        return boxes.copy(), labels.copy()
 
     def get_sample(self, index: int) -> Sample:
         image = self.load_image(index)
-        boxes, labels = self._targets[index]
-        return Sample(image, boxes.copy(), labels.copy(), self.image_ids[index], image.shape[:2])
+        boxes, labels = self.annotations(index)
+        return Sample(image, boxes, labels, self.image_ids[index], (image.shape[0], image.shape[1]))
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Any:
         sample = self.get_sample(index)
         return self.transforms(sample, index) if self.transforms else sample
 
     def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the transforms (their random choices depend on it)."""
         if hasattr(self.transforms, "set_epoch"):
             self.transforms.set_epoch(epoch)
 
     @property
-    def coco(self):
-        """pycocotools ``COCO`` ground truth built from the cleaned annotations (for evaluation)."""
+    def coco(self) -> COCO:
+        """pycocotools ``COCO`` ground truth of the cleaned annotations, crowd included (for evaluation)."""
         if self._coco is None:
-            from pycocotools.coco import COCO
-
             coco = COCO()
-            coco.dataset = dict(self.data)
-            coco.dataset.setdefault("info", {})
-            for ann in coco.dataset["annotations"]:
-                ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
-                ann.setdefault("iscrowd", 0)
+            anns = [{"area": a["bbox"][2] * a["bbox"][3], "iscrowd": 0, **a}
+                    for a in self.data["annotations"]]
+            coco.dataset = {"info": {}, **self.data, "annotations": anns}
             with contextlib.redirect_stdout(io.StringIO()):
                 coco.createIndex()
             self._coco = coco
         return self._coco
-
-
-def _cleaned(data: dict, bad_images: set[int], bad_anns: set[int]) -> dict:
-    images = [im for im in data["images"] if isinstance(im, dict) and "id" in im and im["id"] not in bad_images
-              and all(k in im for k in ("file_name", "width", "height"))]
-    kept = {im["id"] for im in images}
-    anns = [a for a in data["annotations"] if isinstance(a, dict) and a.get("id") not in bad_anns
-            and a.get("image_id") in kept and "bbox" in a and "category_id" in a]
-    return {**data, "images": images, "annotations": anns}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from detkit.data.coco import DatasetError
+from detkit.data.validation import DatasetError
 from detkit.engine.build import (
     build_data_loader,
     build_dataset,

@@ -63,5 +63,5 @@ def test_bad_dataset_stops_training_with_one_clear_message(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0
-    assert "ann.json, image 1 ('a.png'), annotation 5: box [0, 0, 0, 5] has zero width" in result.stderr
+    assert "ann.json: image 1 ('a.png'), annotation 5: box [0, 0, 0, 5] has zero width" in result.stderr
     assert "Traceback" not in result.stderr
