@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from detkit.data.validation import DatasetError
 from detkit.data.loader import build_loader
 from detkit.data.transforms import Letterbox, TrainTransform
+from detkit.data.validation import DatasetError
 from detkit.engine.optim import build_optimizer, build_scheduler
 
 

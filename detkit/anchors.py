@@ -1,0 +1,198 @@
+"""Prior boxes of the detector zoo: SSD default boxes, FPN/RPN grid anchors, the G-CNN initial grid, and
+YOLOv2 dimension clusters.
+
+Pure functions of sizes, no state. Boxes are xyxy in absolute pixels of the network input; anchor shapes are
+(w, h) in pixels. Orders are location-major: for each level, for each cell in row-major order, every box of
+that cell, so a head output reshaped (B, H, W, A, ·) → (B, H·W·A, ·) lines up with the anchors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["SSD300", "ssd_default_boxes", "grid_anchors", "anchors_per_location", "gcnn_grid", "gcnn_grid_count",
+           "shape_iou", "kmeans_anchors"]
+
+SSD300 = dict(
+    image_size=300,
+    feature_sizes=(38, 19, 10, 5, 3, 1),
+    steps=(8, 16, 32, 64, 100, 300),
+    min_sizes=(30, 60, 111, 162, 213, 264),
+    max_sizes=(60, 111, 162, 213, 264, 315),
+    aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)),
+)
+
+
+def _tile(centers: Tensor, wh: Tensor) -> Tensor:
+    """(P, 2) centres × (A, 2) shapes → (P·A, 4) xyxy, every shape at a centre before the next centre."""
+    half = wh[None] / 2
+    return torch.cat([centers[:, None] - half, centers[:, None] + half], dim=-1).reshape(-1, 4)
+
+
+def _cell_centers(height: int, width: int, step_y: float, step_x: float, offset: float) -> Tensor:
+    """(H·W, 2) (x, y) centres of a feature map's cells in input pixels, row-major."""
+    ys = (torch.arange(height, dtype=torch.float32) + offset) * step_y
+    xs = (torch.arange(width, dtype=torch.float32) + offset) * step_x
+    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, (int, float)) else (value[0], value[1])
+
+
+def ssd_default_boxes(image_size: int | Sequence[int], feature_sizes: Sequence[int], steps: Sequence[float],
+                      min_sizes: Sequence[float], max_sizes: Sequence[float],
+                      aspect_ratios: Sequence[Sequence[float]], clip: bool = True) -> Tensor:
+    """SSD default boxes (Liu et al. 2016) → (N, 4) xyxy pixels.
+
+    At level k, cell (i, j) is centred at ((j + 0.5)·step_k, (i + 0.5)·step_k) and holds, in this order: a
+    square of side min_k, a square of side √(min_k·max_k), then for each ratio r a (min_k·√r) × (min_k/√r)
+    box followed by its transpose. ``image_size`` is an int or (height, width); ``clip`` clamps boxes to it.
+    ``ssd_default_boxes(**SSD300)`` gives the 8732 boxes of SSD300.
+    """
+    boxes = []
+    for f, step, s_min, s_max, ratios in zip(feature_sizes, steps, min_sizes, max_sizes, aspect_ratios):
+        fh, fw = _pair(f)
+        shapes = [(s_min, s_min), (math.sqrt(s_min * s_max),) * 2]
+        for r in ratios:
+            shapes += [(s_min * math.sqrt(r), s_min / math.sqrt(r)), (s_min / math.sqrt(r), s_min * math.sqrt(r))]
+        boxes.append(_tile(_cell_centers(fh, fw, step, step, 0.5), torch.tensor(shapes, dtype=torch.float32)))
+    out = torch.cat(boxes)
+    if clip:
+        h, w = _pair(image_size)
+        out = torch.min(out.clamp(min=0), torch.tensor([w, h, w, h], dtype=out.dtype))
+    return out
+
+
+def _per_level(ratios: Sequence[float] | Sequence[Sequence[float]], levels: int) -> list[Sequence[float]]:
+    if len(ratios) and isinstance(ratios[0], (int, float)):
+        return [ratios] * levels
+    if len(ratios) != levels:
+        raise ValueError(f"got ratios for {len(ratios)} levels, sizes for {levels}")
+    return list(ratios)
+
+
+def anchors_per_location(sizes: Sequence[Sequence[float]],
+                         ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0)) -> list[int]:
+    """Anchors at each location of each level: len(sizes[l]) · len(ratios[l]) — what the head must predict."""
+    return [len(s) * len(r) for s, r in zip(sizes, _per_level(ratios, len(sizes)))]
+
+
+def grid_anchors(feature_sizes: Sequence[int | Sequence[int]], strides: Sequence[int | Sequence[int]],
+                 sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,)),
+                 ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0),
+                 offset: float = 0.5) -> list[Tensor]:
+    """RPN / RetinaNet anchors (Ren et al. 2015; Lin et al. 2017), one (H·W·A, 4) xyxy pixel tensor per level.
+
+    Level l has a ``feature_sizes[l]`` (int or (H, W)) map of stride ``strides[l]``; each location holds, for
+    each size s of ``sizes[l]`` and each ratio r = h/w (the same ``ratios`` for every level, or one sequence
+    per level), a box of area s² with w = s/√r, h = s·√r, ordered size-major then ratio. Centres are at
+    ((j + offset)·stride, (i + offset)·stride): 0.5 is the centre of the cell's receptive field;
+    torchvision's AnchorGenerator and detectron2 put them at offset 0.
+
+    The default is FPN's layout (one size per level, P2–P6, 3 anchors per location);
+    ``sizes=((32, 64, 128, 256, 512),)`` on one level is Faster R-CNN's 15 anchors per location.
+    """
+    out = []
+    for f, stride, level_sizes, level_ratios in zip(feature_sizes, strides, sizes, _per_level(ratios, len(sizes))):
+        fh, fw = _pair(f)
+        sy, sx = _pair(stride)
+        shapes = [(s / math.sqrt(r), s * math.sqrt(r)) for s in level_sizes for r in level_ratios]
+        out.append(_tile(_cell_centers(fh, fw, sy, sx, offset), torch.tensor(shapes, dtype=torch.float32)))
+    return out
+
+
+def _tiles_per_axis(scale: float, overlap: float) -> int:
+    # Enough tiles that consecutive ones step by at most side·(1 − overlap); the epsilon keeps 1/3-type
+    # fractions from rounding up to an extra tile.
+    return math.ceil((1.0 - scale) / (scale * (1.0 - overlap)) - 1e-9) + 1
+
+
+def gcnn_grid_count(scales: Sequence[float] = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5), overlap: float = 0.5) -> int:
+    """Number of boxes :func:`gcnn_grid` makes: Σ_s n_s², n_s = ⌈(1 − s) / (s·(1 − overlap))⌉ + 1."""
+    return sum(_tiles_per_axis(s, overlap) ** 2 for s in scales)
+
+
+def gcnn_grid(image_size: int | Sequence[int], scales: Sequence[float] = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5),
+              overlap: float = 0.5) -> Tensor:
+    """G-CNN's initial boxes (Najibi et al., CVPR 2016): a multi-scale regular grid of overlapping boxes.
+
+    At scale s a box spans the fraction s of the image's width and of its height (square on a square image);
+    n_s = ⌈(1 − s) / (s·(1 − overlap))⌉ + 1 boxes per axis are spread evenly from one border to the other, so
+    neighbours overlap by at least ``overlap`` of a side, every box lies inside the image and the boxes of a
+    scale cover it. ``image_size`` is an int or (height, width). Returns (Σ n_s², 4) xyxy pixels, scale by
+    scale, row-major.
+
+    The defaults (s = 1, 1/2, 1/3, 1/4, 1/5, half-side steps, so n = 2m − 1 for s = 1/m) give
+    1 + 9 + 25 + 49 + 81 = 165 boxes, the paper's "around 180" order of magnitude
+    (``gcnn_grid_count()``).
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    h, w = _pair(image_size)
+    boxes = []
+    for s in scales:
+        if not 0.0 < s <= 1.0:
+            raise ValueError(f"scales must be in (0, 1], got {s}")
+        n = _tiles_per_axis(s, overlap)
+        starts = torch.linspace(0.0, 1.0 - s, n, dtype=torch.float64)
+        y0, x0 = torch.meshgrid(starts, starts, indexing="ij")
+        x0, y0 = x0.reshape(-1), y0.reshape(-1)
+        boxes.append(torch.stack([x0 * w, y0 * h, (x0 + s) * w, (y0 + s) * h], dim=1))
+    return torch.cat(boxes).float()
+
+
+def shape_iou(wh1: Tensor, wh2: Tensor) -> Tensor:
+    """(N, M) IoU between box shapes ``wh1`` (N, 2) and ``wh2`` (M, 2), the boxes aligned at a common centre."""
+    inter = torch.min(wh1[:, None], wh2[None]).prod(dim=2)
+    return inter / (wh1.prod(dim=1)[:, None] + wh2.prod(dim=1)[None] - inter)
+
+
+def kmeans_anchors(wh: Tensor, k: int = 9, iters: int = 300, seed: int = 0) -> tuple[Tensor, float]:
+    """YOLOv2 dimension clusters (Redmon & Farhadi 2017): k-means of box shapes with distance 1 − IoU.
+
+    Args:
+        wh: (N, 2) positive box widths and heights in pixels, N ≥ k.
+        k: number of anchors.
+        iters: at most this many assignment/update rounds; stops earlier once assignments stop changing.
+        seed: the k-means++ initialisation draws from a generator seeded with this; same seed, same result.
+
+    Returns:
+        anchors (k, 2) (w, h) sorted by area, and the mean over boxes of the best IoU with an anchor.
+    """
+    wh = wh.to(torch.float64).reshape(-1, 2)
+    if (wh <= 0).any():
+        raise ValueError("box widths and heights must be positive")
+    if len(wh) < k:
+        raise ValueError(f"need at least k={k} boxes, got {len(wh)}")
+    gen = torch.Generator().manual_seed(seed)
+    # k-means++ on 1 − IoU: each new centre is a box drawn with probability ∝ its distance² to the nearest
+    # centre so far, which spreads the start over the shapes present.
+    centers = wh[torch.randint(len(wh), (1,), generator=gen)]
+    for _ in range(1, k):
+        d = 1.0 - shape_iou(wh, centers).amax(dim=1)
+        weights = d**2 if d.sum() > 0 else torch.ones_like(d)
+        centers = torch.cat([centers, wh[torch.multinomial(weights, 1, generator=gen)]])
+    assign = None
+    for _ in range(iters):
+        iou = shape_iou(wh, centers)
+        new_assign = iou.argmax(dim=1)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        counts = torch.bincount(assign, minlength=k).to(wh.dtype)
+        sums = torch.zeros_like(centers).index_add_(0, assign, wh)
+        empty = counts == 0
+        centers = torch.where(empty[:, None], centers, sums / counts.clamp(min=1)[:, None])
+        if empty.any():
+            # A cluster that lost every box restarts at the boxes its neighbours fit worst.
+            worst = iou.amax(dim=1).argsort()[: int(empty.sum())]
+            centers[empty] = wh[worst]
+    centers = centers[centers.prod(dim=1).argsort()]
+    mean_iou = shape_iou(wh, centers).amax(dim=1).mean().item()
+    return centers.float(), mean_iou

@@ -1,0 +1,214 @@
+"""From dense predictions to detections: class-aware DIoU-NMS and Soft-NMS, and the per-image pipeline
+(threshold, top-k, NMS, cap) that turns (B, N, C) scores into the common detector output.
+
+Plain greedy NMS is ``torchvision.ops.batched_nms``. The variants here treat each class on its own (boxes of
+different classes never interact, so this is exact, and costs Σ n_c² instead of N² pairs) and loop over
+greedy steps, one per kept box, each step vectorised over the class's remaining boxes (DIoU-NMS instead
+iterates a whole-matrix rule, Cluster-NMS, to the same answer). A class's pairwise matrix is computed once
+when it has at most ``MATRIX_LIMIT`` boxes, one row per step otherwise. Boxes are
+xyxy in absolute pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, box_iou, distance_box_iou
+
+__all__ = ["MATRIX_LIMIT", "batched_diou_nms", "batched_soft_nms", "postprocess_detections"]
+
+# Up to this many boxes in a class, its (n, n) float matrix (64 MiB at 4096) is computed once.
+MATRIX_LIMIT = 4096
+
+
+def _class_groups(idxs: Tensor) -> list[Tensor]:
+    """Indices of the boxes of each distinct ``idxs`` value, ascending within a group."""
+    order = idxs.argsort(stable=True)
+    counts = torch.unique_consecutive(idxs[order], return_counts=True)[1]
+    return list(order.split(counts.tolist()))
+
+
+def _rows(boxes: Tensor, pairwise: Callable[[Tensor, Tensor], Tensor]) -> Callable[[int], Tensor]:
+    """Row i of ``pairwise(boxes, boxes)``: from one matrix when it fits, else computed on demand."""
+    if len(boxes) <= MATRIX_LIMIT:
+        matrix = pairwise(boxes, boxes)
+        return lambda i: matrix[i]
+    return lambda i: pairwise(boxes[i : i + 1], boxes)[0]
+
+
+def _at_least_float32(boxes: Tensor) -> Tensor:
+    # Half precision (and integer boxes) lose overlaps near the threshold; float64 stays float64.
+    return boxes.to(torch.promote_types(boxes.dtype, torch.float32))
+
+
+def _by_score(keep: Tensor, scores: Tensor) -> Tensor:
+    """``keep`` reordered by decreasing ``scores`` (aligned with ``keep``), ties by lower index."""
+    keep, pos = keep.sort()
+    scores = scores[pos]
+    order = scores.argsort(descending=True, stable=True)
+    return keep[order], scores[order]
+
+
+def _diou_nms_one_class(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    order = scores.argsort(descending=True, stable=True)
+    boxes = _at_least_float32(boxes[order])
+    n = len(boxes)
+    if n <= MATRIX_LIMIT:
+        # Cluster-NMS (Zheng et al. 2021): "j survives iff no surviving higher-scoring box suppresses j",
+        # iterated from "all survive", fixes one more box per pass and stops at greedy NMS's unique answer;
+        # a pass is one matrix op, and the passes needed are the longest suppression chain, a handful.
+        suppresses = (distance_box_iou(boxes, boxes) > iou_threshold).triu(diagonal=1)
+        keep = torch.ones(n, dtype=torch.bool, device=boxes.device)
+        for _ in range(n):
+            survivors = ~(suppresses & keep[:, None]).any(dim=0)
+            if torch.equal(survivors, keep):
+                break
+            keep = survivors
+        return order[keep]
+    row = _rows(boxes, distance_box_iou)
+    remaining = torch.ones(n, dtype=torch.bool, device=boxes.device)
+    kept = []
+    while True:
+        # First remaining box in score order: argmax returns the first maximum.
+        i = int(remaining.byte().argmax())
+        if not remaining[i]:
+            break
+        kept.append(i)
+        remaining &= row(i) <= iou_threshold
+        remaining[i] = False
+    return order[torch.tensor(kept, dtype=torch.long, device=boxes.device)]
+
+
+def batched_diou_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Class-aware greedy NMS with the DIoU criterion (Zheng et al. 2020).
+
+    A box is suppressed by a higher-scoring kept box of the same ``idxs`` value when IoU − ρ²/c² exceeds
+    ``iou_threshold`` (ρ: distance between centres, c: diagonal of the smallest enclosing box), so that
+    overlapping boxes with distant centres, often two adjacent objects, both survive.
+
+    Args:
+        boxes: (N, 4) xyxy. scores: (N,). idxs: (N,) integer class (or image·class) of each box.
+
+    Returns:
+        (K,) long indices of kept boxes, by decreasing score (ties: lower index first).
+    """
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.long, device=boxes.device)
+    keep = torch.cat([group[_diou_nms_one_class(boxes[group], scores[group], iou_threshold)]
+                      for group in _class_groups(idxs)])
+    return _by_score(keep, scores[keep])[0]
+
+
+def _soft_nms_one_class(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, method: str,
+                        score_threshold: float) -> tuple[Tensor, Tensor]:
+    def decay(a: Tensor, b: Tensor) -> Tensor:
+        iou = box_iou(a, b).to(scores.dtype)
+        if method == "linear":
+            factor = torch.where(iou > iou_threshold, 1.0 - iou, torch.ones_like(iou))
+        else:
+            factor = torch.exp(-(iou * iou) / sigma)
+        # Strictly positive, so that −∞ (taken or dropped) stays −∞ instead of turning into NaN.
+        return factor.clamp(min=torch.finfo(factor.dtype).tiny)
+
+    row = _rows(_at_least_float32(boxes), decay)
+    current = scores.masked_fill(scores < score_threshold, float("-inf"))
+    keep, kept = [], []
+    while True:
+        best, i = current.max(dim=0)
+        if best.item() == float("-inf"):
+            break
+        i = int(i)
+        keep.append(i)
+        kept.append(best)
+        current = current * row(i)
+        current[i] = float("-inf")
+        current.masked_fill_(current < score_threshold, float("-inf"))
+    device = boxes.device
+    if not keep:
+        return torch.empty((0,), dtype=torch.long, device=device), scores.new_empty((0,))
+    return torch.tensor(keep, dtype=torch.long, device=device), torch.stack(kept)
+
+
+def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
+                     method: str = "linear", score_threshold: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Class-aware Soft-NMS (Bodla et al. 2017): overlapping boxes are down-weighted instead of removed.
+
+    Greedily take the remaining box of highest (decayed) score; every remaining box of the same class with
+    IoU u to it has its score multiplied by 1 − u when u > ``iou_threshold`` (``linear``) or by
+    exp(−u²/``sigma``) (``gaussian``, ``iou_threshold`` unused); boxes whose score falls below
+    ``score_threshold`` are dropped.
+
+    Args:
+        boxes: (N, 4) xyxy. scores: (N,). idxs: (N,) integer class of each box.
+
+    Returns:
+        kept indices (K,) long and their decayed scores (K,), by decreasing decayed score (ties: lower index).
+    """
+    if method not in ("linear", "gaussian"):
+        raise ValueError(f"unknown soft-NMS method {method!r}; expected linear or gaussian")
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.long, device=boxes.device), scores.new_empty((0,))
+    keep, kept = [], []
+    for group in _class_groups(idxs):
+        k, s = _soft_nms_one_class(boxes[group], scores[group], iou_threshold, sigma, method, score_threshold)
+        keep.append(group[k])
+        kept.append(s)
+    return _by_score(torch.cat(keep), torch.cat(kept))
+
+
+def _nms(boxes: Tensor, scores: Tensor, labels: Tensor, method: str, iou_threshold: float, soft_method: str,
+         sigma: float, score_threshold: float) -> tuple[Tensor, Tensor]:
+    if method == "soft":
+        return batched_soft_nms(boxes, scores, labels, iou_threshold, sigma, soft_method, score_threshold)
+    nms = batched_nms if method == "nms" else batched_diou_nms
+    keep = nms(boxes, scores, labels, iou_threshold)
+    return keep, scores[keep]
+
+
+METHODS = ("nms", "diou", "soft")
+
+
+@torch.no_grad()
+def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float = 0.05, nms_threshold: float = 0.5,
+                           max_detections: int = 100, method: str = "nms", pre_nms_topk: int = 1000,
+                           image_size: Sequence[int] | None = None, soft_method: str = "linear",
+                           sigma: float = 0.5) -> list[dict[str, Tensor]]:
+    """Per image: keep (box, class) pairs scoring above ``score_threshold``, the ``pre_nms_topk`` best of
+    them, class-aware NMS, then the ``max_detections`` best.
+
+    Args:
+        boxes: (B, N, 4) xyxy pixels shared by all classes (SSD, YOLO, RetinaNet), or (B, N, C, 4) one box
+            per class (Fast/Faster R-CNN heads).
+        scores: (B, N, C) class probabilities, without a background column (slice it off first: SSD's
+            softmax column 0), so label c means column c.
+        method: ``nms`` (torchvision ``batched_nms``), ``diou`` (:func:`batched_diou_nms`) or ``soft``
+            (:func:`batched_soft_nms` with ``nms_threshold``, ``soft_method`` and ``sigma``; the decayed scores
+            are returned and ``score_threshold`` also drops boxes decayed below it).
+        image_size: (height, width) to clip boxes to before NMS; None leaves them as they are.
+
+    Returns:
+        one dict per image: ``boxes`` (K, 4) xyxy, ``scores`` (K,) decreasing, ``labels`` (K,) long.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown NMS method {method!r}; expected one of {', '.join(METHODS)}")
+    batch, _, num_classes = scores.shape
+    flat = scores.reshape(batch, -1)
+    # One top-k call for every image at once; candidates under the threshold are dropped per image below.
+    k = min(pre_nms_topk, flat.shape[1])
+    top_scores, top_idx = flat.topk(k, dim=1)
+    results = []
+    for b in range(batch):
+        ok = top_scores[b] > score_threshold
+        cand_scores, cand = top_scores[b][ok], top_idx[b][ok]
+        box_idx, labels = cand // num_classes, cand % num_classes
+        cand_boxes = boxes[b, box_idx] if boxes.dim() == 3 else boxes[b, box_idx, labels]
+        if image_size is not None:
+            h, w = image_size
+            cand_boxes = torch.min(cand_boxes.clamp(min=0), cand_boxes.new_tensor([w, h, w, h]))
+        keep, kept_scores = _nms(cand_boxes, cand_scores, labels, method, nms_threshold, soft_method, sigma,
+                                 score_threshold)
+        keep, kept_scores = keep[:max_detections], kept_scores[:max_detections]
+        results.append({"boxes": cand_boxes[keep], "scores": kept_scores, "labels": labels[keep]})
+    return results

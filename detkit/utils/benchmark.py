@@ -1,0 +1,119 @@
+"""Timing helpers and synthetic detector outputs for ``tools/benchmark.py``.
+
+Every figure is a median over repeats of one call, next to a torchvision baseline timed in the same run, so
+ratios stay meaningful on a busy machine even when absolute times do not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, box_iou
+
+from detkit.anchors import SSD300, ssd_default_boxes
+from detkit.postprocess import batched_diou_nms, batched_soft_nms, postprocess_detections
+
+
+@dataclass
+class Timing:
+    name: str
+    median_ms: float
+    baseline_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.median_ms / self.baseline_ms
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
+    """Median wall time of ``fn()`` in milliseconds; on CUDA the device is synchronised around each call."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def synthetic_ssd_outputs(batch: int = 8, num_classes: int = 21, objects: tuple[int, int] = (2, 8), seed: int = 0,
+                          device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """Decoded SSD300-like outputs: boxes (B, 8732, 4) xyxy pixels and softmax scores (B, 8732, C), column 0
+    the background.
+
+    Each image holds a few objects; the default boxes overlapping one (IoU > 0.3) predict a jittered copy of
+    it with a confident score for its class, the rest predict background: a few high-scoring clusters over a
+    low-scoring floor, the load NMS meets in practice.
+    """
+    g = torch.Generator().manual_seed(seed)
+    priors = ssd_default_boxes(**SSD300)
+    n = len(priors)
+    boxes = priors.repeat(batch, 1, 1)
+    logits = torch.randn(batch, n, num_classes, generator=g)
+    logits[..., 0] += 10.0  # background-dominated floor: few pairs above a 0.01 score threshold
+    for b in range(batch):
+        count = int(torch.randint(objects[0], objects[1] + 1, (1,), generator=g))
+        centre = torch.rand(count, 2, generator=g) * 260 + 20
+        size = torch.rand(count, 2, generator=g) * 150 + 20
+        objs = torch.cat([centre - size / 2, centre + size / 2], 1).clamp(0, 300)
+        iou = box_iou(priors, objs)
+        best, which = iou.max(1)
+        near = best > 0.3
+        jitter = torch.randn(int(near.sum()), 4, generator=g) * 0.05 * size[which[near]].repeat(1, 2)
+        boxes[b, near] = objs[which[near]] + jitter
+        cls = 1 + torch.randint(num_classes - 1, (count,), generator=g)
+        logits[b, near, cls[which[near]]] += 6.0 + 8.0 * best[near]
+    return boxes.to(device), logits.softmax(-1).to(device)
+
+
+def flat_candidates(boxes: Tensor, scores: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``n`` highest (box, class) pairs of the first image, background excluded: boxes (n, 4), scores (n,),
+    labels (n,) — the input NMS sees after the pre-NMS top-k."""
+    fg = scores[0, :, 1:]
+    top, idx = fg.flatten().topk(n)
+    return boxes[0, idx // fg.shape[1]], top, idx % fg.shape[1]
+
+
+def postprocess_timings(repeats: int, device: str = "cpu", batch: int = 8, nms_boxes: int = 2000,
+                        seed: int = 0) -> list[tuple[str, list[Timing]]]:
+    """Two tables: :func:`postprocess_detections` on SSD300-sized outputs with each NMS method, against its
+    ``batched_nms`` path; and the NMS functions alone on ``nms_boxes`` candidates, against ``batched_nms``."""
+    boxes, scores = synthetic_ssd_outputs(batch, seed=seed, device=device)
+    fg = scores[..., 1:]  # postprocess takes no background column
+    settings = dict(score_threshold=0.01, nms_threshold=0.45, max_detections=200, pre_nms_topk=1000)
+    base = median_ms(lambda: postprocess_detections(boxes, fg, method="nms", **settings), repeats, device=device)
+    pipeline = [Timing("postprocess nms (batched_nms)", base, base)]
+    for label, extra in [("postprocess diou", dict(method="diou")),
+                         ("postprocess soft linear", dict(method="soft", soft_method="linear")),
+                         ("postprocess soft gaussian", dict(method="soft", soft_method="gaussian"))]:
+        ms = median_ms(lambda extra=extra: postprocess_detections(boxes, fg, **settings, **extra), repeats,
+                       device=device)
+        pipeline.append(Timing(label, ms, base))
+
+    b, s, lab = flat_candidates(boxes, scores, nms_boxes)
+    base = median_ms(lambda: batched_nms(b, s, lab, 0.45), repeats, device=device)
+    functions = [Timing("torchvision batched_nms", base, base)]
+    for label, fn in [("batched_diou_nms", lambda: batched_diou_nms(b, s, lab, 0.45)),
+                      ("batched_soft_nms linear", lambda: batched_soft_nms(b, s, lab, 0.45, method="linear",
+                                                                           score_threshold=0.01)),
+                      ("batched_soft_nms gaussian", lambda: batched_soft_nms(b, s, lab, method="gaussian",
+                                                                             score_threshold=0.01))]:
+        functions.append(Timing(label, median_ms(fn, repeats, device=device), base))
+    return [(f"postprocess_detections, batch {batch} x {boxes.shape[1]} boxes x {scores.shape[2]} classes",
+             pipeline), (f"NMS alone, {nms_boxes} candidates", functions)]
+
+
+def format_table(title: str, rows: list[Timing]) -> str:
+    width = max(len(r.name) for r in rows)
+    lines = [title, f"  {'':{width}}  {'median ms':>10}  {'x baseline':>10}"]
+    lines += [f"  {r.name:{width}}  {r.median_ms:10.2f}  {r.ratio:10.2f}" for r in rows]
+    return "\n".join(lines)

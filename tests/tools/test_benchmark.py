@@ -1,0 +1,32 @@
+"""The benchmark's pieces on small sizes: realistic synthetic outputs and a table with a baseline per section."""
+
+import torch
+
+from detkit.utils.benchmark import Timing, format_table, median_ms, postprocess_timings, synthetic_ssd_outputs
+
+
+def test_synthetic_ssd_outputs_look_like_a_detector():
+    boxes, scores = synthetic_ssd_outputs(batch=2, num_classes=21, seed=1)
+    assert boxes.shape == (2, 8732, 4) and scores.shape == (2, 8732, 21)
+    assert torch.allclose(scores.sum(-1), torch.ones(2, 8732), atol=1e-5)
+    assert (boxes[..., 2:] > boxes[..., :2]).all()
+    fg = scores[..., 1:]
+    # Mostly background, yet some confident detections in every image.
+    assert ((fg > 0.01).flatten(1).float().mean(1) < 0.01).all()
+    assert ((fg > 0.5).flatten(1).sum(1) >= 5).all()
+
+
+def test_postprocess_timings_tables():
+    tables = postprocess_timings(repeats=1, batch=1, nms_boxes=200)
+    assert len(tables) == 2
+    for title, rows in tables:
+        assert rows[0].ratio == 1.0 and "batched_nms" in rows[0].name
+        assert all(r.median_ms > 0 for r in rows)
+        text = format_table(title, rows)
+        assert text.splitlines()[0] == title and len(text.splitlines()) == len(rows) + 2
+
+
+def test_median_and_ratio():
+    calls = []
+    assert median_ms(lambda: calls.append(1), repeats=5, warmup=2) >= 0 and len(calls) == 7
+    assert Timing("x", 3.0, 1.5).ratio == 2.0
