@@ -283,7 +283,8 @@ def _render_task(args: tuple[int, int, int, int, int]) -> tuple[bytes, int, int,
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)  # the pool already uses every core; also avoids OpenCV's thread pool after fork
+    cv2.setNumThreads(1)  # the pool already uses every core
+    _digits(), _photos()
 
 
 def _write_split(root: Path, split: int, count: int, seed: int, min_size: int, max_size: int, pool) -> None:
@@ -348,11 +349,13 @@ def generate_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _digits(), _photos()  # decode once here, so forked workers inherit the caches
     pool = None
     if workers > 1 and num_train + num_val > 1:
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker)
+        # spawn, not fork: a child forked from a process whose OpenCV (or OpenMP) threads ever ran can deadlock
+        # on a lock copied mid-use; each worker decodes the photos and digits once instead.
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+    else:
+        _digits(), _photos()
     try:
         for split, count in enumerate((num_train, num_val)):
             _write_split(tmp, split, count, seed, min_size, max_size, pool)
