@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pycocotools.coco import COCO
 
-from detkit.data.sample import Sample, read_rgb
+from detkit.data.sample import DetectionDataset, Sample, read_rgb
 from detkit.data.validation import ON_INVALID, UNREADABLE_JSON, DatasetError, Problem, count_kinds, image_file_problem
 
 BOX_TOLERANCE = 1.0  # pixels a box may pass the image border (rounding in annotation tools); it is clipped
@@ -229,7 +228,7 @@ def _cleaned(data: dict, report: _Report) -> dict:
     return {**data, "categories": categories, "images": images, "annotations": annotations}
 
 
-class CocoDetection(torch.utils.data.Dataset):
+class CocoDetection(DetectionDataset):
     """A COCO-format dataset (``ann_file`` json, images under ``image_dir``), validated on construction.
 
     ``transforms(sample, index)`` maps a :class:`Sample` to what ``__getitem__`` returns.
@@ -252,6 +251,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if report.problems and on_invalid == "error":
             raise DatasetError(self.ann_file, report.problems)
         self.data = _cleaned(raw, report)
+        self.problems = report.problems  # what on_invalid="drop" dropped (tools/check_dataset.py lists them)
         if report.problems:
             self._warn_dropped(raw, report.problems)
         self.category_ids = sorted(c["id"] for c in self.data["categories"])
@@ -309,19 +309,9 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes, labels = self._targets[index]
         return boxes.copy(), labels.copy()
 
-    def get_sample(self, index: int) -> Sample:
-        image = self.load_image(index)
-        boxes, labels = self.annotations(index)
-        return Sample(image, boxes, labels, self.image_ids[index], (image.shape[0], image.shape[1]))
-
-    def __getitem__(self, index: int) -> Any:
-        sample = self.get_sample(index)
-        return self.transforms(sample, index) if self.transforms else sample
-
-    def set_epoch(self, epoch: int) -> None:
-        """Forward the epoch to the transforms (their random choices depend on it)."""
-        if hasattr(self.transforms, "set_epoch"):
-            self.transforms.set_epoch(epoch)
+    def targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training boxes and labels of image ``index``: its :meth:`annotations`."""
+        return self.annotations(index)
 
     @property
     def coco(self) -> COCO:

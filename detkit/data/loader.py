@@ -45,11 +45,13 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[
 
 
 def build_loader(
-    dataset: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0
+    dataset: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
+    sampler: ResumableSampler | None = None,
 ) -> DataLoader:
     """DataLoader over a detection dataset; training loaders shuffle by (seed, epoch) and drop the last
-    partial batch (a batch of one would break BatchNorm statistics)."""
-    sampler = ResumableSampler(len(dataset), seed, shuffle=train)
+    partial batch (a batch of one would break BatchNorm statistics). ``sampler`` replaces the default
+    ResumableSampler (e.g. a :class:`~detkit.data.multiscale.MultiScaleSampler`)."""
+    sampler = sampler if sampler is not None else ResumableSampler(len(dataset), seed, shuffle=train)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -34,3 +36,42 @@ def read_rgb(path: str | Path) -> np.ndarray | None:
             return np.asarray(im.convert("RGB"))
     except Exception:
         return None
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """What every reader shares: ``get_sample`` from ``load_image`` and ``targets``, then ``transforms``.
+
+    Subclasses provide ``load_image(index)``, ``targets(index)`` (training boxes and labels), ``image_ids``
+    and a ``transforms(sample, index)`` attribute (None: samples are returned as they are).
+    """
+
+    transforms: Any = None
+
+    def get_sample(self, index: int) -> Sample:
+        image = self.load_image(index)
+        boxes, labels = self.targets(index)
+        return Sample(image, boxes, labels, self.image_ids[index], (image.shape[0], image.shape[1]))
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.get_sample(index)
+        return self.transforms(sample, index) if self.transforms else sample
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the transforms (their random choices depend on it)."""
+        if hasattr(self.transforms, "set_epoch"):
+            self.transforms.set_epoch(epoch)
+
+
+class DatasetWrapper:
+    """Base of dataset wrappers (Mosaic, multi-scale): length and every other attribute are the dataset's."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "dataset":  # unpickling asks before ``dataset`` exists
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)

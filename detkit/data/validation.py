@@ -16,8 +16,10 @@ UNREADABLE_JSON = ("malformed JSON", "bad top-level structure")  # kinds that on
 class Problem:
     """One defect of a dataset, located by file, image and annotation.
 
-    ``file`` is the annotation json, or the image file for problems of the image file itself; ``kind`` is a
-    short class of the problem ("zero or negative box size") used to count problems.
+    ``file`` is the annotation file (COCO json, VOC xml, YOLO txt), or the image file for problems of the image
+    file itself; ``kind`` is a short class of the problem ("zero or negative box size") used to count problems.
+    ``record`` names the record inside ``file`` when it is not a COCO annotation id ("object 2", "line 5");
+    ``ann_id`` then holds its number.
     """
 
     file: str
@@ -26,12 +28,15 @@ class Problem:
     message: str
     file_name: str | None = None
     kind: str = ""
+    record: str | None = None
 
     def __str__(self) -> str:
         where = []
         if self.image_id is not None:
             where.append(f"image {self.image_id}" + (f" ({self.file_name!r})" if self.file_name else ""))
-        if self.ann_id is not None:
+        if self.record:
+            where.append(self.record)
+        elif self.ann_id is not None:
             where.append(f"annotation {self.ann_id}")
         return ": ".join([Path(self.file).name, *([", ".join(where)] if where else []), self.message])
 

@@ -11,8 +11,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from detkit.data.augment import build_train_transform
 from detkit.data.loader import build_loader
-from detkit.data.transforms import Letterbox, TrainTransform
+from detkit.data.mosaic import Mosaic
+from detkit.data.multiscale import MultiScaleDataset, MultiScaleSampler
+from detkit.data.transforms import Letterbox
 from detkit.data.validation import DatasetError
 from detkit.engine.optim import build_optimizer, build_scheduler
 
@@ -34,22 +37,39 @@ def prepare_data(data_cfg: DictConfig) -> None:
 
 
 def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool | None = None):
-    """The ``split`` dataset (``data.<split>`` config) with training or letterbox transforms."""
+    """The ``split`` dataset (``data.<split>`` config) with training or letterbox transforms; a training set is
+    wrapped in :class:`Mosaic` when ``data.mosaic.prob > 0`` and in :class:`MultiScaleDataset` when
+    ``data.multiscale.sizes`` is not empty (both absent from the default config)."""
     train = split == "train" if train is None else train
     size = data_cfg.img_size
-    transforms = TrainTransform(size, seed=seed, **data_cfg.augment) if train else Letterbox(size)
+    transforms = build_train_transform(data_cfg.augment, size, seed) if train else Letterbox(size)
+    mosaic = dict(data_cfg.get("mosaic") or {}) if train else {}
+    use_mosaic = mosaic.get("prob", 0) > 0
     try:
-        return instantiate(data_cfg[split], transforms=transforms)
+        dataset = instantiate(data_cfg[split], transforms=None if use_mosaic else transforms)
     except InstantiationException as exc:
         # A bad dataset is the user's to fix: show its own message, not Hydra's wrapper around it.
         if isinstance(exc.__cause__, (DatasetError, FileNotFoundError)):
             raise exc.__cause__ from None
         raise
+    if use_mosaic:
+        inner = build_train_transform(data_cfg.augment, size, seed, geometric=False)
+        dataset = Mosaic(dataset, inner, size, seed, plain_transforms=transforms, **mosaic)
+    if train and _multiscale_sizes(data_cfg):
+        dataset = MultiScaleDataset(dataset)
+    return dataset
+
+
+def _multiscale_sizes(data_cfg: DictConfig) -> list[int]:
+    return list((data_cfg.get("multiscale") or {}).get("sizes") or [])
 
 
 def build_data_loader(dataset, data_cfg: DictConfig, train: bool, seed: int = 0):
     batch = data_cfg.batch_size if train else data_cfg.get("eval_batch_size", data_cfg.batch_size)
-    return build_loader(dataset, batch, train=train, seed=seed, num_workers=data_cfg.num_workers)
+    sampler = None
+    if train and _multiscale_sizes(data_cfg):
+        sampler = MultiScaleSampler(len(dataset), batch, _multiscale_sizes(data_cfg), data_cfg.multiscale.every, seed)
+    return build_loader(dataset, batch, train=train, seed=seed, num_workers=data_cfg.num_workers, sampler=sampler)
 
 
 def build_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:

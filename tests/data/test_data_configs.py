@@ -1,0 +1,47 @@
+"""configs/data/voc.yaml and yolo.yaml build their readers, and a bad dataset stops before training with the
+reader's own error (as for COCO)."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from detkit.data.validation import DatasetError
+from detkit.data.voc import VOCDetection
+from detkit.data.yolo_txt import YoloTxtDetection
+from detkit.engine.build import build_dataset
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def compose_config(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def voc_root(tmp_path, formats):
+    formats.write_voc(tmp_path / "VOC2007", split="trainval")
+    formats.write_voc(tmp_path / "VOC2007", split="test")
+    formats.write_voc(tmp_path / "VOC2012", split="trainval")
+    return tmp_path
+
+
+def test_voc_config_trains_on_07_12_and_evaluates_on_07_test(tmp_path, formats):
+    cfg = compose_config("train", ["data=voc", f"data.root={voc_root(tmp_path, formats)}",
+                                   "data.class_names=[a,b,c]"])
+    train, val = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    assert isinstance(train, VOCDetection) and len(train) == 6 and len(val) == 3
+    image, target = train[1]
+    assert image.shape == (3, 416, 416) and len(target["boxes"]) == 1  # the difficult box is not a target
+
+
+def test_yolo_config_and_bad_data_stops_at_construction(tmp_path, formats):
+    images = formats.write_yolo(tmp_path / "yolo")
+    overrides = ["data=yolo", f"data.train_images={images}", f"data.val_images={images}", "data.names=[a,b,c]"]
+    cfg = compose_config("train", overrides)
+    assert isinstance(build_dataset(cfg.data, "val"), YoloTxtDetection)
+    (tmp_path / "yolo" / "labels" / "second.txt").write_text("5 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DatasetError, match=r"second\.txt: image 2 \('second\.png'\), line 1: unknown class id"):
+        build_dataset(cfg.data, "train")
+    with pytest.warns(UserWarning, match="dropped 0 of 3 images and 1 of 3 boxes"):
+        build_dataset(compose_config("train", [*overrides, "data.on_invalid=drop"]).data, "train")
