@@ -1,15 +1,19 @@
-"""Time detkit ops against their torchvision baseline: ``python tools/benchmark.py postprocess [--quick]
-[--device cpu|cuda] [--repeats N] [--threads N]``.
+"""Time detkit ops against their baseline: ``python tools/benchmark.py postprocess [--quick]
+[--device cpu|cuda] [--repeats N] [--threads N]`` (vs torchvision), ``python tools/benchmark.py eval [--quick]
+[--images 5000] [--classes 80]`` (COCO evaluation backends vs pycocotools), ``python tools/benchmark.py loader
+[--quick] [--size 320] [--workers 2]`` (training loader img/s: Mosaic + yolo preset vs the default pipeline).
 
 Prints median milliseconds per call and the ratio to the baseline timed in the same run; on a shared machine
 trust the ratios more than the absolute times.
 """
 
 import argparse
+import tempfile
 
 import torch
 
-from detkit.utils.benchmark import format_table, postprocess_timings
+from detkit.utils.benchmark import coco_eval_timings, format_table, postprocess_timings
+from detkit.utils.loader_benchmark import format_throughputs, loader_throughputs
 
 
 def postprocess(args: argparse.Namespace) -> None:
@@ -19,6 +23,25 @@ def postprocess(args: argparse.Namespace) -> None:
     print(f"device {args.device}, {repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for title, rows in postprocess_timings(repeats, args.device):
         print(format_table(title, rows))
+
+
+def evaluation(args: argparse.Namespace) -> None:
+    images = 200 if args.quick else args.images
+    print(f"{args.repeats or 1} repeats; generating {images} images x {args.classes} classes")
+    title, rows = coco_eval_timings(images, args.classes, repeats=args.repeats or 1)
+    print(format_table(title, rows))
+    if len(rows) == 1:
+        print("faster_coco_eval is not installed (pip install faster-coco-eval): pycocotools only")
+
+
+def loader(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        # --quick: a small built-in dataset generated into a temporary folder instead of data/builtin.
+        small = [f"data.builtin.root={tmp}", "data.builtin.num_train=96", "data.builtin.num_val=8"]
+        batches = 3 if args.quick else args.batches
+        rows = loader_throughputs(args.size, args.workers, args.batch_size, batches, small if args.quick else [])
+    print(format_throughputs(f"training loader at {args.size} px, {args.workers} workers, batch {args.batch_size}, "
+                             f"{batches} timed batches", rows))
 
 
 def main() -> None:
@@ -32,6 +55,19 @@ def main() -> None:
         sub.add_argument("--device", default="cpu", help="cpu or cuda")
         sub.add_argument("--threads", type=int, default=0,
                          help="torch intra-op threads (default: torch's); 1 avoids thread contention on a busy CPU")
+    coco = sections.add_parser("eval", help="COCO evaluation: faster_coco_eval vs pycocotools, same data")
+    coco.set_defaults(run=evaluation)
+    coco.add_argument("--quick", action="store_true", help="200 images, to check that it runs")
+    coco.add_argument("--images", type=int, default=5000, help="validation images (default 5000, COCO's)")
+    coco.add_argument("--classes", type=int, default=80, help="classes (default 80)")
+    coco.add_argument("--repeats", type=int, default=0, help="repeats per measurement (default 1)")
+    load = sections.add_parser("loader", help="training loader img/s: Mosaic + yolo preset vs the default pipeline")
+    load.set_defaults(run=loader)
+    load.add_argument("--quick", action="store_true", help="96 generated images, 3 batches, to check that it runs")
+    load.add_argument("--size", type=int, default=320, help="input side (default 320)")
+    load.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
+    load.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    load.add_argument("--batches", type=int, default=50, help="timed batches (default 50)")
     args = parser.parse_args()
     args.run(args)
 

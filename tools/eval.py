@@ -1,6 +1,8 @@
-"""Evaluate a checkpoint: ``python tools/eval.py checkpoint=PATH [split=val] [data=coco data.val_json=...]``.
+"""Evaluate a checkpoint: ``python tools/eval.py checkpoint=PATH [split=val] [eval.metric=coco|voc07|voc12]
+[data=coco data.val_json=...]``.
 
-Prints the COCO table and writes metrics.json, predictions.json and report.txt into the run folder.
+Prints the COCO table (or VOC mAP and per-class AP) and writes metrics.json, predictions.json, report.txt and
+the plots (pr_curves.png, confusion_matrix.png, ap_per_class.png) into the run folder.
 """
 
 import hydra
@@ -14,7 +16,8 @@ from detkit.engine.launch import evaluate_checkpoint, user_errors
 def main(cfg: DictConfig) -> None:
     with user_errors():
         evaluate_checkpoint(cfg.checkpoint, HydraConfig.get().runtime.output_dir, cfg.get("data"), cfg.split,
-                            cfg.device)
+                            cfg.device, cfg.eval.metric, cfg.eval.backend, cfg.eval.plots,
+                            cfg.eval.tta)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Standard trainer hooks: progress, TensorBoard, periodic evaluation, checkpoints."""
+"""Standard trainer hooks: progress, TensorBoard, periodic evaluation, checkpoints, training plots."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from detkit.engine.checkpoint import save_checkpoint
 from detkit.engine.trainer import Hook, Trainer
+from detkit.evaluation.plots import FILES, plot_training_curves, write_evaluation_plots
 
 
 def write_json(obj, path: str | Path) -> None:
@@ -73,8 +74,9 @@ class TensorBoardHook(Hook):
     def after_epoch(self, trainer: Trainer) -> None:
         metrics = trainer.metrics
         if metrics.get("epoch") == trainer.epoch + 1:
-            for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-                self.writer.add_scalar(f"val/{k}", metrics[k], trainer.global_step)
+            for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "mAP"):
+                if k in metrics:  # COCO's statistics, or VOC's mAP (and AP50)
+                    self.writer.add_scalar(f"val/{k}", metrics[k], trainer.global_step)
         self.writer.flush()
 
     def after_train(self, trainer: Trainer) -> None:
@@ -107,7 +109,8 @@ class EvalHook(Hook):
         self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if metrics[self.key] > self.best:
             self.best, trainer.is_best = metrics[self.key], True
-        self.log(f"eval after epoch {done}: AP={metrics['AP']:.4f} AP50={metrics['AP50']:.4f} "
+        ap50 = f" AP50={metrics['AP50']:.4f}" if "AP50" in metrics and self.key != "AP50" else ""
+        self.log(f"eval after epoch {done}: {self.key}={metrics[self.key]:.4f}{ap50} "
                  f"({time.perf_counter() - start:.1f}s)")
 
     def state_dict(self) -> dict:
@@ -137,3 +140,41 @@ class CheckpointHook(Hook):
         save_checkpoint(state, self.out_dir / "last.pt")
         if trainer.is_best:
             save_checkpoint(state, self.out_dir / "best.pt")
+
+
+class PlotHook(Hook):
+    """Collects per-epoch means of the logged losses, the lr and each evaluation's numeric metrics; after the
+    last epoch writes ``curves.png`` and, from the final evaluation (``trainer.metrics``), the evaluation plots
+    into ``out_dir``. Place it before :class:`CheckpointHook` so a checkpoint holds the current epoch's sums."""
+
+    def __init__(self, out_dir: str | Path, class_names: list[str], log: Callable[[str], None] = print) -> None:
+        self.out_dir, self.class_names, self.log = Path(out_dir), list(class_names), log
+        self.history: list[dict] = []
+        self.loss_sum: dict[str, float] = {}
+        self.steps = 0
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.steps += 1
+        for k, v in trainer.losses.items():
+            self.loss_sum[k] = self.loss_sum.get(k, 0.0) + v
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        row = {"epoch": trainer.epoch + 1, "lr": trainer.lr}
+        row.update({k: v / max(self.steps, 1) for k, v in self.loss_sum.items()})
+        if trainer.metrics.get("epoch") == trainer.epoch + 1:
+            row.update({k: v for k, v in trainer.metrics.items() if isinstance(v, (int, float)) and k != "epoch"})
+        self.history.append(row)
+        self.loss_sum, self.steps = {}, 0
+
+    def after_train(self, trainer: Trainer) -> None:
+        start = time.perf_counter()
+        written = [plot_training_curves(self.history, self.out_dir / FILES["curves"])]
+        if trainer.metrics:
+            written += write_evaluation_plots(trainer.metrics, self.out_dir, self.class_names)
+        self.log(f"plots: {', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f}s)")
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "loss_sum": self.loss_sum, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.loss_sum, self.steps = list(state["history"]), dict(state["loss_sum"]), state["steps"]

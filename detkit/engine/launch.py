@@ -20,9 +20,12 @@ from detkit.engine.build import (
 )
 from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.ema import EMAHook
-from detkit.engine.hooks import CheckpointHook, EvalHook, ProgressHook, TensorBoardHook, write_json
+from detkit.engine.hooks import CheckpointHook, EvalHook, PlotHook, ProgressHook, TensorBoardHook, write_json
 from detkit.engine.trainer import Hook, Trainer
-from detkit.evaluation.coco import evaluate_coco, format_table, predict, to_coco_results
+from detkit.evaluation.coco import predict, to_coco_results
+from detkit.evaluation.dataset import evaluate_dataset, format_metrics, headline, json_metrics, main_metric
+from detkit.evaluation.plots import write_evaluation_plots
+from detkit.evaluation.tta import TestTimeAugmentation
 
 
 @contextlib.contextmanager
@@ -35,15 +38,19 @@ def user_errors():
         raise SystemExit(f"error: {exc}") from None
 
 
-def make_evaluator(dataset, loader, out_dir: Path, device):
-    """Callable(model) → metrics that also writes ``predictions.json`` and ``metrics.json`` in ``out_dir``."""
+def make_evaluator(dataset, loader, out_dir: Path, device, metric: str = "coco", backend: str = "pycocotools"):
+    """Callable(model) → metrics that also writes ``predictions.json`` and ``metrics.json`` in ``out_dir``.
+
+    ``metric``: ``coco``, ``voc07`` or ``voc12``; ``backend``: the COCO evaluator (see
+    :func:`detkit.evaluation.dataset.evaluate_dataset`). The metrics keep the PR curves and confusion matrix
+    for :func:`detkit.evaluation.plots.write_evaluation_plots`; metrics.json leaves them out.
+    """
 
     def evaluate(model) -> dict:
         predictions = predict(model, loader, device)
-        results = to_coco_results(predictions, dataset.label_to_category_id)
-        metrics = evaluate_coco(dataset.coco, results, dataset.class_names)
-        write_json(results, out_dir / "predictions.json")
-        write_json({k: v for k, v in metrics.items() if k != "summary"}, out_dir / "metrics.json")
+        metrics = evaluate_dataset(dataset, predictions, metric, backend)
+        write_json(to_coco_results(predictions, dataset.label_to_category_id), out_dir / "predictions.json")
+        write_json(json_metrics(metrics), out_dir / "metrics.json")
         return metrics
 
     return evaluate
@@ -72,10 +79,13 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
         "class_names": list(train_set.class_names),
         "label_to_category_id": list(train_set.label_to_category_id),
     }
-    evaluate = make_evaluator(val_set, val_loader, out_dir, cfg.device)
+    eval_cfg = cfg.get("eval") or {}
+    metric = eval_cfg.get("metric", "coco")
+    evaluate = make_evaluator(val_set, val_loader, out_dir, cfg.device, metric, eval_cfg.get("backend", "pycocotools"))
     hooks = [
         ProgressHook(),
-        EvalHook(evaluate, every=cfg.trainer.eval_every),
+        EvalHook(evaluate, every=cfg.trainer.eval_every, key=main_metric(metric)),
+        *([PlotHook(out_dir, train_set.class_names)] if eval_cfg.get("plots", True) else []),
         CheckpointHook(out_dir, extra, every_steps=cfg.trainer.checkpoint_every_steps),
         TensorBoardHook(out_dir / "tb", every=cfg.trainer.log_every),
         *extra_hooks,
@@ -83,7 +93,8 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     if cfg.trainer.ema.enabled:
         hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
     trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, cfg.device,
-                      cfg.trainer.grad_clip_norm, cfg.trainer.channels_last)
+                      cfg.trainer.grad_clip_norm, cfg.trainer.channels_last,
+                      cfg.trainer.get("precision", "fp32"))
     if cfg.get("resume"):
         trainer.load_state_dict(load_checkpoint(cfg.resume))
         print(f"resumed from {cfg.resume} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
@@ -91,8 +102,8 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     trainer.train()
     if trainer.stop_requested:
         return {}
-    print(f"trained in {time.perf_counter() - start:.0f}s\n{format_table(trainer.metrics)}")
-    print(f"mAP@[.5:.95] {trainer.metrics['AP']:.4f}  mAP@0.5 {trainer.metrics['AP50']:.4f}")
+    print(f"trained in {time.perf_counter() - start:.0f}s\n{format_metrics(trainer.metrics)}")
+    print(headline(trainer.metrics))
     return trainer.metrics
 
 
@@ -106,24 +117,31 @@ def load_trained(checkpoint: str | Path, device: str = "cpu"):
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_cfg: DictConfig | None = None,
-                        split: str = "val", device: str = "cpu") -> dict:
-    """Score a checkpoint on ``split`` of its own dataset (or ``data_cfg``); writes metrics, predictions and
-    a text report into ``out_dir``."""
+                        split: str = "val", device: str = "cpu", metric: str = "coco",
+                        backend: str = "pycocotools", plots: bool = True, tta: bool = False) -> dict:
+    """Score a checkpoint on ``split`` of its own dataset (or ``data_cfg``) with ``metric`` (coco, voc07,
+    voc12); writes metrics, predictions, a text report and (``plots``) the evaluation plots into ``out_dir``.
+    ``tta``: predict through :class:`~detkit.evaluation.tta.TestTimeAugmentation` (flip + 2 scales)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, cfg, state = load_trained(checkpoint, device)
     data_cfg = data_cfg if data_cfg is not None else cfg.data
     prepare_data(data_cfg)
     dataset = build_dataset(data_cfg, split, train=False)
+    source = getattr(dataset, "ann_file", None) or getattr(dataset, "source", split)  # COCO json, VOC/YOLO root
     if list(dataset.class_names) != list(state["class_names"]):
         raise ValueError(
             f"{checkpoint} was trained on classes {state['class_names']} but the {split} set of "
-            f"{data_cfg[split].ann_file} has {dataset.class_names}"
+            f"{source} has {dataset.class_names}"
         )
     loader = build_data_loader(dataset, data_cfg, train=False)
-    metrics = make_evaluator(dataset, loader, out_dir, device)(model)
-    report = f"checkpoint {checkpoint}\ndata {data_cfg[split].ann_file}\n\n{format_table(metrics)}\n"
+    if tta:
+        model = TestTimeAugmentation(model)
+    metrics = make_evaluator(dataset, loader, out_dir, device, metric, backend)(model)
+    report = (f"checkpoint {checkpoint}\ndata {source}\nmetric {metric}{' (TTA)' if tta else ''}\n\n"
+              f"{format_metrics(metrics)}\n\n{headline(metrics)}\n")
     (out_dir / "report.txt").write_text(report)
+    if plots:
+        write_evaluation_plots(metrics, out_dir, dataset.class_names)
     print(report)
-    print(f"mAP@[.5:.95] {metrics['AP']:.4f}  mAP@0.5 {metrics['AP50']:.4f}")
     return metrics

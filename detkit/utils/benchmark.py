@@ -6,11 +6,15 @@ ratios stay meaningful on a busy machine even when absolute times do not.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
@@ -110,6 +114,72 @@ def postprocess_timings(repeats: int, device: str = "cpu", batch: int = 8, nms_b
         functions.append(Timing(label, median_ms(fn, repeats, device=device), base))
     return [(f"postprocess_detections, batch {batch} x {boxes.shape[1]} boxes x {scores.shape[2]} classes",
              pipeline), (f"NMS alone, {nms_boxes} candidates", functions)]
+
+
+def synthetic_coco_eval(num_images: int = 5000, num_classes: int = 80, objects: tuple[int, int] = (0, 15),
+                        seed: int = 0) -> tuple[dict, list[dict]]:
+    """COCO ground truth json and results, the load of a COCO-sized validation run: ``num_images`` 640x480
+    images with ``objects`` boxes each (all size ranges), every object detected by a jittered box 85% of the
+    time (10% of those with a wrong class), plus random false positives; 100 detections per image at most."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(objects[0], objects[1] + 1, num_images)
+    n = int(counts.sum())
+    image_of = np.repeat(np.arange(1, num_images + 1), counts)
+    wh = np.exp(rng.uniform(np.log(6), np.log(300), (n, 2)))
+    xy = rng.uniform(0, 1, (n, 2)) * (np.array([640.0, 480.0]) - wh).clip(0)
+    cats = rng.integers(1, num_classes + 1, n)
+    data = {"images": [{"id": i, "width": 640, "height": 480, "file_name": f"{i}.jpg"}
+                       for i in range(1, num_images + 1)],
+            "annotations": [{"id": k + 1, "image_id": int(image_of[k]), "category_id": int(cats[k]),
+                             "bbox": [*map(float, xy[k]), *map(float, wh[k])], "area": float(wh[k].prod()),
+                             "iscrowd": 0} for k in range(n)],
+            "categories": [{"id": c, "name": str(c)} for c in range(1, num_classes + 1)]}
+    found = rng.random(n) < 0.85
+    jitter = rng.normal(0, 0.1, (n, 4)) * np.concatenate([wh, wh], 1)
+    det_cats = np.where(rng.random(n) < 0.1, rng.integers(1, num_classes + 1, n), cats)
+    det_boxes = np.concatenate([xy + jitter[:, :2], (wh + jitter[:, 2:]).clip(1)], 1)
+    noise = rng.integers(0, 30, num_images)
+    noise_image = np.repeat(np.arange(1, num_images + 1), noise)
+    m = int(noise.sum())
+    noise_wh = np.exp(rng.uniform(np.log(6), np.log(300), (m, 2)))
+    noise_boxes = np.concatenate([rng.uniform(0, 1, (m, 2)) * (np.array([640.0, 480.0]) - noise_wh).clip(0),
+                                  noise_wh], 1)
+    image_ids = np.concatenate([image_of[found], noise_image])
+    boxes = np.concatenate([det_boxes[found], noise_boxes])
+    labels = np.concatenate([det_cats[found], rng.integers(1, num_classes + 1, m)])
+    scores = np.concatenate([rng.beta(4, 2, int(found.sum())), rng.beta(1, 4, m)])
+    order = np.lexsort((-scores, image_ids))  # by image, best first within an image
+    ranked = image_ids[order]
+    rank = np.arange(len(order)) - np.searchsorted(ranked, ranked)
+    results = [{"image_id": int(image_ids[k]), "category_id": int(labels[k]), "bbox": [*map(float, boxes[k])],
+                "score": float(scores[k])} for k, r in zip(order, rank) if r < 100]
+    return data, results
+
+
+def coco_eval_timings(num_images: int = 5000, num_classes: int = 80, repeats: int = 1,
+                      seed: int = 0) -> tuple[str, list[Timing]]:
+    """:func:`detkit.evaluation.coco.evaluate_coco` (evaluate + accumulate + summarize) with each backend
+    against pycocotools on :func:`synthetic_coco_eval` data; backends that are not installed are left out."""
+    from pycocotools.coco import COCO
+
+    from detkit.evaluation.coco import STAT_NAMES, evaluate_coco
+
+    data, results = synthetic_coco_eval(num_images, num_classes, seed=seed)
+    gt = COCO()
+    gt.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    reference = evaluate_coco(gt, results)
+    base = median_ms(lambda: evaluate_coco(gt, results), repeats, warmup=0)
+    rows = [Timing("pycocotools", base, base)]
+    if importlib.util.find_spec("faster_coco_eval") is not None:
+        fast = evaluate_coco(gt, results, backend="faster_coco_eval")
+        worst = max(abs(fast[k] - reference[k]) for k in STAT_NAMES)
+        ms = median_ms(lambda: evaluate_coco(gt, results, backend="faster_coco_eval"), repeats, warmup=0)
+        rows.append(Timing(f"faster_coco_eval (max |diff| {worst:.1e})", ms, base))
+    title = (f"COCO bbox evaluation, {num_images} images x {num_classes} classes, {len(data['annotations'])} "
+             f"objects, {len(results)} detections (AP {reference['AP']:.3f})")
+    return title, rows
 
 
 def format_table(title: str, rows: list[Timing]) -> str:

@@ -2,7 +2,15 @@
 
 import torch
 
-from detkit.utils.benchmark import Timing, format_table, median_ms, postprocess_timings, synthetic_ssd_outputs
+from detkit.utils.benchmark import (
+    Timing,
+    coco_eval_timings,
+    format_table,
+    median_ms,
+    postprocess_timings,
+    synthetic_coco_eval,
+    synthetic_ssd_outputs,
+)
 
 
 def test_synthetic_ssd_outputs_look_like_a_detector():
@@ -30,3 +38,14 @@ def test_median_and_ratio():
     calls = []
     assert median_ms(lambda: calls.append(1), repeats=5, warmup=2) >= 0 and len(calls) == 7
     assert Timing("x", 3.0, 1.5).ratio == 2.0
+
+
+def test_synthetic_coco_eval_and_its_timings():
+    data, results = synthetic_coco_eval(num_images=30, num_classes=5, seed=2)
+    assert len(data["images"]) == 30 and len(data["categories"]) == 5
+    assert {r["image_id"] for r in results} <= {im["id"] for im in data["images"]}
+    assert all(r["bbox"][2] > 0 and r["bbox"][3] > 0 for r in results)
+    title, rows = coco_eval_timings(num_images=30, num_classes=5)
+    assert rows[0].name == "pycocotools" and rows[0].ratio == 1.0 and "30 images x 5 classes" in title
+    for row in rows[1:]:  # faster-coco-eval, when installed: the same numbers
+        assert float(row.name.split("|diff| ")[1].rstrip(")")) < 1e-12

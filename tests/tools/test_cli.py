@@ -29,6 +29,15 @@ def test_train_eval_predict_from_the_command_line(tiny_builtin, tmp_path):
     out = run("tools/eval.py", f"checkpoint={run_dir / 'last.pt'}", f"hydra.run.dir={eval_dir}")
     assert abs(json.loads((eval_dir / "metrics.json").read_text())["AP"] - trained["AP"]) < 1e-4
     assert (eval_dir / "report.txt").read_text().startswith("checkpoint")
+    assert (run_dir / "curves.png").is_file() and (run_dir / "pr_curves.png").is_file()
+
+    voc_dir = tmp_path / "eval_voc"
+    out = run("tools/eval.py", f"checkpoint={run_dir / 'last.pt'}", f"hydra.run.dir={voc_dir}", "eval.metric=voc07")
+    voc = json.loads((voc_dir / "metrics.json").read_text())
+    assert {"mAP", "AP50", "per_class"} <= set(voc) and voc["metric"] == "voc07" and 0 <= voc["mAP"] <= 1
+    assert "VOC2007 11-point" in (voc_dir / "report.txt").read_text() and "voc07 mAP@0.5" in out
+    for name in ("pr_curves.png", "confusion_matrix.png", "ap_per_class.png"):
+        assert (voc_dir / name).read_bytes()[:4] == b"\x89PNG"
 
     pred_dir = tmp_path / "pred"
     run("tools/predict.py", f"checkpoint={run_dir / 'last.pt'}", f"source={tiny_builtin / 'images' / 'val'}",

@@ -119,7 +119,12 @@ class YOLOv3(nn.Module):
         outputs = []
         for head, feature in zip(self.heads, self.neck(self.backbone(images))):
             b, _, h, w = feature.shape
-            out = head(feature).view(b, self.anchors.shape[1], 5 + self.num_classes, h, w)
+            hidden = head[:-1](feature)
+            # The prediction conv and all that follows stay float32 under autocast: box offsets in pixels need
+            # more than bf16's 8-bit mantissa.
+            with torch.autocast(hidden.device.type, enabled=False):
+                out = head[-1](hidden.float())
+            out = out.view(b, self.anchors.shape[1], 5 + self.num_classes, h, w)
             outputs.append(out.permute(0, 1, 3, 4, 2))
         return outputs
 
