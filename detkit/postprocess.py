@@ -3,9 +3,10 @@
 
 Plain greedy NMS is ``torchvision.ops.batched_nms``. The variants here treat each class on its own (boxes of
 different classes never interact, so this is exact, and costs Σ n_c² instead of N² pairs) and loop over
-greedy steps, one per kept box, each step vectorised over the class's remaining boxes (DIoU-NMS instead
-iterates a whole-matrix rule, Cluster-NMS, to the same answer). A class's pairwise matrix is computed once
-when it has at most ``MATRIX_LIMIT`` boxes, one row per step otherwise. Boxes are
+greedy steps, one per kept box, each step vectorised over the class's remaining boxes. DIoU-NMS instead
+iterates a whole-matrix rule (Cluster-NMS) to the same answer, on all classes at once as a padded batch of
+per-class matrices. A pairwise matrix is computed once when it has
+at most ``MATRIX_LIMIT`` rows, one row per step otherwise. Boxes are
 xyxy in absolute pixels.
 """
 
@@ -16,6 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou, distance_box_iou
+
+from detkit.boxes import elementwise_iou
 
 __all__ = ["MATRIX_LIMIT", "batched_diou_nms", "batched_soft_nms", "postprocess_detections"]
 
@@ -51,24 +54,29 @@ def _by_score(keep: Tensor, scores: Tensor) -> Tensor:
     return keep[order], scores[order]
 
 
-def _diou_nms_one_class(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+def _cluster_nms(suppresses: Tensor) -> Tensor:
+    """Greedy NMS's keep mask (..., n) from the (..., n, n) "row i would suppress column j" relation of
+    score-sorted boxes, batched over leading dimensions.
+
+    Cluster-NMS (Zheng et al. 2021): "j survives iff no surviving higher-scoring box suppresses j", iterated
+    from "all survive", fixes at least one more box per pass and stops at greedy NMS's unique answer; a pass is
+    one matrix op, and the passes needed are the longest suppression chain, a handful in practice.
+    """
+    suppresses = suppresses.triu(diagonal=1)
+    keep = torch.ones(suppresses.shape[:-1], dtype=torch.bool, device=suppresses.device)
+    for _ in range(suppresses.shape[-1]):
+        survivors = ~(suppresses & keep[..., :, None]).any(dim=-2)
+        if torch.equal(survivors, keep):
+            break
+        keep = survivors
+    return keep
+
+
+def _diou_nms_rows(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """One class, too many boxes for a matrix: greedy steps, one DIoU row each."""
     order = scores.argsort(descending=True, stable=True)
     boxes = _at_least_float32(boxes[order])
-    n = len(boxes)
-    if n <= MATRIX_LIMIT:
-        # Cluster-NMS (Zheng et al. 2021): "j survives iff no surviving higher-scoring box suppresses j",
-        # iterated from "all survive", fixes one more box per pass and stops at greedy NMS's unique answer;
-        # a pass is one matrix op, and the passes needed are the longest suppression chain, a handful.
-        suppresses = (distance_box_iou(boxes, boxes) > iou_threshold).triu(diagonal=1)
-        keep = torch.ones(n, dtype=torch.bool, device=boxes.device)
-        for _ in range(n):
-            survivors = ~(suppresses & keep[:, None]).any(dim=0)
-            if torch.equal(survivors, keep):
-                break
-            keep = survivors
-        return order[keep]
-    row = _rows(boxes, distance_box_iou)
-    remaining = torch.ones(n, dtype=torch.bool, device=boxes.device)
+    remaining = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
     kept = []
     while True:
         # First remaining box in score order: argmax returns the first maximum.
@@ -76,9 +84,41 @@ def _diou_nms_one_class(boxes: Tensor, scores: Tensor, iou_threshold: float) -> 
         if not remaining[i]:
             break
         kept.append(i)
-        remaining &= row(i) <= iou_threshold
+        remaining &= distance_box_iou(boxes[i : i + 1], boxes)[0] <= iou_threshold
         remaining[i] = False
     return order[torch.tensor(kept, dtype=torch.long, device=boxes.device)]
+
+
+def _pad_by_class(boxes: Tensor, order: Tensor, idxs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Boxes ``order`` (grouped by class) as a (G, M, 4) batch: returns (padded, valid (G, M), group, slot),
+    box ``order[j]`` sitting at ``[group[j], slot[j]]``."""
+    counts = torch.unique_consecutive(idxs[order], return_counts=True)[1]
+    groups, longest = len(counts), int(counts.max())
+    group = torch.repeat_interleave(torch.arange(groups, device=boxes.device), counts)
+    slot = torch.arange(len(order), device=boxes.device) - (torch.cumsum(counts, 0) - counts)[group]
+    padded = boxes.new_zeros((groups, longest, 4), dtype=torch.promote_types(boxes.dtype, torch.float32))
+    padded[group, slot] = boxes[order].to(padded.dtype)
+    valid = torch.zeros((groups, longest), dtype=torch.bool, device=boxes.device)
+    valid[group, slot] = True
+    return padded, valid, group, slot
+
+
+def _diou_nms_padded(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy DIoU-NMS of every class at once: the classes' score-sorted boxes padded into a (G, M, 4) batch,
+    one (G, M, M) DIoU tensor and Cluster-NMS on the batch. Returns kept indices, grouped by class."""
+    order = scores.argsort(descending=True, stable=True)
+    order = order[idxs[order].argsort(stable=True)]  # by class, then by decreasing score
+    padded, valid, group, slot = _pad_by_class(boxes, order, idxs)
+    diou = elementwise_iou(padded[:, :, None], padded[:, None, :], "diou", eps=0.0)
+    return order[_cluster_nms((diou > iou_threshold) & valid[:, :, None])[group, slot]]
+
+
+def _size_buckets(idxs: Tensor) -> list[Tensor]:
+    """Indices of the boxes of classes with 2^k < n ≤ 2^(k+1) boxes, one tensor per k: padding a class to
+    its bucket's longest wastes under 4x its pairs, and each bucket is one batched call."""
+    classes, inverse, counts = torch.unique(idxs, return_inverse=True, return_counts=True)
+    bucket = torch.ceil(torch.log2(counts.double())).long()[inverse]
+    return [(bucket == b).nonzero().squeeze(1) for b in torch.unique(bucket).tolist()]
 
 
 def batched_diou_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -96,8 +136,18 @@ def batched_diou_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
     """
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.long, device=boxes.device)
-    keep = torch.cat([group[_diou_nms_one_class(boxes[group], scores[group], iou_threshold)]
-                      for group in _class_groups(idxs)])
+    keep = []
+    for members in _size_buckets(idxs):
+        counts = torch.unique(idxs[members], return_counts=True)[1]
+        if len(counts) * int(counts.max()) ** 2 <= MATRIX_LIMIT**2:
+            keep.append(members[_diou_nms_padded(boxes[members], scores[members], idxs[members], iou_threshold)])
+            continue
+        for group in _class_groups(idxs[members]):  # too big for one tensor: class by class
+            one = members[group]
+            nms = _diou_nms_rows if len(one) > MATRIX_LIMIT else _diou_nms_padded
+            args = (boxes[one], scores[one]) + (() if nms is _diou_nms_rows else (idxs[one],))
+            keep.append(one[nms(*args, iou_threshold)])
+    keep = torch.cat(keep)
     return _by_score(keep, scores[keep])[0]
 
 
@@ -131,6 +181,41 @@ def _soft_nms_one_class(boxes: Tensor, scores: Tensor, iou_threshold: float, sig
     return torch.tensor(keep, dtype=torch.long, device=device), torch.stack(kept)
 
 
+def _soft_nms_padded(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, sigma: float,
+                     method: str, score_threshold: float) -> tuple[Tensor, Tensor]:
+    """Soft-NMS of every class at once: each greedy step takes the best remaining box of every class, so the
+    steps are the most boxes any one class keeps, not their sum."""
+    order = idxs.argsort(stable=True)  # by class, then by index: max() then breaks ties by lower index
+    padded, valid, group, slot = _pad_by_class(boxes, order, idxs)
+    iou = elementwise_iou(padded[:, :, None], padded[:, None, :], "iou", eps=0.0).nan_to_num(0.0).to(scores.dtype)
+    if method == "linear":
+        factor = torch.where(iou > iou_threshold, 1.0 - iou, torch.ones_like(iou))
+    else:
+        factor = torch.exp(-(iou * iou) / sigma)
+    # Strictly positive, so that −∞ (taken or dropped) stays −∞ instead of turning into NaN.
+    factor = factor.clamp(min=torch.finfo(factor.dtype).tiny)
+    current = torch.full(valid.shape, float("-inf"), dtype=scores.dtype, device=scores.device)
+    current[group, slot] = scores[order]
+    current.masked_fill_(current < score_threshold, float("-inf"))
+    index = torch.zeros(valid.shape, dtype=torch.long, device=boxes.device)
+    index[group, slot] = order
+    keep, kept = [], []
+    while True:
+        best, i = current.max(dim=1)
+        active = (best > float("-inf")).nonzero().squeeze(1)
+        if not len(active):
+            break
+        i = i[active]
+        keep.append(index[active, i])
+        kept.append(best[active])
+        current[active] *= factor[active, i]
+        current[active, i] = float("-inf")
+        current.masked_fill_(current < score_threshold, float("-inf"))
+    if not keep:
+        return torch.empty((0,), dtype=torch.long, device=boxes.device), scores.new_empty((0,))
+    return torch.cat(keep), torch.cat(kept)
+
+
 def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
                      method: str = "linear", score_threshold: float = 1e-3) -> tuple[Tensor, Tensor]:
     """Class-aware Soft-NMS (Bodla et al. 2017): overlapping boxes are down-weighted instead of removed.
@@ -151,10 +236,19 @@ def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.long, device=boxes.device), scores.new_empty((0,))
     keep, kept = [], []
-    for group in _class_groups(idxs):
-        k, s = _soft_nms_one_class(boxes[group], scores[group], iou_threshold, sigma, method, score_threshold)
-        keep.append(group[k])
-        kept.append(s)
+    for members in _size_buckets(idxs):
+        counts = torch.unique(idxs[members], return_counts=True)[1]
+        if len(counts) * int(counts.max()) ** 2 <= MATRIX_LIMIT**2:
+            k, s = _soft_nms_padded(boxes[members], scores[members], idxs[members], iou_threshold, sigma, method,
+                                    score_threshold)
+            keep.append(members[k])
+            kept.append(s)
+            continue
+        for group in _class_groups(idxs[members]):  # too big for one tensor: class by class, row by row
+            one = members[group]
+            k, s = _soft_nms_one_class(boxes[one], scores[one], iou_threshold, sigma, method, score_threshold)
+            keep.append(one[k])
+            kept.append(s)
     return _by_score(torch.cat(keep), torch.cat(kept))
 
 
@@ -195,7 +289,8 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float
         raise ValueError(f"unknown NMS method {method!r}; expected one of {', '.join(METHODS)}")
     batch, _, num_classes = scores.shape
     flat = scores.reshape(batch, -1)
-    # One top-k call for every image at once; candidates under the threshold are dropped per image below.
+    # One top-k call for every image at once; then NMS image by image (greedy NMS grows with the square of
+    # the candidates it is given, so one call for the whole batch is slower, measured with tools/benchmark.py).
     k = min(pre_nms_topk, flat.shape[1])
     top_scores, top_idx = flat.topk(k, dim=1)
     results = []

@@ -101,7 +101,9 @@ def test_row_by_row_path_equals_the_matrix_path(monkeypatch):
 
     boxes, scores, labels = random_case(50, 2, 9)
     full = batched_diou_nms(boxes, scores, labels, 0.4)
-    monkeypatch.setattr(pp, "MATRIX_LIMIT", 10)
+    monkeypatch.setattr(pp, "MATRIX_LIMIT", 10)  # every class goes greedy row by row
+    assert torch.equal(batched_diou_nms(boxes, scores, labels, 0.4), full)
+    monkeypatch.setattr(pp, "MATRIX_LIMIT", 30)  # one matrix per class instead of one batch of classes
     assert torch.equal(batched_diou_nms(boxes, scores, labels, 0.4), full)
     soft_rows = batched_soft_nms(boxes, scores, labels, 0.3, method="linear")
     monkeypatch.setattr(pp, "MATRIX_LIMIT", 10_000)

@@ -95,6 +95,7 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, cfg.device,
                       cfg.trainer.grad_clip_norm, cfg.trainer.channels_last,
                       cfg.trainer.get("precision", "fp32"))
+    print(f"precision {trainer.precision}" + (" (auto)" if cfg.trainer.get("precision") == "auto" else ""))
     if cfg.get("resume"):
         trainer.load_state_dict(load_checkpoint(cfg.resume))
         print(f"resumed from {cfg.resume} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")

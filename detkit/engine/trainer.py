@@ -32,7 +32,15 @@ class Hook:
     def load_state_dict(self, state: dict) -> None: ...
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "auto": None}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CUDA, or a CPU with AVX512-BF16/AMX): elsewhere bf16 is
+    emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Trainer:
@@ -52,7 +60,7 @@ class Trainer:
         channels_last: NHWC memory layout for model and inputs (faster convolutions on CPU).
         precision: ``"fp32"``, or ``"bf16"`` to run the forward pass under bfloat16 autocast (convolutions
             in bf16, weights, optimizer and the detector's own float32 casts untouched; no loss scaling is
-            needed with bf16's float32 range).
+            needed with bf16's float32 range); ``"auto"``: bf16 where :func:`native_bf16`, else fp32.
     """
 
     def __init__(
@@ -74,7 +82,9 @@ class Trainer:
         self.epochs, self.hooks, self.device = epochs, list(hooks), torch.device(device)
         self.grad_clip_norm = grad_clip_norm
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.autocast_dtype = PRECISIONS[precision]
+        if precision == "auto":
+            precision = "bf16" if native_bf16(self.device) else "fp32"
+        self.precision, self.autocast_dtype = precision, PRECISIONS[precision]
         self.ema = None  # a ModelEMA when an EMA hook is installed; evaluation and checkpoints then use it
         self.epoch = 0
         self.step_in_epoch = 0

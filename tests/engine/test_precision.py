@@ -34,5 +34,15 @@ def test_bf16_autocast_trains_float32_weights_and_stays_close_to_fp32(tiny_train
 
 def test_unknown_precision_is_refused():
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, auto"):
         Trainer(model, torch.optim.SGD(model.parameters(), 0.1), None, None, 1, precision="fp16")
+
+
+def test_auto_precision_is_bf16_exactly_where_the_device_computes_it_natively(monkeypatch):
+    import detkit.engine.trainer as trainer_module
+
+    model = torch.nn.Linear(2, 2)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(trainer_module, "native_bf16", lambda device, native=native: native)
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.1), None, None, 1, precision="auto")
+        assert trainer.precision == expected
