@@ -10,15 +10,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    """Sample order fixed by (seed, epoch); can start part-way into an epoch.
+    """Sample order fixed by (seed, epoch); can start part-way into an epoch; shards it over processes.
 
-    ``set_epoch(e)`` picks the epoch's permutation; ``start_at(k)`` skips its first ``k`` samples once, so a
-    run resumed mid-epoch draws exactly the samples the interrupted run had not yet drawn.
+    ``set_epoch(e)`` picks the epoch's permutation; ``start_at(k)`` skips this process's first ``k`` samples
+    once, so a run resumed mid-epoch draws exactly the samples the interrupted run had not yet drawn. With
+    ``world`` > 1 processes, process ``rank`` takes every ``world``-th sample of the shared permutation from
+    ``rank`` on (the tail that does not divide evenly is left out), so the ranks' batch ``t`` together are the
+    single-process batch ``t`` of ``world`` times the size.
     """
 
-    def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
         self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this process draws in a whole epoch."""
+        return self.length // self.world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -31,11 +42,13 @@ class ResumableSampler(Sampler[int]):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.length)
         else:
             order = np.arange(self.length)
+        if self.world > 1:
+            order = order[: self.num_samples * self.world][self.rank :: self.world]
         start, self.start = self.start, 0
         return iter(order[start:].tolist())
 
     def __len__(self) -> int:
-        return self.length - self.start
+        return self.num_samples - self.start
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
@@ -46,12 +59,15 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[
 
 def build_loader(
     dataset: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-    sampler: ResumableSampler | None = None,
+    sampler: ResumableSampler | None = None, rank: int = 0, world: int = 1,
 ) -> DataLoader:
     """DataLoader over a detection dataset; training loaders shuffle by (seed, epoch) and drop the last
     partial batch (a batch of one would break BatchNorm statistics). ``sampler`` replaces the default
-    ResumableSampler (e.g. a :class:`~detkit.data.multiscale.MultiScaleSampler`)."""
-    sampler = sampler if sampler is not None else ResumableSampler(len(dataset), seed, shuffle=train)
+    ResumableSampler (e.g. a :class:`~detkit.data.multiscale.MultiScaleSampler`); ``rank``/``world`` shard a
+    training loader over data-parallel processes (evaluation loaders are not sharded)."""
+    if sampler is None:
+        rank, world = (rank, world) if train else (0, 1)
+        sampler = ResumableSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
     return DataLoader(
         dataset,
         batch_size=batch_size,

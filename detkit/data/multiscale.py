@@ -21,11 +21,12 @@ YOLOV2_SIZES = tuple(range(320, 609, 32))
 
 class MultiScaleSampler(ResumableSampler):
     """ResumableSampler whose items are ``(index, size)``: positions ``[b·n, (b+1)·n)`` of an epoch, with
-    ``n = batch_size · every``, share a size drawn from ``sizes`` by ``default_rng([seed, epoch, b, 2])``."""
+    ``n = batch_size · every``, share a size drawn from ``sizes`` by ``default_rng([seed, epoch, b, 2])``;
+    positions count this process's samples, so data-parallel ranks change size together."""
 
     def __init__(self, length: int, batch_size: int, sizes: Sequence[int] = YOLOV2_SIZES, every: int = 10,
-                 seed: int = 0, shuffle: bool = True) -> None:
-        super().__init__(length, seed, shuffle)
+                 seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+        super().__init__(length, seed, shuffle, rank, world)
         bad = [s for s in sizes if s % 32]
         if not sizes or bad:
             raise ValueError(f"multi-scale sizes must be a non-empty list of multiples of 32, got {list(sizes)}")

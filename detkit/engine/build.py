@@ -17,6 +17,7 @@ from detkit.data.mosaic import Mosaic
 from detkit.data.multiscale import MultiScaleDataset, MultiScaleSampler
 from detkit.data.transforms import Letterbox
 from detkit.data.validation import DatasetError
+from detkit.engine import distributed
 from detkit.engine.optim import build_optimizer, build_scheduler
 
 
@@ -65,20 +66,46 @@ def _multiscale_sizes(data_cfg: DictConfig) -> list[int]:
 
 
 def build_data_loader(dataset, data_cfg: DictConfig, train: bool, seed: int = 0):
+    """Training loaders are sharded over the data-parallel processes of :func:`distributed.current`."""
     batch = data_cfg.batch_size if train else data_cfg.get("eval_batch_size", data_cfg.batch_size)
+    world = distributed.current()
     sampler = None
     if train and _multiscale_sizes(data_cfg):
-        sampler = MultiScaleSampler(len(dataset), batch, _multiscale_sizes(data_cfg), data_cfg.multiscale.every, seed)
-    return build_loader(dataset, batch, train=train, seed=seed, num_workers=data_cfg.num_workers, sampler=sampler)
+        sampler = MultiScaleSampler(len(dataset), batch, _multiscale_sizes(data_cfg), data_cfg.multiscale.every, seed,
+                                    rank=world.rank, world=world.size)
+    return build_loader(dataset, batch, train=train, seed=seed, num_workers=data_cfg.num_workers, sampler=sampler,
+                        rank=world.rank, world=world.size)
 
 
 def build_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
     return instantiate(model_cfg, num_classes=num_classes)
 
 
-def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int):
-    """Optimizer and per-step scheduler for ``cfg.trainer.epochs`` epochs."""
+LR_SCALING = ("linear", "sqrt", "none")
+
+
+def scaled_lr(lr: float, total_batch: int, reference_batch: int | None, rule: str = "linear") -> float:
+    """The learning rate for ``total_batch`` images per optimizer step, given ``lr`` tuned for
+    ``reference_batch``: times total/reference (``linear``, Goyal et al. 2017, for SGD), times its square root
+    (``sqrt``, usual for Adam), or unchanged (``none``, or no reference)."""
+    if rule not in LR_SCALING:
+        raise ValueError(f"optim.lr_scaling must be one of {', '.join(LR_SCALING)}, got {rule!r}")
+    if not reference_batch or rule == "none":
+        return lr
+    ratio = total_batch / reference_batch
+    return lr * (ratio if rule == "linear" else ratio**0.5)
+
+
+def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int, world_size: int = 1):
+    """Optimizer and per-step scheduler for ``cfg.trainer.epochs`` epochs; the learning rate is scaled from
+    ``optim.reference_batch`` to the total batch (per-process batch × ``world_size``) by ``optim.lr_scaling``."""
     optim = dict(cfg.optim)
+    reference, rule = optim.pop("reference_batch", None), optim.pop("lr_scaling", "linear")
+    total_batch = cfg.data.batch_size * world_size
+    optim["lr"] = scaled_lr(optim["lr"], total_batch, reference, rule)
+    if distributed.current().is_main and reference and optim["lr"] != cfg.optim.lr:
+        print(f"lr {optim['lr']:.4g}: {cfg.optim.lr:.4g} tuned for a batch of {reference}, scaled ({rule}) to the "
+              f"total batch {cfg.data.batch_size} x {world_size} process(es) = {total_batch}")
     optimizer = build_optimizer(model, **optim)
     sched = dict(cfg.schedule)
     warmup_steps = round(sched.pop("warmup_epochs") * steps_per_epoch)

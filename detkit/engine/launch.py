@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.data.validation import DatasetError
+from detkit.engine import distributed
 from detkit.engine.build import (
     build_data_loader,
     build_dataset,
@@ -59,21 +61,32 @@ def make_evaluator(dataset, loader, out_dir: Path, device, metric: str = "coco",
 def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) -> dict:
     """Train ``cfg`` into ``out_dir`` (checkpoints, TensorBoard, metrics, predictions); returns the final
     validation metrics. ``cfg.resume`` continues from a checkpoint exactly."""
+    world, device = distributed.init_from_env(cfg.device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.get("threads"):
         torch.set_num_threads(cfg.trainer.threads)
-    prepare_data(cfg.data)
+    if world.is_main:  # one process generates the built-in data; the others wait for it
+        prepare_data(cfg.data)
+    distributed.barrier()
+    if cfg.trainer.get("deterministic"):
+        # Deterministic kernels only (an op without one raises, naming itself); cuBLAS needs this workspace.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)
     train_set = build_dataset(cfg.data, "train", cfg.seed)
     val_set = build_dataset(cfg.data, "val", cfg.seed)
     train_loader = build_data_loader(train_set, cfg.data, train=True, seed=cfg.seed)
     val_loader = build_data_loader(val_set, cfg.data, train=False)
     model = build_model(cfg.model, train_set.num_classes)
-    optimizer, scheduler = build_optimization(cfg, model, len(train_set) // cfg.data.batch_size)
+    steps_per_epoch = train_loader.sampler.num_samples // cfg.data.batch_size
+    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, world.size)
+    say = print if world.is_main else (lambda *args, **kwargs: None)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model {type(model).__name__}: {params / 1e6:.2f}M parameters; train {len(train_set)} images, "
-          f"val {len(val_set)} images, {train_set.num_classes} classes; output {out_dir}")
+    say(f"model {type(model).__name__}: {params / 1e6:.2f}M parameters; train {len(train_set)} images, "
+        f"val {len(val_set)} images, {train_set.num_classes} classes; output {out_dir}"
+        + (f"; {world.size} processes x batch {cfg.data.batch_size}" if world.size > 1 else ""))
     extra = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "class_names": list(train_set.class_names),
@@ -81,27 +94,30 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     }
     eval_cfg = cfg.get("eval") or {}
     metric = eval_cfg.get("metric", "coco")
-    evaluate = make_evaluator(val_set, val_loader, out_dir, cfg.device, metric, eval_cfg.get("backend", "pycocotools"))
-    hooks = [
-        ProgressHook(),
-        EvalHook(evaluate, every=cfg.trainer.eval_every, key=main_metric(metric)),
-        *([PlotHook(out_dir, train_set.class_names)] if eval_cfg.get("plots", True) else []),
-        CheckpointHook(out_dir, extra, every_steps=cfg.trainer.checkpoint_every_steps),
-        TensorBoardHook(out_dir / "tb", every=cfg.trainer.log_every),
-        *extra_hooks,
-    ]
-    if cfg.trainer.ema.enabled:
-        hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
-    trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, cfg.device,
+    hooks = list(extra_hooks)
+    if world.is_main:  # logging, evaluation and checkpoints happen once, on rank 0
+        evaluate = make_evaluator(val_set, val_loader, out_dir, device, metric,
+                                  eval_cfg.get("backend", "pycocotools"))
+        hooks = [
+            ProgressHook(),
+            EvalHook(evaluate, every=cfg.trainer.eval_every, key=main_metric(metric)),
+            *([PlotHook(out_dir, train_set.class_names)] if eval_cfg.get("plots", True) else []),
+            CheckpointHook(out_dir, extra, every_steps=cfg.trainer.checkpoint_every_steps),
+            TensorBoardHook(out_dir / "tb", every=cfg.trainer.log_every),
+            *hooks,
+        ]
+        if cfg.trainer.ema.enabled:
+            hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
+    trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, device,
                       cfg.trainer.grad_clip_norm, cfg.trainer.channels_last,
-                      cfg.trainer.get("precision", "fp32"))
-    print(f"precision {trainer.precision}" + (" (auto)" if cfg.trainer.get("precision") == "auto" else ""))
+                      cfg.trainer.get("precision", "fp32"), cfg.trainer.get("max_nonfinite", 1))
+    say(f"precision {trainer.precision}" + (" (auto)" if cfg.trainer.get("precision") == "auto" else ""))
     if cfg.get("resume"):
         trainer.load_state_dict(load_checkpoint(cfg.resume))
-        print(f"resumed from {cfg.resume} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
+        say(f"resumed from {cfg.resume} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
     start = time.perf_counter()
     trainer.train()
-    if trainer.stop_requested:
+    if trainer.stop_requested or not world.is_main:
         return {}
     print(f"trained in {time.perf_counter() - start:.0f}s\n{format_metrics(trainer.metrics)}")
     print(headline(trainer.metrics))

@@ -7,11 +7,16 @@ scalar losses in train mode. Evaluation, logging, checkpointing and compression 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+
+from detkit.engine import distributed
 
 
 class Hook:
@@ -61,6 +66,12 @@ class Trainer:
         precision: ``"fp32"``, or ``"bf16"`` to run the forward pass under bfloat16 autocast (convolutions
             in bf16, weights, optimizer and the detector's own float32 casts untouched; no loss scaling is
             needed with bf16's float32 range); ``"auto"``: bf16 where :func:`native_bf16`, else fp32.
+        max_nonfinite: a step whose loss is NaN/inf is skipped with a warning naming the loss terms and the
+            batch's image ids; this many such steps in a row stop the run with that message.
+
+    Under ``torchrun`` (an initialised process group) the model trains wrapped in DistributedDataParallel:
+    each process runs its shard of every batch and gradients are averaged, so the step equals one process
+    on the whole batch when the loss is a per-image mean.
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class Trainer:
         grad_clip_norm: float | None = None,
         channels_last: bool = False,
         precision: str = "fp32",
+        max_nonfinite: int = 1,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -85,6 +97,8 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if native_bf16(self.device) else "fp32"
         self.precision, self.autocast_dtype = precision, PRECISIONS[precision]
+        self.max_nonfinite, self.nonfinite_streak, self.skipped_steps = max(int(max_nonfinite), 1), 0, 0
+        self._forward: nn.Module = model  # the model, or its DistributedDataParallel wrapper while training
         self.ema = None  # a ModelEMA when an EMA hook is installed; evaluation and checkpoints then use it
         self.epoch = 0
         self.step_in_epoch = 0
@@ -98,7 +112,8 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.loader.dataset) // self.loader.batch_size
+        samples = getattr(self.loader.sampler, "num_samples", len(self.loader.dataset))  # this process's share
+        return samples // self.loader.batch_size
 
     @property
     def total_steps(self) -> int:
@@ -125,6 +140,9 @@ class Trainer:
                 f"{self.loader.batch_size}"
             )
         self.model.to(self.device, memory_format=self.memory_format).train()
+        if distributed.current().size > 1 and not isinstance(self._forward, DistributedDataParallel):
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            self._forward = DistributedDataParallel(self.model, device_ids=ids)
         self._call("before_train")
         while self.epoch < self.epochs:
             self._run_epoch()
@@ -157,14 +175,12 @@ class Trainer:
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            losses = self.model(images, targets)
+            losses = self._forward(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise FloatingPointError(
-                f"non-finite loss at epoch {self.epoch} step {self.step_in_epoch} (global step "
-                f"{self.global_step}): {detail}; lower the learning rate or check the data"
-            )
+        if not self._all_finite(loss):
+            self._skip_step(losses, targets)
+            return
+        self.nonfinite_streak = 0
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._call("after_backward")
@@ -172,9 +188,31 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
         self.optimizer.step()
         self.scheduler.step()
-        self.batch_size = images.shape[0]
+        self.batch_size = images.shape[0] * distributed.current().size  # images in the step, all processes
         self.losses = {k: v.item() for k, v in losses.items()}
         self.losses["loss"] = loss.item()
+
+    @staticmethod
+    def _all_finite(loss: torch.Tensor) -> bool:
+        """Whether the loss is finite in every process (all must skip a step together, or DDP deadlocks)."""
+        finite = torch.isfinite(loss.detach()).float()
+        if distributed.current().size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _skip_step(self, losses: dict, targets: list[dict]) -> None:
+        self.nonfinite_streak += 1
+        self.skipped_steps += 1
+        detail = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        ids = [t.get("image_id") for t in targets]
+        message = (f"non-finite loss at epoch {self.epoch} step {self.step_in_epoch} (global step {self.global_step}):"
+                   f" {detail}; image ids {ids}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite_streak >= self.max_nonfinite:
+            raise FloatingPointError(f"{message}; {self.nonfinite_streak} step(s) in a row, stopping: lower the "
+                                     f"learning rate or check the data")
+        warnings.warn(f"{message}; step skipped ({self.nonfinite_streak} in a row)", RuntimeWarning, stacklevel=3)
+        self.scheduler.step()  # the schedule stays a function of the step count
 
     def state_dict(self) -> dict:
         """Everything needed to continue the run exactly (hook states keyed by class name)."""
