@@ -98,14 +98,15 @@ def scaled_lr(lr: float, total_batch: int, reference_batch: int | None, rule: st
 
 def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int, world_size: int = 1):
     """Optimizer and per-step scheduler for ``cfg.trainer.epochs`` epochs; the learning rate is scaled from
-    ``optim.reference_batch`` to the total batch (per-process batch × ``world_size``) by ``optim.lr_scaling``."""
+    ``optim.reference_batch`` to the total batch (per-process batch × ``world_size``, which counts processes
+    times accumulated batches) by ``optim.lr_scaling``."""
     optim = dict(cfg.optim)
     reference, rule = optim.pop("reference_batch", None), optim.pop("lr_scaling", "linear")
     total_batch = cfg.data.batch_size * world_size
     optim["lr"] = scaled_lr(optim["lr"], total_batch, reference, rule)
     if distributed.current().is_main and reference and optim["lr"] != cfg.optim.lr:
         print(f"lr {optim['lr']:.4g}: {cfg.optim.lr:.4g} tuned for a batch of {reference}, scaled ({rule}) to the "
-              f"total batch {cfg.data.batch_size} x {world_size} process(es) = {total_batch}")
+              f"total batch {cfg.data.batch_size} x {world_size} (processes x accumulation) = {total_batch}")
     optimizer = build_optimizer(model, **optim)
     sched = dict(cfg.schedule)
     warmup_steps = round(sched.pop("warmup_epochs") * steps_per_epoch)

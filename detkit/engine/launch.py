@@ -28,6 +28,7 @@ from detkit.evaluation.coco import predict, to_coco_results
 from detkit.evaluation.dataset import evaluate_dataset, format_metrics, headline, json_metrics, main_metric
 from detkit.evaluation.plots import write_evaluation_plots
 from detkit.evaluation.tta import TestTimeAugmentation
+from detkit.utils.complexity import complexity
 
 
 @contextlib.contextmanager
@@ -80,13 +81,16 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     train_loader = build_data_loader(train_set, cfg.data, train=True, seed=cfg.seed)
     val_loader = build_data_loader(val_set, cfg.data, train=False)
     model = build_model(cfg.model, train_set.num_classes)
-    steps_per_epoch = train_loader.sampler.num_samples // cfg.data.batch_size
-    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, world.size)
+    accumulate = int(cfg.trainer.get("accumulate", 1))
+    steps_per_epoch = train_loader.sampler.num_samples // (cfg.data.batch_size * accumulate)
+    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, world.size * accumulate)
     say = print if world.is_main else (lambda *args, **kwargs: None)
     params = sum(p.numel() for p in model.parameters())
     say(f"model {type(model).__name__}: {params / 1e6:.2f}M parameters; train {len(train_set)} images, "
         f"val {len(val_set)} images, {train_set.num_classes} classes; output {out_dir}"
         + (f"; {world.size} processes x batch {cfg.data.batch_size}" if world.size > 1 else ""))
+    if world.is_main:
+        say(complexity(model, (1, 3, cfg.data.img_size, cfg.data.img_size)).format())
     extra = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "class_names": list(train_set.class_names),
@@ -110,7 +114,7 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
             hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
     trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, device,
                       cfg.trainer.grad_clip_norm, cfg.trainer.channels_last,
-                      cfg.trainer.get("precision", "fp32"), cfg.trainer.get("max_nonfinite", 1))
+                      cfg.trainer.get("precision", "fp32"), cfg.trainer.get("max_nonfinite", 1), accumulate)
     say(f"precision {trainer.precision}" + (" (auto)" if cfg.trainer.get("precision") == "auto" else ""))
     if cfg.get("resume"):
         trainer.load_state_dict(load_checkpoint(cfg.resume))

@@ -6,6 +6,7 @@ scalar losses in train mode. Evaluation, logging, checkpointing and compression 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Sequence
@@ -68,6 +69,8 @@ class Trainer:
             needed with bf16's float32 range); ``"auto"``: bf16 where :func:`native_bf16`, else fp32.
         max_nonfinite: a step whose loss is NaN/inf is skipped with a warning naming the loss terms and the
             batch's image ids; this many such steps in a row stop the run with that message.
+        accumulate: loader batches per optimizer step (gradient accumulation); ``step_in_epoch`` and
+            ``global_step`` count optimizer steps.
 
     Under ``torchrun`` (an initialised process group) the model trains wrapped in DistributedDataParallel:
     each process runs its shard of every batch and gradients are averaged, so the step equals one process
@@ -87,6 +90,7 @@ class Trainer:
         channels_last: bool = False,
         precision: str = "fp32",
         max_nonfinite: int = 1,
+        accumulate: int = 1,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -97,6 +101,7 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if native_bf16(self.device) else "fp32"
         self.precision, self.autocast_dtype = precision, PRECISIONS[precision]
+        self.accumulate = max(int(accumulate), 1)
         self.max_nonfinite, self.nonfinite_streak, self.skipped_steps = max(int(max_nonfinite), 1), 0, 0
         self._forward: nn.Module = model  # the model, or its DistributedDataParallel wrapper while training
         self.ema = None  # a ModelEMA when an EMA hook is installed; evaluation and checkpoints then use it
@@ -113,7 +118,7 @@ class Trainer:
     @property
     def steps_per_epoch(self) -> int:
         samples = getattr(self.loader.sampler, "num_samples", len(self.loader.dataset))  # this process's share
-        return samples // self.loader.batch_size
+        return samples // (self.loader.batch_size * self.accumulate)
 
     @property
     def total_steps(self) -> int:
@@ -136,8 +141,8 @@ class Trainer:
         """Run from the current progress to the end; returns early if a hook sets ``stop_requested``."""
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"the training set has {len(self.loader.dataset)} images, fewer than one batch of "
-                f"{self.loader.batch_size}"
+                f"the training set has {len(self.loader.dataset)} images, fewer than one optimizer step of "
+                f"{self.loader.batch_size} x {self.accumulate} (accumulate) x {distributed.current().size} (processes)"
             )
         self.model.to(self.device, memory_format=self.memory_format).train()
         if distributed.current().size > 1 and not isinstance(self._forward, DistributedDataParallel):
@@ -157,40 +162,55 @@ class Trainer:
         for obj in (self.loader.sampler, self.loader.dataset):
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(self.epoch)
-        self.loader.sampler.start_at(self.step_in_epoch * self.loader.batch_size)
+        self.loader.sampler.start_at(self.step_in_epoch * self.loader.batch_size * self.accumulate)
         self._call("before_epoch")
-        for images, targets in self.loader:
+        batches = []
+        for batch in self.loader:
+            batches.append(batch)
+            if len(batches) < self.accumulate:
+                continue
             self._call("before_step")
             start = time.perf_counter()
-            self.run_step(images, targets)
+            self.run_step(batches)
+            batches = []
             self.step_time = time.perf_counter() - start
             self.step_in_epoch += 1
             self.global_step += 1
             self._call("after_step")
-            if self.stop_requested:
-                return
+            if self.stop_requested or self.step_in_epoch >= self.steps_per_epoch:
+                return  # (an epoch's last loader batches that fill no optimizer step are left out)
 
-    def run_step(self, images: torch.Tensor, targets: list[dict]) -> None:
-        images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
-        targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            losses = self._forward(images, targets)
-        loss = sum(losses.values())
-        if not self._all_finite(loss):
-            self._skip_step(losses, targets)
-            return
-        self.nonfinite_streak = 0
+    def run_step(self, batches: list[tuple[torch.Tensor, list[dict]]]) -> None:
+        """One optimizer step over ``accumulate`` loader batches (gradients summed, each loss / accumulate)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        totals: dict[str, float] = {}
+        images_seen = 0
+        for i, (images, targets) in enumerate(batches):
+            images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
+            targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            # DDP averages gradients once per optimizer step, on the last backward
+            last = i == len(batches) - 1
+            no_sync = self._forward.no_sync if isinstance(self._forward, DistributedDataParallel) and not last else None
+            with no_sync() if no_sync else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                    enabled=self.autocast_dtype is not None):
+                    losses = self._forward(images, targets)
+                loss = sum(losses.values())
+                if not self._all_finite(loss):
+                    self._skip_step(losses, targets)
+                    return
+                (loss / len(batches) if len(batches) > 1 else loss).backward()
+            for k, v in [*losses.items(), ("loss", loss)]:
+                totals[k] = totals.get(k, 0.0) + v.item() / len(batches)
+            images_seen += images.shape[0]
+        self.nonfinite_streak = 0
         self._call("after_backward")
         if self.grad_clip_norm:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
         self.optimizer.step()
         self.scheduler.step()
-        self.batch_size = images.shape[0] * distributed.current().size  # images in the step, all processes
-        self.losses = {k: v.item() for k, v in losses.items()}
-        self.losses["loss"] = loss.item()
+        self.batch_size = images_seen * distributed.current().size  # images in the step, all processes
+        self.losses = totals
 
     @staticmethod
     def _all_finite(loss: torch.Tensor) -> bool:

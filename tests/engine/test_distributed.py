@@ -35,13 +35,13 @@ class ToyData(torch.utils.data.Dataset):
         return torch.rand(3, 8, 8, generator=g), {"goal": torch.rand(2, generator=g), "image_id": index}
 
 
-def run(batch_size: int, steps: int, rank: int = 0, world: int = 1) -> dict:
+def run(batch_size: int, steps: int, rank: int = 0, world: int = 1, accumulate: int = 1) -> dict:
     torch.manual_seed(0)
     model = ToyDetector()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loader = build_loader(ToyData(), batch_size, train=True, seed=3, rank=rank, world=world)
-    trainer = Trainer(model, optimizer, scheduler, loader, epochs=1)
+    trainer = Trainer(model, optimizer, scheduler, loader, epochs=1, accumulate=accumulate)
 
     class Stop:
         def __getattr__(self, name):
@@ -81,6 +81,14 @@ def test_two_gloo_processes_take_the_single_process_step_on_the_same_global_batc
     torch.manual_seed(0)
     initial = ToyDetector().state_dict()
     assert not torch.allclose(initial["net.4.weight"], single["net.4.weight"], atol=1e-3)
+
+
+def test_accumulating_two_batches_takes_the_step_of_one_batch_twice_the_size():
+    torch.set_num_threads(1)
+    single = run(batch_size=8, steps=3)
+    accumulated = run(batch_size=4, steps=3, accumulate=2)
+    for name, tensor in single.items():
+        assert torch.allclose(accumulated[name], tensor, atol=1e-6), name
 
 
 def test_shards_partition_the_shared_permutation():
