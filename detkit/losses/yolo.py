@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.boxes import elementwise_iou
+from detkit.boxes import elementwise_iou, pairwise_iou
 from detkit.losses.box import box_loss
+from detkit.losses.focal import sigmoid_focal_loss
 
 IOU_KINDS = ("iou", "giou", "diou", "ciou")
 
@@ -49,6 +50,13 @@ class YOLOLoss(nn.Module):
 
     With ``neighbor_cells`` a GT is also assigned to the two adjacent cells nearest its centre (left or right,
     above or below), tripling the positives; the decoder's offset range must reach them (``xy_scale`` ≥ 2).
+
+    ``box_loss`` picks the IoU-family box term (``iou`` is −ln IoU; the others 1 − GIoU/DIoU/CIoU). ``focal``
+    replaces both BCE terms by the sigmoid focal loss (``focal_gamma``, ``focal_alpha``; same means and sums),
+    which down-weights the many easy empty cells. ``label_smoothing`` ε turns the class targets 1 / 0 into
+    1 − ε/2 and ε/2 (YOLOv4's class label smoothing; 0: off). With ``ignore_thresh`` (YOLOv2/v3: 0.6/0.5), a
+    prediction that is not responsible for a GT but overlaps one by IoU > ``ignore_thresh`` is left out of the
+    objectness term instead of being pushed to 0: it is a good box, merely not the assigned one.
     """
 
     def __init__(
@@ -61,10 +69,20 @@ class YOLOLoss(nn.Module):
         level_weights: Sequence[float] = (4.0, 1.0, 0.4),
         ratio_thresh: float = 4.0,
         neighbor_cells: bool = False,
+        focal: bool = False,
+        focal_gamma: float = 1.5,
+        focal_alpha: float | None = 0.25,
+        label_smoothing: float = 0.0,
+        ignore_thresh: float | None = None,
     ) -> None:
         super().__init__()
         if box_loss not in IOU_KINDS:
             raise ValueError(f"unknown box_loss {box_loss!r}; expected one of {', '.join(IOU_KINDS)}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.focal, self.focal_gamma, self.focal_alpha = focal, focal_gamma, focal_alpha
+        self.label_smoothing = label_smoothing
+        self.ignore_thresh = ignore_thresh
         self.num_classes = num_classes
         self.box_loss = box_loss
         self.box_weight, self.obj_weight, self.cls_weight = box_weight, obj_weight, cls_weight
@@ -110,8 +128,14 @@ class YOLOLoss(nn.Module):
                 obj_target[b, anchor_idx, gy, gx] = iou.to(obj_target.dtype)
                 cls_logits = out[b, anchor_idx, gy, gx, 5:]
                 cls_target = F.one_hot(labels[gt_idx], self.num_classes).to(cls_logits.dtype)
-                loss_cls = loss_cls + F.binary_cross_entropy_with_logits(cls_logits, cls_target, reduction="sum")
-            level_obj = F.binary_cross_entropy_with_logits(out[..., 4], obj_target)
+                if self.label_smoothing:
+                    cls_target = cls_target * (1.0 - self.label_smoothing) + self.label_smoothing / 2
+                loss_cls = loss_cls + self._bce(cls_logits, cls_target, reduction="sum")
+            if self.ignore_thresh is None:
+                level_obj = self._bce(out[..., 4], obj_target)
+            else:
+                kept = self.not_ignored(pred_boxes, gt, image_index, obj_target)
+                level_obj = (self._bce(out[..., 4], obj_target, "none") * kept).sum() / kept.sum().clamp(min=1.0)
             loss_obj = loss_obj + self.level_weights[level] * level_obj
         num_pos = max(num_pos, 1)
         return {
@@ -119,6 +143,23 @@ class YOLOLoss(nn.Module):
             "loss_obj": self.obj_weight * loss_obj,
             "loss_cls": self.cls_weight * loss_cls / (num_pos * self.num_classes),
         }
+
+    @torch.no_grad()
+    def not_ignored(self, pred_boxes: Tensor, gt: Tensor, image_index: Tensor, obj_target: Tensor) -> Tensor:
+        """(B, A, H, W) float: 0 where a prediction with objectness target 0 overlaps a GT of its image by IoU
+        > ``ignore_thresh``, 1 elsewhere. ``pred_boxes`` (B, A, H, W, 4) and ``gt`` (M, 4) xyxy pixels."""
+        keep = torch.ones_like(obj_target)
+        for b in range(len(pred_boxes)):
+            own = gt[image_index == b]
+            if len(own):
+                best = pairwise_iou(pred_boxes[b].reshape(-1, 4).float(), own).amax(dim=1).view(keep[b].shape)
+                keep[b][(best > self.ignore_thresh) & (obj_target[b] == 0)] = 0.0
+        return keep
+
+    def _bce(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        if self.focal:
+            return sigmoid_focal_loss(logits, target, self.focal_alpha, self.focal_gamma, reduction=reduction)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
 
     def assign_cells(self, grid_xy: Tensor, gt_idx: Tensor, anchor_idx: Tensor, w: int, h: int):
         """Cells responsible for each (GT, anchor) pair: the one holding the centre (``grid_xy``, in cell

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -33,13 +34,59 @@ class ConvBNAct(nn.Sequential):
 
 
 class DarknetResidual(nn.Module):
-    """Darknet-53 residual unit: 1×1 conv to half width, 3×3 conv back, identity added. Shape-preserving."""
+    """Darknet-53 residual unit: 1×1 conv to ``hidden`` (default half) width, 3×3 conv back, identity added.
+    Shape-preserving."""
 
-    def __init__(self, channels: int, act: str = "leaky") -> None:
+    def __init__(self, channels: int, act: str = "leaky", hidden: int | None = None) -> None:
         super().__init__()
-        hidden = channels // 2
+        hidden = channels // 2 if hidden is None else hidden
         self.reduce = ConvBNAct(channels, hidden, 1, act=act)
         self.expand = ConvBNAct(hidden, channels, 3, act=act)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.expand(self.reduce(x))
+
+
+def space_to_depth(x: Tensor, block: int = 2) -> Tensor:
+    """YOLOv2's passthrough 'reorg': (B, C, H, W) → (B, C·block², H / block, W / block).
+
+    Each block×block patch becomes block² channels, so a finer map can be concatenated onto a coarser one
+    without losing its spatial detail to pooling. H and W must be multiples of ``block``.
+    """
+    return nn.functional.pixel_unshuffle(x, block)
+
+
+class SpatialAttention(nn.Module):
+    """YOLOv4's point-wise SAM: x · σ(BN(conv1×1(x))), an attention value per position *and* channel
+    (the original SAM pools over channels first; YOLOv4 drops the pooling). Shape-preserving."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels, eps=1e-3, momentum=0.03)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.bn(self.conv(x)).sigmoid()
+
+
+class DropBlock2d(nn.Module):
+    """DropBlock (Ghiasi et al. 2018): in training, zero contiguous ``block``×``block`` regions so that a
+    convolution cannot rely on the neighbours of a dropped unit; identity in eval mode. Shape-preserving.
+
+    ``prob`` is the fraction of units dropped; seeds are drawn at rate γ = prob / block² (ignoring the border
+    correction of the paper) and the kept units are rescaled by numel / kept.
+    """
+
+    def __init__(self, prob: float = 0.1, block: int = 3) -> None:
+        super().__init__()
+        if not 0.0 <= prob < 1.0 or block % 2 == 0:
+            raise ValueError(f"DropBlock needs 0 <= prob < 1 and an odd block, got {prob}, {block}")
+        self.prob, self.block = prob, block
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        gamma = self.prob / self.block**2
+        seeds = (torch.rand_like(x) < gamma).to(x.dtype)
+        mask = 1.0 - nn.functional.max_pool2d(seeds, self.block, stride=1, padding=self.block // 2)
+        return x * mask * (mask.numel() / mask.sum().clamp(min=1.0))

@@ -13,19 +13,6 @@ def tiny_yolo(num_classes: int = 3, **kwargs) -> YOLOv3:
     return YOLOv3(num_classes, backbone, ANCHORS, neck_pairs=0, **kwargs)
 
 
-def toy_batch(size: int = 128):
-    """Two images with coloured rectangles whose colour is the class."""
-    colors = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0]])
-    boxes = [torch.tensor([[10.0, 12.0, 40.0, 50.0], [70.0, 60.0, 120.0, 100.0]]),
-             torch.tensor([[30.0, 20.0, 60.0, 44.0], [20.0, 80.0, 44.0, 120.0], [90.0, 10.0, 118.0, 30.0]])]
-    labels = [torch.tensor([0, 1]), torch.tensor([2, 0, 1])]
-    images = torch.full((2, 3, size, size), 0.5)
-    for i in range(2):
-        for (x1, y1, x2, y2), label in zip(boxes[i].int().tolist(), labels[i].tolist()):
-            images[i, :, y1:y2, x1:x2] = colors[label][:, None, None]
-    return images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
-
-
 def test_output_shapes_and_levels():
     model = tiny_yolo().eval()
     outputs = model.raw_outputs(torch.zeros(2, 3, 128, 96))
@@ -38,9 +25,9 @@ def test_output_shapes_and_levels():
     assert torch.allclose(centre, torch.tensor([72 - 23.0, 56 - 31.0, 72 + 23.0, 56 + 31.0]))
 
 
-def test_train_returns_named_finite_losses_and_eval_returns_detections():
+def test_train_returns_named_finite_losses_and_eval_returns_detections(toy_batch):
     model = tiny_yolo()
-    images, targets = toy_batch()
+    images, targets = toy_batch
     losses = model(images, targets)
     assert set(losses) == {"loss_box", "loss_obj", "loss_cls"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
@@ -50,9 +37,9 @@ def test_train_returns_named_finite_losses_and_eval_returns_detections():
     assert out[0]["boxes"].shape[1] == 4 and (out[0]["boxes"] >= 0).all() and (out[0]["boxes"] <= 128).all()
 
 
-def test_empty_targets_only_train_objectness():
+def test_empty_targets_only_train_objectness(toy_batch):
     model = tiny_yolo()
-    images, _ = toy_batch()
+    images, _ = toy_batch
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     losses = model(images, empty)
     assert losses["loss_box"] == 0 and losses["loss_cls"] == 0 and losses["loss_obj"] > 0
@@ -66,10 +53,10 @@ def test_rejects_sizes_not_multiple_of_stride_and_mismatched_config():
         YOLOv3(3, Darknet(depths=(1, 1, 1, 1), width=8, num_outputs=2), ANCHORS)
 
 
-def test_overfits_a_tiny_batch():
+def test_overfits_a_tiny_batch(toy_batch):
     torch.manual_seed(0)
     model = tiny_yolo()
-    images, targets = toy_batch()
+    images, targets = toy_batch
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     first = None
     for _ in range(150):

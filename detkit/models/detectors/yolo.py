@@ -1,23 +1,33 @@
-"""YOLO family detectors.
+"""YOLO family detectors with anchors: YOLOv2, YOLOv3, YOLOv3-SPP and YOLOv4 are one class, configured.
 
 YOLOv3 (Redmon & Farhadi, 2018): a Darknet backbone, a top-down neck over three scales, and per scale a
 head predicting, for each of its anchors, (tx, ty, tw, th, objectness, C class logits). Boxes follow
 YOLOv2's direct location prediction, b_xy = (σ(t_xy) + c_xy) · stride and b_wh = p_wh · e^{t_wh}; classes
 are independent sigmoids trained with BCE.
+
+The other versions swap pieces (see ``configs/model/yolo*.yaml``): YOLOv2 a Darknet-19 backbone and the
+:class:`~detkit.models.necks.passthrough.Passthrough` neck (one level, 5 anchors, ``xy_scale=1``); YOLOv3-SPP
+adds ``spp``; YOLOv4 a CSPDarknet53 backbone with Mish, ``spp``, the :class:`~detkit.models.necks.pan.PANet`
+neck, CIoU, ``xy_scale`` > 1 and DIoU-NMS, with optional label smoothing, SAM and DropBlock. YOLOv1 has no
+anchors and lives in :mod:`detkit.models.detectors.yolov1`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from detkit.losses.yolo import YOLOLoss
-from detkit.models.layers import ConvBNAct
+from detkit.models.layers import ConvBNAct, DropBlock2d, SpatialAttention
+from detkit.models.necks.spp import SPPBlock
 from detkit.models.necks.yolo_fpn import YOLOv3Neck
+from detkit.postprocess import batched_diou_nms
+
+NMS_METHODS = ("nms", "diou")
 
 # e^t is clamped so that an untrained head cannot produce inf boxes: e^4 ≈ 55 × the anchor.
 _MAX_LOG_SCALE = 4.0
@@ -49,11 +59,19 @@ class YOLOv3(nn.Module):
         anchors: per level (shallowest first), a list of (w, h) anchor sizes in input pixels.
         neck_channels: conv-set width per level; defaults to half the backbone's channels.
         neck_pairs: (3×3, 1×1) pairs per conv set (2 in the paper).
-        box_loss, loss_weights, level_weights, ratio_thresh, neighbor_cells: see
-            :class:`detkit.losses.yolo.YOLOLoss`; ``neighbor_cells`` needs ``xy_scale`` ≥ 2.
+        neck: None for :class:`YOLOv3Neck`, else a factory (Hydra ``_partial_: true``) called with
+            ``in_channels``, ``channels`` and ``act`` that returns a module with ``out_channels``; a neck
+            returning fewer levels than the backbone gives the deepest ones (YOLOv2's single level).
+        spp: put :class:`~detkit.models.necks.spp.SPPBlock` (pools ``spp_kernels``) on the deepest backbone map.
+        sam: YOLOv4's point-wise spatial attention on each neck output. dropblock: DropBlock probability on
+            each neck output in training (0: off), blocks of ``dropblock_size``.
+        box_loss, loss_weights, level_weights, ratio_thresh, neighbor_cells, focal, focal_gamma, focal_alpha,
+            label_smoothing, ignore_thresh: see :class:`detkit.losses.yolo.YOLOLoss`; ``neighbor_cells`` needs
+            ``xy_scale`` ≥ 2.
         xy_scale: YOLOv4's grid-sensitivity fix, b_xy = (s·σ(t) − (s − 1)/2 + c) · stride; 1 is YOLOv3's
             coding, where a centre on a cell border needs σ(t) → 0 or 1 (infinite logits).
-        score_thresh, nms_thresh, max_det, pre_nms_topk: inference post-processing.
+        score_thresh, nms_thresh, max_det, pre_nms_topk: inference post-processing; ``nms`` is ``nms``
+            (greedy IoU) or ``diou`` (DIoU-NMS, YOLOv4).
     """
 
     def __init__(
@@ -74,32 +92,60 @@ class YOLOv3(nn.Module):
         nms_thresh: float = 0.6,
         max_det: int = 300,
         pre_nms_topk: int = 3000,
+        neck: Callable[..., nn.Module] | None = None,
+        spp: bool = False,
+        spp_kernels: Sequence[int] = (5, 9, 13),
+        sam: bool = False,
+        dropblock: float = 0.0,
+        dropblock_size: int = 3,
+        focal: bool = False,
+        focal_gamma: float = 1.5,
+        focal_alpha: float | None = 0.25,
+        label_smoothing: float = 0.0,
+        ignore_thresh: float | None = None,
+        nms: str = "nms",
     ) -> None:
         super().__init__()
-        strides = list(backbone.strides)
-        if len(anchors) != len(strides) or len(level_weights) != len(strides):
-            raise ValueError(
-                f"backbone gives {len(strides)} levels but {len(anchors)} anchor sets and "
-                f"{len(level_weights)} level weights were configured"
-            )
+        if nms not in NMS_METHODS:
+            raise ValueError(f"unknown nms {nms!r}; expected one of {', '.join(NMS_METHODS)}")
         if len({len(a) for a in anchors}) != 1:
             raise ValueError("every level needs the same number of anchors")
         self.num_classes = num_classes
-        self.strides = strides
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32), persistent=False)
         num_anchors = self.anchors.shape[1]
-        channels = list(neck_channels) if neck_channels else [c // 2 for c in backbone.out_channels]
+        in_channels = list(backbone.out_channels)
+        channels = list(neck_channels) if neck_channels else [c // 2 for c in in_channels]
         self.backbone = backbone
-        self.neck = YOLOv3Neck(backbone.out_channels, channels, neck_pairs, act)
+        # Created only when asked for, so that models without them keep their parameters (and seeded init).
+        self.spp = SPPBlock(in_channels[-1], spp_kernels, act) if spp else None
+        if self.spp is not None:
+            in_channels[-1] = self.spp.out_channels
+        if neck is None:
+            self.neck = YOLOv3Neck(in_channels, channels, neck_pairs, act)
+        else:
+            self.neck = neck(in_channels=in_channels, channels=channels, act=act)
+        channels = list(self.neck.out_channels)
+        strides = list(backbone.strides)[len(backbone.strides) - len(channels):]
+        if len(anchors) != len(strides) or len(level_weights) != len(strides):
+            raise ValueError(
+                f"backbone and neck give {len(strides)} levels but {len(anchors)} anchor sets and "
+                f"{len(level_weights)} level weights were configured"
+            )
+        self.strides = strides
         self.heads = nn.ModuleList(
             nn.Sequential(ConvBNAct(c, 2 * c, 3, act=act), nn.Conv2d(2 * c, num_anchors * (5 + num_classes), 1))
             for c in channels
         )
+        self.sam = nn.ModuleList(SpatialAttention(c) for c in channels) if sam else None
+        self.dropblock = DropBlock2d(dropblock, dropblock_size) if dropblock > 0 else None
         self.loss = YOLOLoss(num_classes, box_loss, **(loss_weights or {}), level_weights=level_weights,
-                             ratio_thresh=ratio_thresh, neighbor_cells=neighbor_cells)
+                             ratio_thresh=ratio_thresh, neighbor_cells=neighbor_cells, focal=focal,
+                             focal_gamma=focal_gamma, focal_alpha=focal_alpha, label_smoothing=label_smoothing,
+                             ignore_thresh=ignore_thresh)
         if neighbor_cells and xy_scale < 2.0:
             raise ValueError("neighbor_cells needs xy_scale >= 2 so a neighbouring cell can reach the centre")
         self.xy_scale = xy_scale
+        self.nms = nms
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.max_det, self.pre_nms_topk = max_det, pre_nms_topk
         self._init_head_bias()
@@ -116,8 +162,15 @@ class YOLOv3(nn.Module):
 
     def raw_outputs(self, images: Tensor) -> list[Tensor]:
         """Per level (B, A, H, W, 5 + C) raw predictions."""
+        features = self.backbone(images)
+        if self.spp is not None:
+            features = [*features[:-1], self.spp(features[-1])]
         outputs = []
-        for head, feature in zip(self.heads, self.neck(self.backbone(images))):
+        for level, (head, feature) in enumerate(zip(self.heads, self.neck(features))):
+            if self.sam is not None:
+                feature = self.sam[level](feature)
+            if self.dropblock is not None:
+                feature = self.dropblock(feature)
             b, _, h, w = feature.shape
             hidden = head[:-1](feature)
             # The prediction conv and all that follows stay float32 under autocast: box offsets in pixels need
@@ -154,13 +207,28 @@ class YOLOv3(nn.Module):
             return self.loss(outputs, boxes, targets, self.anchors, self.strides)
         return self.postprocess(outputs, boxes, x.shape[-2:])
 
-    @torch.no_grad()
-    def postprocess(self, outputs: Sequence[Tensor], boxes: Sequence[Tensor], size: Sequence[int]) -> list[dict]:
-        """Score = σ(objectness)·σ(class); threshold, top-k, class-aware NMS, clip to the input."""
+    def _dense(self, outputs: Sequence[Tensor], boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         batch = outputs[0].shape[0]
         all_boxes = torch.cat([b.reshape(batch, -1, 4) for b in boxes], dim=1)
         raw = torch.cat([o.reshape(batch, -1, 5 + self.num_classes) for o in outputs], dim=1)
-        scores = raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()
+        return all_boxes, raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()
+
+    def dense_predictions(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Every anchor's box (B, N, 4) xyxy input pixels and class scores (B, N, C) = σ(objectness)·σ(class):
+        what post-processing starts from, and what an exported graph returns (:mod:`detkit.deploy.onnx`)."""
+        outputs = self.raw_outputs(stack_images(images))
+        return self._dense(outputs, self.decode(outputs))
+
+    def postprocess_settings(self) -> dict:
+        """:func:`detkit.postprocess.postprocess_detections` arguments that reproduce :meth:`postprocess`."""
+        return {"score_threshold": self.score_thresh, "nms_threshold": self.nms_thresh,
+                "max_detections": self.max_det, "pre_nms_topk": self.pre_nms_topk, "method": self.nms}
+
+    @torch.no_grad()
+    def postprocess(self, outputs: Sequence[Tensor], boxes: Sequence[Tensor], size: Sequence[int]) -> list[dict]:
+        """Score = σ(objectness)·σ(class); threshold, top-k, class-aware NMS (``self.nms``), clip to the input."""
+        batch = outputs[0].shape[0]
+        all_boxes, scores = self._dense(outputs, boxes)
         h, w = size
         results = []
         for i in range(batch):
@@ -174,6 +242,7 @@ class YOLOv3(nn.Module):
                 [cand[:, 0].clamp(0, w), cand[:, 1].clamp(0, h), cand[:, 2].clamp(0, w), cand[:, 3].clamp(0, h)],
                 dim=1,
             )
-            kept = batched_nms(cand, flat[keep], labels, self.nms_thresh)[: self.max_det]
+            nms = batched_nms if self.nms == "nms" else batched_diou_nms
+            kept = nms(cand, flat[keep], labels, self.nms_thresh)[: self.max_det]
             results.append({"boxes": cand[kept], "scores": flat[keep][kept], "labels": labels[kept]})
         return results

@@ -1,0 +1,71 @@
+"""CSPDarknet53 (YOLOv4; Wang et al. 2019's cross-stage partial connections on Darknet-53), with Mish.
+
+Each stage downsamples, then splits into two 1×1 branches: one runs the residual units, the other bypasses
+them; the two are concatenated and fused by a 1×1 conv. Half the channels skip the residual units, which
+cuts computation and duplicate gradient paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detkit.models.layers import ConvBNAct, DarknetResidual
+
+
+class CSPStage(nn.Module):
+    """Strided 3×3 conv to ``c_out``, then the cross-stage partial block around ``depth`` residual units.
+
+    Input (B, c_in, H, W) → output (B, c_out, H / 2, W / 2).
+    """
+
+    def __init__(self, c_in: int, c_out: int, depth: int, act: str = "mish") -> None:
+        super().__init__()
+        hidden = c_out // 2
+        self.down = ConvBNAct(c_in, c_out, 3, stride=2, act=act)
+        self.bypass = ConvBNAct(c_out, hidden, 1, act=act)
+        self.main = nn.Sequential(
+            ConvBNAct(c_out, hidden, 1, act=act),
+            *[DarknetResidual(hidden, act, hidden=hidden) for _ in range(depth)],
+            ConvBNAct(hidden, hidden, 1, act=act),
+        )
+        self.fuse = ConvBNAct(2 * hidden, c_out, 1, act=act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.down(x)
+        return self.fuse(torch.cat([self.main(x), self.bypass(x)], dim=1))
+
+
+class CSPDarknet(nn.Module):
+    """CSPDarknet returning the feature maps of the last ``num_outputs`` stages.
+
+    ``CSPDarknet(depths=(1, 2, 8, 8, 4), width=32)`` is YOLOv4's CSPDarknet53. Arguments and outputs as
+    :class:`detkit.models.backbones.darknet.Darknet`: stage ``i`` has ``2 * width * 2 ** i`` channels and
+    stride ``stem_stride * 2 ** (i + 1)``; input H, W multiples of the deepest stride.
+    """
+
+    def __init__(
+        self, depths: Sequence[int] = (1, 2, 8, 8, 4), width: int = 32, num_outputs: int = 3, act: str = "mish",
+        stem_stride: int = 1,
+    ) -> None:
+        super().__init__()
+        if not 1 <= num_outputs <= len(depths):
+            raise ValueError(f"num_outputs must be in 1..{len(depths)}, got {num_outputs}")
+        self.stem = ConvBNAct(3, width, 3, stride=stem_stride, act=act)
+        channels = [2 * width * 2**i for i in range(len(depths))]
+        self.stages = nn.ModuleList(
+            CSPStage(channels[i - 1] if i else width, channels[i], depth, act) for i, depth in enumerate(depths)
+        )
+        self.num_outputs = num_outputs
+        self.out_channels = channels[-num_outputs:]
+        self.strides = [stem_stride * 2 ** (i + 1) for i in range(len(depths))][-num_outputs:]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features[-self.num_outputs :]

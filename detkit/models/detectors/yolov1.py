@@ -1,0 +1,137 @@
+"""YOLOv1 (Redmon et al. 2016): one network regresses an S×S grid of B boxes, their confidences and C class
+probabilities per cell from the whole image, through two fully connected layers.
+
+The convolutional trunk is the paper's 24 convs (7×7/2 stem, 1×1 reductions between 3×3 convs, four 2×2
+max-pools and a strided 3×3, total stride 64), with leaky ReLU 0.1; batch norm follows every conv (the paper
+predates it; YOLOv2 added it and it makes the net trainable without ImageNet pre-training). The FC head fixes the
+number of input pixels, so a model is built for one ``input_size`` and rejects any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detkit.losses.yolov1 import YOLOv1Loss
+from detkit.models.detectors.yolo import NMS_METHODS, stack_images
+from detkit.models.layers import ConvBNAct, activation
+from detkit.postprocess import postprocess_detections
+
+STRIDE = 64
+
+
+def yolov1_trunk(width: float = 64, repeats: Sequence[int] = (4, 2), act: str = "leaky") -> tuple[nn.Sequential, int]:
+    """The conv trunk and its output channels. ``width`` is the stem's channels (64 in the paper; every layer
+    scales with it); ``repeats`` the (1×1, 3×3) pairs of the 4th and 5th blocks ((4, 2): 24 convs).
+    Input (N, 3, H, W) → (N, c, H / 64, W / 64)."""
+
+    def c(n: int) -> int:
+        return max(1, round(n * width / 64))
+
+    def pairs(count: int, reduce: int, expand: int, c_in: int) -> list[nn.Module]:
+        layers = []
+        for _ in range(count):
+            layers += [ConvBNAct(c_in, c(reduce), 1, act=act), ConvBNAct(c(reduce), c(expand), 3, act=act)]
+            c_in = c(expand)
+        return layers
+
+    pool = nn.MaxPool2d(2, 2)
+    layers: list[nn.Module] = [ConvBNAct(3, c(64), 7, stride=2, act=act), pool]
+    layers += [ConvBNAct(c(64), c(192), 3, act=act), pool]
+    layers += pairs(1, 128, 256, c(192)) + pairs(1, 256, 512, c(256)) + [pool]
+    layers += pairs(repeats[0], 256, 512, c(512)) + pairs(1, 512, 1024, c(512)) + [pool]
+    layers += pairs(repeats[1], 512, 1024, c(1024))
+    layers += [ConvBNAct(c(1024), c(1024), 3, act=act), ConvBNAct(c(1024), c(1024), 3, stride=2, act=act)]
+    layers += [ConvBNAct(c(1024), c(1024), 3, act=act), ConvBNAct(c(1024), c(1024), 3, act=act)]
+    return nn.Sequential(*layers), c(1024)
+
+
+class YOLOv1(nn.Module):
+    """YOLOv1 with the common detkit interface (see :class:`detkit.models.detectors.yolo.YOLOv3`).
+
+    Args:
+        num_classes: C. grid: S (7). num_boxes: B (2).
+        input_size: the square input side the FC head is built for (448 in the paper); a multiple of 64.
+        width, repeats, act: see :func:`yolov1_trunk`. fc_hidden: the first FC's width (4096). dropout: after it.
+        coord_weight, noobj_weight: λ_coord, λ_noobj of :class:`detkit.losses.yolov1.YOLOv1Loss`.
+        score_thresh, nms_thresh, max_det, nms: inference; the score of class c for a box is
+            Pr(c | object) · confidence, the confidence having been trained towards Pr(object) · IoU.
+
+    Raw output: (N, S, S, 5B + C), per box (x in cell, y in cell, √(w/W), √(h/H), confidence), then C class
+    values; linear, as in the paper.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        grid: int = 7,
+        num_boxes: int = 2,
+        input_size: int = 448,
+        width: float = 64,
+        repeats: Sequence[int] = (4, 2),
+        fc_hidden: int = 4096,
+        dropout: float = 0.5,
+        act: str = "leaky",
+        coord_weight: float = 5.0,
+        noobj_weight: float = 0.5,
+        score_thresh: float = 0.001,
+        nms_thresh: float = 0.5,
+        max_det: int = 100,
+        nms: str = "nms",
+    ) -> None:
+        super().__init__()
+        if input_size % STRIDE:
+            raise ValueError(f"YOLOv1's input_size must be a multiple of {STRIDE}, got {input_size}")
+        if nms not in NMS_METHODS:
+            raise ValueError(f"unknown nms {nms!r}; expected one of {', '.join(NMS_METHODS)}")
+        self.num_classes, self.grid, self.num_boxes, self.input_size = num_classes, grid, num_boxes, input_size
+        self.backbone, channels = yolov1_trunk(width, repeats, act)
+        cells = (input_size // STRIDE) ** 2
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * cells, fc_hidden),
+            activation(act),
+            nn.Dropout(dropout),
+            nn.Linear(fc_hidden, grid * grid * (5 * num_boxes + num_classes)),
+        )
+        self.loss = YOLOv1Loss(num_classes, grid, num_boxes, coord_weight, noobj_weight)
+        self.score_thresh, self.nms_thresh, self.max_det, self.nms = score_thresh, nms_thresh, max_det, nms
+
+    def raw_outputs(self, images: Tensor) -> Tensor:
+        """(N, S, S, 5B + C) raw predictions of (N, 3, input_size, input_size) images."""
+        hidden = self.head[:-1](self.backbone(images))
+        # The last FC stays float32 under autocast: the sum-squared loss on its outputs needs more than bf16.
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = self.head[-1](hidden.float())
+        return out.view(len(images), self.grid, self.grid, 5 * self.num_boxes + self.num_classes)
+
+    def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None):
+        x = stack_images(images)
+        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            raise ValueError(
+                f"YOLOv1's fully connected head is built for {self.input_size}×{self.input_size} inputs, got "
+                f"{tuple(x.shape[-2:])}; set data.img_size={self.input_size} (and no multiscale) or build the "
+                "model with input_size equal to data.img_size"
+            )
+        output = self.raw_outputs(x)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            return self.loss(output, targets, x.shape[-2:])
+        return self.postprocess(output, x.shape[-2:])
+
+    @torch.no_grad()
+    def postprocess(self, output: Tensor, size: Sequence[int]) -> list[dict]:
+        """Boxes (N, S·S·B, 4) and class-specific scores Pr(c | object) · confidence, then class-aware NMS."""
+        n, s = output.shape[:2]
+        boxes = output[..., : 5 * self.num_boxes].reshape(n, s, s, self.num_boxes, 5)
+        ys, xs = torch.meshgrid(torch.arange(s, device=output.device), torch.arange(s, device=output.device),
+                                indexing="ij")
+        cells = torch.stack([xs, ys], dim=-1).expand(n, s, s, 2)
+        decoded = self.loss.decode_cells(boxes, cells, size).reshape(n, -1, 4)
+        probs = output[..., 5 * self.num_boxes :].clamp(min=0)
+        scores = boxes[..., 4:5].clamp(min=0) * probs[..., None, :]
+        return postprocess_detections(decoded, scores.reshape(n, -1, self.num_classes), self.score_thresh,
+                                      self.nms_thresh, self.max_det, self.nms, image_size=tuple(size))

@@ -1,0 +1,101 @@
+"""YOLOv1–v4 built from their configs: shapes at two input sizes, images without objects, overfitting a
+2-image batch (tiny configs), and one training step of the full-size ones."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torchvision.ops import box_iou
+
+from tests.conftest import compose_config
+
+ANCHORED_TINY = ["yolov2_tiny", "yolov3_tiny", "yolov3_spp_tiny", "yolov4_tiny"]
+# YOLOv1's FC head is built for one input size: the tests build it for the toy batch's 128 px (grid 4).
+V1_TEST = ["model.input_size=128", "model.grid=4"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Batches of 2 small images leave little to split between threads, and on a shared CPU extra threads only
+    # wait for each other (measured: the yolov4_tiny overfit 38 s with 2 busy cores, 6 s with one thread).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name: str, *overrides: str, num_classes: int = 3):
+    torch.manual_seed(0)
+    cfg = compose_config("train", [f"model={name}", *overrides])
+    return instantiate(cfg.model, num_classes=num_classes)
+
+
+EMPTY = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+
+
+@pytest.mark.parametrize("name", ANCHORED_TINY)
+def test_anchored_shapes_at_two_sizes_and_finite_loss_without_objects(name):
+    model = build(name)
+    num_anchors, levels = model.anchors.shape[1], len(model.strides)
+    for h, w in [(64, 96), (128, 128)]:
+        outputs = model.raw_outputs(torch.zeros(2, 3, h, w))
+        assert [tuple(o.shape) for o in outputs] == [(2, num_anchors, h // s, w // s, 8) for s in model.strides]
+    assert levels == (1 if name.startswith("yolov2") else 2)
+    losses = model(torch.rand(2, 3, 64, 64), EMPTY)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_obj"] > 0
+    model.eval()
+    dets = model(torch.rand(1, 3, 64, 96))
+    assert set(dets[0]) == {"boxes", "scores", "labels"}
+
+
+def test_yolov1_shapes_finite_loss_without_objects_and_input_size_check():
+    model = build("yolov1_tiny", *V1_TEST)
+    assert model.raw_outputs(torch.zeros(2, 3, 128, 128)).shape == (2, 4, 4, 2 * 5 + 3)
+    other = build("yolov1_tiny", "model.input_size=192")
+    assert other.raw_outputs(torch.zeros(1, 3, 192, 192)).shape == (1, 7, 7, 13)
+    losses = model(torch.rand(2, 3, 128, 128), EMPTY)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_noobj"] > 0
+    assert losses["loss_box"] == 0 and losses["loss_cls"] == 0
+    with pytest.raises(ValueError, match="built for 128×128 inputs"):
+        model(torch.zeros(1, 3, 192, 192), EMPTY)
+
+
+def _overfit(model, images, targets, steps: int, lr: float, calibrate) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    first = None
+    for _ in range(steps):
+        loss = sum(model(images, targets).values())
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3 * first
+    calibrate(model, images, targets)
+    model.eval()
+    for det, target in zip(model(images), targets):
+        confident = det["scores"] > 0.3
+        iou = box_iou(target["boxes"], det["boxes"][confident])
+        labels_match = target["labels"][:, None] == det["labels"][confident][None]
+        assert ((iou > 0.5) & labels_match).any(dim=1).all(), (iou, det)
+
+
+@pytest.mark.parametrize("name", ANCHORED_TINY)
+def test_tiny_config_overfits_two_images(name, toy_batch, precise_batchnorm):
+    _overfit(build(name), *toy_batch, steps=100, lr=0.01, calibrate=precise_batchnorm)
+
+
+def test_yolov1_tiny_overfits_two_images(toy_batch, precise_batchnorm):
+    # Dropout is there to stop memorising; here memorising is the point.
+    _overfit(build("yolov1_tiny", *V1_TEST, "model.dropout=0"), *toy_batch, steps=100, lr=0.003,
+             calibrate=precise_batchnorm)
+
+
+@pytest.mark.parametrize("name", ["yolov3", "yolov4"])
+def test_full_size_config_trains_one_step_at_416(name):
+    model = build(name, num_classes=20)
+    images = torch.rand(1, 3, 416, 416)
+    targets = [{"boxes": torch.tensor([[50.0, 60.0, 200.0, 300.0]]), "labels": torch.tensor([7])}]
+    outputs = model.raw_outputs(images)
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, 52, 52, 25), (1, 3, 26, 26, 25), (1, 3, 13, 13, 25)]
+    losses = model.loss(outputs, model.decode(outputs), targets, model.anchors, model.strides)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
