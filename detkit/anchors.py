@@ -9,13 +9,13 @@ that cell, so a head output reshaped (B, H, W, A, ·) → (B, H·W·A, ·) lines
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["SSD300", "ssd_default_boxes", "grid_anchors", "anchors_per_location", "gcnn_grid", "gcnn_grid_count",
-           "shape_iou", "kmeans_anchors"]
+__all__ = ["SSD300", "ssd_default_boxes", "ssd_prior_config", "grid_anchors", "anchors_per_location", "gcnn_grid",
+           "gcnn_grid_count", "shape_iou", "kmeans_anchors"]
 
 SSD300 = dict(
     image_size=300,
@@ -45,7 +45,8 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, (int, float)) else (value[0], value[1])
 
 
-def ssd_default_boxes(image_size: int | Sequence[int], feature_sizes: Sequence[int], steps: Sequence[float],
+def ssd_default_boxes(image_size: int | Sequence[int], feature_sizes: Sequence[int | Sequence[int]],
+                      steps: Sequence[float | Sequence[float]],
                       min_sizes: Sequence[float], max_sizes: Sequence[float],
                       aspect_ratios: Sequence[Sequence[float]], clip: bool = True) -> Tensor:
     """SSD default boxes (Liu et al. 2016) → (N, 4) xyxy pixels.
@@ -53,20 +54,45 @@ def ssd_default_boxes(image_size: int | Sequence[int], feature_sizes: Sequence[i
     At level k, cell (i, j) is centred at ((j + 0.5)·step_k, (i + 0.5)·step_k) and holds, in this order: a
     square of side min_k, a square of side √(min_k·max_k), then for each ratio r a (min_k·√r) × (min_k/√r)
     box followed by its transpose. ``image_size`` is an int or (height, width); ``clip`` clamps boxes to it.
+    A feature size and a step may each be an int or (height, width) pairs, for non-square inputs.
     ``ssd_default_boxes(**SSD300)`` gives the 8732 boxes of SSD300.
     """
     boxes = []
     for f, step, s_min, s_max, ratios in zip(feature_sizes, steps, min_sizes, max_sizes, aspect_ratios):
         fh, fw = _pair(f)
+        sy, sx = _pair(step)
         shapes = [(s_min, s_min), (math.sqrt(s_min * s_max),) * 2]
         for r in ratios:
             shapes += [(s_min * math.sqrt(r), s_min / math.sqrt(r)), (s_min / math.sqrt(r), s_min * math.sqrt(r))]
-        boxes.append(_tile(_cell_centers(fh, fw, step, step, 0.5), torch.tensor(shapes, dtype=torch.float32)))
+        boxes.append(_tile(_cell_centers(fh, fw, sy, sx, 0.5), torch.tensor(shapes, dtype=torch.float32)))
     out = torch.cat(boxes)
     if clip:
         h, w = _pair(image_size)
         out = torch.min(out.clamp(min=0), torch.tensor([w, h, w, h], dtype=out.dtype))
     return out
+
+
+def ssd_prior_config(reference: Mapping, image_size: Sequence[int],
+                     feature_sizes: Sequence[Sequence[int]]) -> dict:
+    """Arguments of :func:`ssd_default_boxes` for an input of ``image_size`` = (height, width) whose feature maps
+    are ``feature_sizes`` ((h, w) per level), from a ``reference`` configuration such as :data:`SSD300`.
+
+    At the reference's own image and feature sizes the reference is returned unchanged (SSD300's rounded steps
+    8, 16, 32, 64, 100, 300). At any other size a level's step is the input side over the map side, per axis,
+    so every map still tiles the whole input (with pooling that rounds up, sizes do not scale in proportion);
+    box sizes scale with √(height·width) / reference size, so priors keep their share of the image.
+    """
+    h, w = image_size
+    ref_h, ref_w = _pair(reference["image_size"])
+    sizes = [tuple(f) for f in feature_sizes]
+    if len(sizes) != len(reference["feature_sizes"]):
+        raise ValueError(f"{len(sizes)} feature maps for a prior configuration of {len(reference['feature_sizes'])}")
+    if (h, w) == (ref_h, ref_w) and sizes == [_pair(f) for f in reference["feature_sizes"]]:
+        return dict(reference)
+    scale = math.sqrt(h * w / (ref_h * ref_w))
+    return dict(reference, image_size=(h, w), feature_sizes=sizes, steps=[(h / fh, w / fw) for fh, fw in sizes],
+                min_sizes=[s * scale for s in reference["min_sizes"]],
+                max_sizes=[s * scale for s in reference["max_sizes"]])
 
 
 def _per_level(ratios: Sequence[float] | Sequence[Sequence[float]], levels: int) -> list[Sequence[float]]:

@@ -1,7 +1,11 @@
 """Time detkit ops against their baseline: ``python tools/benchmark.py postprocess [--quick]
 [--device cpu|cuda] [--repeats N] [--threads N]`` (vs torchvision), ``python tools/benchmark.py eval [--quick]
 [--images 5000] [--classes 80]`` (COCO evaluation backends vs pycocotools), ``python tools/benchmark.py loader
-[--quick] [--size 320] [--workers 2]`` (training loader img/s: Mosaic + yolo preset vs the default pipeline).
+[--quick] [--size 320] [--workers 2]`` (training loader img/s: Mosaic + yolo preset vs the default pipeline),
+``python tools/benchmark.py ssd [--quick] [--repeats N] [--batch-size 4] [--threads N]`` (detkit SSD300 vs torchvision's
+ssd300_vgg16: training step and inference on one 4x3x300x300 batch, CPU), ``python tools/benchmark.py yolo
+[--quick] [--steps 200] [--size 256] [--threads N]`` (each tiny YOLO config trained for the same budget on the
+built-in data: mAP@0.5, mAP, params, FLOPs, CPU img/s).
 
 Prints median milliseconds per call and the ratio to the baseline timed in the same run; on a shared machine
 trust the ratios more than the absolute times.
@@ -12,8 +16,9 @@ import tempfile
 
 import torch
 
-from detkit.utils.benchmark import coco_eval_timings, format_table, postprocess_timings
+from detkit.utils.benchmark import coco_eval_timings, format_table, postprocess_timings, ssd_timings
 from detkit.utils.loader_benchmark import format_throughputs, loader_throughputs
+from detkit.utils.yolo_benchmark import format_results, yolo_family
 
 
 def postprocess(args: argparse.Namespace) -> None:
@@ -44,6 +49,29 @@ def loader(args: argparse.Namespace) -> None:
                              f"{batches} timed batches", rows))
 
 
+def ssd(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 5)
+    print(f"cpu, {repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for title, rows in ssd_timings(repeats, batch=args.batch_size):
+        print(format_table(title, rows))
+
+
+def yolo(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        # --quick: 16 small generated images in a temporary folder, 2 steps, 128 px: checks that it runs.
+        quick = [f"data.builtin.root={tmp}", "data.builtin.num_train=16", "data.builtin.num_val=8",
+                 "+data.builtin.min_size=96", "+data.builtin.max_size=128", "+data.builtin.workers=1"]
+        size, steps = (128, 2) if args.quick else (args.size, args.steps)
+        overrides = [*(quick if args.quick else []), f"data.img_size={size}"]
+        rows = yolo_family(steps=steps, overrides=overrides)
+    print(format_results(f"tiny YOLO configs, {steps} training steps at {size} px, built-in data, "
+                         f"{torch.get_num_threads()} threads", rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sections = parser.add_subparsers(dest="section", required=True)
@@ -68,6 +96,18 @@ def main() -> None:
     load.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
     load.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     load.add_argument("--batches", type=int, default=50, help="timed batches (default 50)")
+    det = sections.add_parser("ssd", help="detkit SSD300 vs torchvision ssd300_vgg16: train step and inference")
+    det.set_defaults(run=ssd)
+    det.add_argument("--quick", action="store_true", help="one timed repeat, to check that it runs")
+    det.add_argument("--repeats", type=int, default=0, help="repeats per measurement (default 5, quick 1)")
+    det.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
+    det.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    fam = sections.add_parser("yolo", help="tiny YOLO v1-v4 configs: same training budget, mAP, params, FLOPs, img/s")
+    fam.set_defaults(run=yolo)
+    fam.add_argument("--quick", action="store_true", help="16 images, 2 steps at 128 px, to check that it runs")
+    fam.add_argument("--steps", type=int, default=200, help="training batches per config (default 200)")
+    fam.add_argument("--size", type=int, default=256, help="input side, a multiple of 64 for YOLOv1 (default 256)")
+    fam.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     args.run(args)
 

@@ -182,6 +182,69 @@ def coco_eval_timings(num_images: int = 5000, num_classes: int = 80, repeats: in
     return title, rows
 
 
+def synthetic_batch(batch: int = 4, size: int = 300, seed: int = 0) -> tuple[Tensor, list[dict]]:
+    """Random 0–1 images (B, 3, size, size) and 1–4 random boxes per image (xyxy pixels, 0-based labels < 20)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=g)
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(1, 5, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * size * 0.6
+        wh = (torch.rand(n, 2, generator=g) * 0.35 + 0.05) * size
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(20, (n,), generator=g)})
+    return images, targets
+
+
+def ssd_timings(repeats: int, batch: int = 4, num_classes: int = 21, warmup: int = 1,
+                seed: int = 0) -> list[tuple[str, list[Timing]]]:
+    """detkit's SSD300 against ``torchvision.models.detection.ssd300_vgg16`` (both random init, same 300 px
+    batch): a training step (forward, backward, SGD step) and inference with post-processing.
+
+    Post-processing settings are equal: score > 0.01 per class, NMS 0.45, 200 detections; detkit keeps its
+    best 400·C (box, class) pairs before NMS where torchvision keeps 400 per class. ``num_classes`` counts the
+    background, as torchvision does.
+    """
+    from torchvision.models.detection import ssd300_vgg16
+
+    from detkit.models.backbones.vgg import VGG16SSD
+    from detkit.models.detectors.ssd import SSD
+
+    torch.manual_seed(seed)
+    ours = SSD(num_classes - 1, VGG16SSD(), score_thresh=0.01, nms_thresh=0.45, max_det=200)
+    theirs = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes)
+    images, targets = synthetic_batch(batch, 300, seed)
+    # torchvision's labels count the background as 0.
+    shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+
+    def train_step(model, targets) -> Callable[[], None]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def step() -> None:
+            model.train()
+            loss = sum(model(list(images), targets).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return step
+
+    def infer(model) -> Callable[[], object]:
+        def run() -> object:
+            model.eval()
+            with torch.no_grad():
+                return model(list(images))
+        return run
+
+    base = median_ms(train_step(theirs, shifted), repeats, warmup)
+    train = [Timing("torchvision ssd300_vgg16", base, base),
+             Timing("detkit SSD300", median_ms(train_step(ours, targets), repeats, warmup), base)]
+    base = median_ms(infer(theirs), repeats, warmup)
+    inference = [Timing("torchvision ssd300_vgg16", base, base),
+                 Timing("detkit SSD300", median_ms(infer(ours), repeats, warmup), base)]
+    size = f"batch {batch} x 3 x 300 x 300, {num_classes} classes with background"
+    return [(f"SSD300 training step (forward, backward, SGD), {size}", train),
+            (f"SSD300 inference with post-processing (0.01, NMS 0.45, top 200), {size}", inference)]
+
+
 def format_table(title: str, rows: list[Timing]) -> str:
     width = max(len(r.name) for r in rows)
     lines = [title, f"  {'':{width}}  {'median ms':>10}  {'x baseline':>10}"]

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from torchvision.ops import box_iou
 
 from detkit.models.backbones.darknet import Darknet
 from detkit.models.detectors.yolo import YOLOv3
+from tests.models.overfit import assert_finds_the_boxes, overfit
 
 ANCHORS = [[[8, 11], [12, 17], [17, 24]], [[24, 33], [33, 46], [46, 62]], [[64, 84], [88, 115], [124, 160]]]
 
@@ -57,18 +57,5 @@ def test_overfits_a_tiny_batch(toy_batch):
     torch.manual_seed(0)
     model = tiny_yolo()
     images, targets = toy_batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    first = None
-    for _ in range(150):
-        loss = sum(model(images, targets).values())
-        first = loss.item() if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.3 * first
-    model.eval()
-    for det, target in zip(model(images), targets):
-        confident = det["scores"] > 0.3
-        iou = box_iou(target["boxes"], det["boxes"][confident])
-        labels_match = target["labels"][:, None] == det["labels"][confident][None]
-        assert ((iou > 0.5) & labels_match).any(dim=1).all(), (iou, det)
+    overfit(model, images, targets, steps=150, lr=0.01, shrink=0.3)
+    assert_finds_the_boxes(model, images, targets)

@@ -4,9 +4,9 @@
 import pytest
 import torch
 from hydra.utils import instantiate
-from torchvision.ops import box_iou
 
 from tests.conftest import compose_config
+from tests.models.overfit import assert_finds_the_boxes, overfit
 
 ANCHORED_TINY = ["yolov2_tiny", "yolov3_tiny", "yolov3_spp_tiny", "yolov4_tiny"]
 # YOLOv1's FC head is built for one input size: the tests build it for the toy batch's 128 px (grid 4).
@@ -60,22 +60,9 @@ def test_yolov1_shapes_finite_loss_without_objects_and_input_size_check():
 
 
 def _overfit(model, images, targets, steps: int, lr: float, calibrate) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    first = None
-    for _ in range(steps):
-        loss = sum(model(images, targets).values())
-        first = loss.item() if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.3 * first
+    overfit(model, images, targets, steps, lr, shrink=0.3)
     calibrate(model, images, targets)
-    model.eval()
-    for det, target in zip(model(images), targets):
-        confident = det["scores"] > 0.3
-        iou = box_iou(target["boxes"], det["boxes"][confident])
-        labels_match = target["labels"][:, None] == det["labels"][confident][None]
-        assert ((iou > 0.5) & labels_match).any(dim=1).all(), (iou, det)
+    assert_finds_the_boxes(model, images, targets)
 
 
 @pytest.mark.parametrize("name", ANCHORED_TINY)

@@ -49,3 +49,14 @@ def test_synthetic_coco_eval_and_its_timings():
     assert rows[0].name == "pycocotools" and rows[0].ratio == 1.0 and "30 images x 5 classes" in title
     for row in rows[1:]:  # faster-coco-eval, when installed: the same numbers
         assert float(row.name.split("|diff| ")[1].rstrip(")")) < 1e-12
+
+
+def test_synthetic_batch_for_the_ssd_benchmark():
+    from detkit.utils.benchmark import synthetic_batch
+
+    images, targets = synthetic_batch(batch=3, size=300, seed=1)
+    assert images.shape == (3, 3, 300, 300) and len(targets) == 3
+    for t in targets:
+        boxes = t["boxes"]
+        assert (boxes[:, 2:] > boxes[:, :2]).all() and boxes.min() >= 0 and boxes.max() <= 300
+        assert t["labels"].min() >= 0 and t["labels"].max() < 20

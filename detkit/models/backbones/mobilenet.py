@@ -1,0 +1,77 @@
+"""MobileNetV2 (Sandler et al. 2018) as an SSDLite backbone: torchvision's ``features`` plus depthwise-separable
+extra layers, six maps for a light SSD on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import mobilenet_v2
+
+__all__ = ["separable_conv", "MobileNetV2SSD"]
+
+_STRIDE16 = 13  # last block of torchvision's ``features`` at stride 16 (96 channels at width 1)
+
+
+def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU6(inplace=True))
+
+
+def separable_conv(c_in: int, c_out: int, stride: int = 1, bias: bool = True) -> nn.Sequential:
+    """3×3 depthwise conv + BN + ReLU6, then a 1×1 pointwise conv (linear, with bias): SSDLite's replacement for a
+    3×3 prediction conv, at about 1/9 of its cost for wide outputs."""
+    return nn.Sequential(_conv_bn(c_in, c_in, 3, stride, groups=c_in), nn.Conv2d(c_in, c_out, 1, bias=bias))
+
+
+def _separable_down(c_in: int, c_out: int) -> nn.Sequential:
+    """SSDLite extra layer: 1×1 to c_out/2, 3×3 depthwise stride 2, 1×1 to c_out (each BN + ReLU6); halves the
+    map, rounding up."""
+    mid = max(1, c_out // 2)
+    return nn.Sequential(_conv_bn(c_in, mid, 1), _conv_bn(mid, mid, 3, 2, groups=mid), _conv_bn(mid, c_out, 1))
+
+
+class MobileNetV2SSD(nn.Module):
+    """MobileNetV2 → six maps: the end of the stride-16 blocks, the final 1×1 conv (stride 32), and four
+    depthwise-separable extra layers (strides 64 … 512).
+
+    At 320 px the maps are 20², 10², 5², 3², 2², 1²; any input size works (the extras round up down to 1²).
+
+    Args:
+        width: MobileNetV2's width multiplier (``torchvision.models.mobilenet_v2(width_mult=...)``), also
+            applied to ``extra_channels``.
+        extra_channels: output channels of the four extra layers at width 1.
+        pretrained: path to a local state dict of ``torchvision.models.mobilenet_v2`` with the same ``width``
+            (its ``features.*`` entries are read); the extra layers stay randomly initialised.
+    """
+
+    def __init__(self, width: float = 1.0, extra_channels: tuple[int, ...] = (512, 256, 256, 128),
+                 pretrained: str | None = None) -> None:
+        super().__init__()
+        self.features = mobilenet_v2(weights=None, width_mult=width).features
+        if pretrained:
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            self.features.load_state_dict({k[len("features."):]: v for k, v in state.items()
+                                           if k.startswith("features.")})
+        c16 = self.features[_STRIDE16].out_channels
+        c32 = self.features[-1].out_channels
+        extras = [max(8, round(c * width)) for c in extra_channels]
+        self.extras = nn.ModuleList(_separable_down(c_in, c_out) for c_in, c_out in zip([c32, *extras], extras))
+        self.out_channels = [c16, c32, *extras]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        maps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i == _STRIDE16:
+                maps.append(x)
+        maps.append(x)
+        # The extra layers run in float32 even under autocast: with bf16 on channels_last, their depthwise
+        # weights' gradients came out non-finite for some initialisations (2² and 1² maps, torch 2.14 on CPU);
+        # the maps are tiny, so float32 costs next to nothing.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            for extra in self.extras:
+                x = extra(x)
+                maps.append(x)
+        return maps

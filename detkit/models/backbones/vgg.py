@@ -1,0 +1,104 @@
+"""VGG16 as modified for SSD (Liu et al. 2016): the backbone of SSD300.
+
+conv1_1 … conv5_3 of VGG16 (Simonyan & Zisserman 2015), pool3 rounding up so that 300 px gives a 38² conv4_3
+map, pool5 turned into a 3×3 stride-1 pool, fc6 into a 3×3 convolution of dilation 6 and fc7 into a 1×1
+convolution (1024 channels each; no dropout, no fc8). conv4_3's features go through an L2 normalisation with
+a learned per-channel scale, because their norm is much larger than that of the deeper maps. Extra layers
+conv8 … conv11 bring the maps down to 10², 5², 3², 1².
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.vgg import cfgs, make_layers
+
+__all__ = ["L2Norm", "VGG16SSD"]
+
+_CONV4_3 = 22  # index of conv4_3's ReLU in torchvision's VGG16 ``features``
+_POOL5 = 30  # index of pool5, replaced by a 3×3 stride-1 pool
+_POOL3 = 16
+
+
+class L2Norm(nn.Module):
+    """x / ‖x‖₂ over channels, times a learned per-channel scale (ParseNet, Liu et al. 2015). (B, C, H, W) →
+    (B, C, H, W)."""
+
+    def __init__(self, channels: int, scale: float = 20.0, eps: float = 1e-10) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels,), scale))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = x.pow(2).sum(dim=1, keepdim=True).sqrt() + self.eps
+        return x / norm * self.weight.view(1, -1, 1, 1)
+
+
+def _extra(c_in: int, c_mid: int, c_out: int, stride: int, padding: int) -> nn.Sequential:
+    """1×1 reduction then a 3×3 convolution, each followed by ReLU (conv8 … conv11 of SSD300)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_mid, 1), nn.ReLU(inplace=True),
+                         nn.Conv2d(c_mid, c_out, 3, stride, padding), nn.ReLU(inplace=True))
+
+
+class VGG16SSD(nn.Module):
+    """SSD300's VGG16 backbone → six maps: conv4_3 (L2-normalised), fc7, conv8_2, conv9_2, conv10_2, conv11_2.
+
+    At 300 px the maps are 38², 19², 10², 5², 3², 1² with 512, 1024, 512, 256, 256, 256 channels (times
+    ``width``). conv10_2 and conv11_2 are unpadded 3×3 convolutions, so the input must be at least 268 px.
+
+    Args:
+        width: channel multiplier of every layer (1.0 is the paper's network; small values for tests).
+        pretrained: path to a local state dict of ``torchvision.models.vgg16`` (only its ``features.*``
+            entries are read, into conv1_1 … conv5_3); needs ``width`` 1. fc6/fc7 and the extra layers stay
+            randomly initialised (the paper subsamples fc6/fc7 from the classifier; not done here).
+    """
+
+    def __init__(self, width: float = 1.0, pretrained: str | None = None) -> None:
+        super().__init__()
+
+        def ch(c: int) -> int:
+            return max(1, round(c * width))
+
+        cfg = [v if v == "M" else ch(v) for v in cfgs["D"]]
+        # torchvision's builder gives the same layer indices as vgg16().features, so its checkpoints load as
+        # they are; building vgg16() itself would also allocate the 120M-parameter classifier dropped here.
+        features = make_layers(cfg)[:_POOL5]
+        features[_POOL3].ceil_mode = True  # 75 → 38, not 37, at 300 px
+        self.features = features
+        c4, c7 = ch(512), ch(1024)
+        self.l2norm = L2Norm(c4)
+        self.fc = nn.Sequential(
+            nn.MaxPool2d(3, 1, 1),
+            nn.Conv2d(c4, c7, 3, padding=6, dilation=6), nn.ReLU(inplace=True),
+            nn.Conv2d(c7, c7, 1), nn.ReLU(inplace=True),
+        )
+        self.extras = nn.ModuleList([
+            _extra(c7, ch(256), ch(512), 2, 1),
+            _extra(ch(512), ch(128), ch(256), 2, 1),
+            _extra(ch(256), ch(128), ch(256), 1, 0),
+            _extra(ch(256), ch(128), ch(256), 1, 0),
+        ])
+        self.out_channels = [c4, c7, ch(512), ch(256), ch(256), ch(256)]
+        if pretrained:
+            self.load_vgg16(pretrained)
+
+    def load_vgg16(self, path: str) -> None:
+        """Copy conv1_1 … conv5_3 from a local torchvision VGG16 state dict file."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        self.features.load_state_dict(state)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if min(x.shape[-2:]) < 268:
+            raise ValueError(f"VGG16SSD needs inputs of at least 268 px, got {tuple(x.shape[-2:])}")
+        maps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i == _CONV4_3:
+                maps.append(self.l2norm(x))
+        x = self.fc(x)
+        maps.append(x)
+        for extra in self.extras:
+            x = extra(x)
+            maps.append(x)
+        return maps

@@ -1,0 +1,172 @@
+"""SSD (Liu et al. 2016) and SSDLite (Sandler et al. 2018).
+
+A backbone gives six maps; on each, 3×3 prediction convs output, for each of the k default boxes of every
+cell, C + 1 class logits (softmax, column 0 the background) and 4 offsets from the box (variances 0.1, 0.2).
+SSDLite is the same detector with depthwise-separable prediction convs on a MobileNetV2 backbone
+(``configs/model/ssdlite.yaml``); SSD300 is ``configs/model/ssd300.yaml``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detkit.anchors import SSD300, ssd_default_boxes, ssd_prior_config
+from detkit.losses.multibox import multibox_loss, ssd_coder
+from detkit.models.backbones.mobilenet import separable_conv
+from detkit.postprocess import postprocess_detections
+
+__all__ = ["SSDHead", "SSD", "boxes_per_cell"]
+
+# torchvision's detectors take 0–1 RGB and normalise inside the model; so does SSD (ImageNet statistics).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _plain(value):
+    # Hydra hands over ListConfig; plain lists keep the cache keys and the default-box code simple.
+    return [_plain(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+
+def boxes_per_cell(aspect_ratios: Sequence[Sequence[float]]) -> list[int]:
+    """Default boxes per cell of each level: two squares plus two per ratio (4, 6, 6, 6, 4, 4 for SSD300)."""
+    return [2 + 2 * len(r) for r in aspect_ratios]
+
+
+class SSDHead(nn.Module):
+    """Per level, one prediction conv for class logits and one for box offsets.
+
+    Args:
+        in_channels: channels of each level's map.
+        num_boxes: default boxes per cell of each level.
+        num_logits: C + 1 (background included).
+        separable: SSDLite's depthwise-separable 3×3 convs instead of plain 3×3 convs.
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_boxes: Sequence[int], num_logits: int,
+                 separable: bool = False) -> None:
+        super().__init__()
+
+        def conv(c_in: int, c_out: int) -> nn.Module:
+            return separable_conv(c_in, c_out) if separable else nn.Conv2d(c_in, c_out, 3, padding=1)
+
+        self.num_logits = num_logits
+        self.cls = nn.ModuleList(conv(c, k * num_logits) for c, k in zip(in_channels, num_boxes))
+        self.box = nn.ModuleList(conv(c, k * 4) for c, k in zip(in_channels, num_boxes))
+
+    @staticmethod
+    def _flatten(x: Tensor, width: int) -> Tensor:
+        # (B, k·width, H, W) → (B, H·W·k, width): location-major, the order of ssd_default_boxes.
+        b, _, h, w = x.shape
+        return x.view(b, -1, width, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, width)
+
+    def forward(self, maps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Maps (B, C_l, H_l, W_l) → class logits (B, A, C + 1) and offsets (B, A, 4), A = Σ H_l·W_l·k_l."""
+        logits = [self._flatten(conv(x), self.num_logits) for conv, x in zip(self.cls, maps)]
+        deltas = [self._flatten(conv(x), 4) for conv, x in zip(self.box, maps)]
+        return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)
+
+
+class SSD(nn.Module):
+    """SSD with the common detkit interface.
+
+    Train mode: ``model(images, targets)`` → ``loss_box``, ``loss_cls`` (:func:`~detkit.losses.multibox.
+    multibox_loss`), ``targets`` with ``boxes`` (N, 4) xyxy pixels of ``images`` and ``labels`` (N,) 0-based.
+    Eval mode: ``model(images)`` → per image ``boxes`` (K, 4) xyxy pixels of ``images``, ``scores``, ``labels``
+    (0-based object classes; the background is never returned).
+
+    ``images`` are 0–1 RGB, (B, 3, H, W) or a list of same-size (3, H, W). Default boxes follow ``priors`` (the
+    arguments of :func:`~detkit.anchors.ssd_default_boxes`, :data:`~detkit.anchors.SSD300` by default) at
+    its image size, and are recomputed from the feature map sizes for any other input size
+    (:func:`~detkit.anchors.ssd_prior_config`).
+
+    Args:
+        num_classes: C object classes (the head predicts C + 1).
+        backbone: module returning six maps, with ``out_channels``.
+        priors: default-box configuration at its reference ``image_size``.
+        separable_head: SSDLite's depthwise-separable prediction convs.
+        iou_threshold, neg_pos_ratio, variances, box_weight: see :func:`~detkit.losses.multibox.multibox_loss`.
+        score_thresh, nms_thresh, max_det: per-class score threshold, NMS IoU and detections kept per image.
+        pre_nms_topk: (box, class) candidates kept before NMS; None: 400 per class, the budget of Caffe SSD's
+            per-class top 400.
+        image_mean, image_std: input normalisation, per RGB channel, of 0–1 images.
+    """
+
+    def __init__(self, num_classes: int, backbone: nn.Module, priors: Mapping | None = None,
+                 separable_head: bool = False, iou_threshold: float = 0.5, neg_pos_ratio: float = 3.0,
+                 variances: Sequence[float] = (0.1, 0.2), box_weight: float = 1.0, score_thresh: float = 0.01,
+                 nms_thresh: float = 0.45, max_det: int = 200, pre_nms_topk: int | None = None,
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.priors_config = {k: _plain(v) for k, v in dict(priors or SSD300).items()}
+        num_boxes = boxes_per_cell(self.priors_config["aspect_ratios"])
+        if len(num_boxes) != len(backbone.out_channels):
+            raise ValueError(f"backbone gives {len(backbone.out_channels)} maps but the priors configure "
+                             f"{len(num_boxes)} levels")
+        self.backbone = backbone
+        self.head = SSDHead(backbone.out_channels, num_boxes, num_classes + 1, separable_head)
+        self.iou_threshold, self.neg_pos_ratio, self.box_weight = iou_threshold, neg_pos_ratio, box_weight
+        self.variances = tuple(variances)
+        self.coder = ssd_coder(self.variances)
+        self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det
+        self.pre_nms_topk = pre_nms_topk or 400 * num_classes
+        self.register_buffer("image_mean", torch.tensor(_plain(image_mean)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(_plain(image_std)).view(1, 3, 1, 1), persistent=False)
+        self._priors: dict[tuple, Tensor] = {}
+
+    def default_boxes(self, image_size: Sequence[int], feature_sizes: Sequence[Sequence[int]],
+                      device: torch.device | str = "cpu") -> Tensor:
+        """(A, 4) xyxy default boxes in input pixels for an input of ``image_size`` = (H, W) whose maps have
+        ``feature_sizes``; cached per size and device."""
+        key = (tuple(image_size), tuple(map(tuple, feature_sizes)), str(device))
+        if key not in self._priors:
+            config = ssd_prior_config(self.priors_config, tuple(image_size), feature_sizes)
+            self._priors[key] = ssd_default_boxes(**config).to(device)
+        return self._priors[key]
+
+    def raw_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, 3, H, W) 0–1 images → class logits (B, A, C + 1), offsets (B, A, 4), default boxes (A, 4)."""
+        maps = self.backbone((images - self.image_mean) / self.image_std)
+        # Prediction convs and all that follows stay float32 under autocast: offsets are scaled by 10 and 5.
+        with torch.autocast(images.device.type, enabled=False):
+            logits, deltas = self.head([m.float() for m in maps])
+        priors = self.default_boxes(images.shape[-2:], [m.shape[-2:] for m in maps], images.device)
+        return logits, deltas, priors
+
+    def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None):
+        x = images if isinstance(images, Tensor) else torch.stack(list(images))
+        if x.dim() != 4:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        logits, deltas, priors = self.raw_outputs(x)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            return multibox_loss(logits, deltas, priors, targets, self.iou_threshold, self.neg_pos_ratio,
+                                 self.variances, self.box_weight)
+        return self.postprocess(logits, deltas, priors, x.shape[-2:])
+
+    def decode(self, logits: Tensor, deltas: Tensor, priors: Tensor) -> tuple[Tensor, Tensor]:
+        """Boxes (B, A, 4) xyxy input pixels and class probabilities (B, A, C), the background column dropped."""
+        batch, num = deltas.shape[:2]
+        boxes = self.coder.decode(deltas.reshape(-1, 4), priors.repeat(batch, 1)).view(batch, num, 4)
+        return boxes, logits.softmax(dim=-1)[..., 1:]
+
+    def dense_predictions(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) 0–1 images → boxes (B, A, 4) xyxy input pixels, scores (B, A, C): the network and its
+        decoding, before post-processing (what :mod:`detkit.deploy.onnx` exports)."""
+        return self.decode(*self.raw_outputs(images))
+
+    def postprocess_settings(self) -> dict:
+        """Keyword arguments of :func:`~detkit.postprocess.postprocess_detections` that eval mode applies."""
+        return dict(score_threshold=self.score_thresh, nms_threshold=self.nms_thresh, max_detections=self.max_det,
+                    method="nms", pre_nms_topk=self.pre_nms_topk)
+
+    @torch.no_grad()
+    def postprocess(self, logits: Tensor, deltas: Tensor, priors: Tensor, size: Sequence[int]) -> list[dict]:
+        """Decode offsets, softmax, drop the background column, then per-class threshold, NMS and top
+        ``max_det`` (:func:`~detkit.postprocess.postprocess_detections`), boxes clipped to ``size`` = (H, W)."""
+        boxes, scores = self.decode(logits, deltas, priors)
+        return postprocess_detections(boxes, scores, image_size=tuple(size), **self.postprocess_settings())

@@ -1,0 +1,146 @@
+import pytest
+import torch
+import torchvision
+from hydra.utils import instantiate
+
+from detkit.anchors import SSD300, ssd_default_boxes, ssd_prior_config
+from detkit.models.backbones.mobilenet import MobileNetV2SSD
+from detkit.models.backbones.vgg import VGG16SSD, L2Norm
+from detkit.models.detectors.ssd import SSD, boxes_per_cell
+from tests.conftest import compose_config
+from tests.models.overfit import assert_finds_the_boxes, overfit
+
+
+def toy_batch(size: int = 300):
+    """Two ``size``² images, one coloured rectangle each (placed for 300 px, scaled); the colour is the class."""
+    colors = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0]])
+    boxes = [torch.tensor([[40.0, 50.0, 160.0, 200.0]]) * size / 300,
+             torch.tensor([[150.0, 90.0, 260.0, 170.0]]) * size / 300]
+    labels = [torch.tensor([2]), torch.tensor([0])]
+    images = torch.full((2, 3, size, size), 0.5)
+    for i in range(2):
+        for (x1, y1, x2, y2), label in zip(boxes[i].int().tolist(), labels[i].tolist()):
+            images[i, :, y1:y2, x1:x2] = colors[label][:, None, None]
+    return images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
+
+
+def tiny_ssd300(num_classes: int = 3) -> SSD:
+    return SSD(num_classes, VGG16SSD(width=1 / 16))
+
+
+def test_ssd300_maps_and_8732_priors():
+    assert len(ssd_default_boxes(**SSD300)) == 8732
+    assert boxes_per_cell(SSD300["aspect_ratios"]) == [4, 6, 6, 6, 4, 4]
+    model = tiny_ssd300().eval()
+    x = torch.rand(1, 3, 300, 300)
+    maps = model.backbone(x)
+    assert [m.shape[-1] for m in maps] == [38, 19, 10, 5, 3, 1]
+    logits, deltas, priors = model.raw_outputs(x)
+    assert logits.shape == (1, 8732, 4) and deltas.shape == (1, 8732, 4)
+    assert torch.equal(priors, ssd_default_boxes(**SSD300))
+
+
+def test_priors_follow_the_input_size():
+    model = tiny_ssd300().eval()
+    _, _, priors = model.raw_outputs(torch.rand(1, 3, 384, 384))
+    sizes = [48, 24, 12, 6, 4, 2]
+    assert len(priors) == sum(s * s * k for s, k in zip(sizes, [4, 6, 6, 6, 4, 4]))
+    config = ssd_prior_config(SSD300, (384, 384), [(f, f) for f in sizes])
+    assert config["steps"] == [(384 / f, 384 / f) for f in sizes]  # every map tiles the whole input
+    assert config["min_sizes"][0] == pytest.approx(30 * 384 / 300)
+    assert ssd_prior_config(SSD300, (300, 300), [(f, f) for f in SSD300["feature_sizes"]]) == SSD300
+    with pytest.raises(ValueError, match="268"):
+        model(torch.rand(1, 3, 256, 256))
+
+
+def test_parameter_count_equals_torchvision_ssd300_vgg16():
+    num_classes = 21  # torchvision counts the background
+    ours = SSD(num_classes - 1, VGG16SSD())
+    theirs = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours) == count(theirs)
+
+
+def test_l2norm_scales_unit_vectors():
+    norm = L2Norm(4, scale=20.0)
+    out = norm(torch.randn(2, 4, 3, 3))
+    assert torch.allclose(out.norm(dim=1), torch.full((2, 3, 3), 20.0), atol=1e-4)
+
+
+def test_train_losses_and_eval_format():
+    model = tiny_ssd300()
+    images, targets = toy_batch()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_box", "loss_cls"}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    model.eval()
+    out = model(list(images))
+    assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
+    for det in out:
+        assert det["boxes"].shape == (len(det["scores"]), 4) and len(det["scores"]) <= 200
+        assert det["boxes"].dtype == torch.float32 and det["labels"].dtype == torch.long
+        assert (det["boxes"] >= 0).all() and (det["boxes"] <= 300).all()
+        assert (det["scores"] > 0.01).all() and (det["scores"][:-1] >= det["scores"][1:]).all()
+        assert det["labels"].min() >= 0 and det["labels"].max() < 3  # background never returned
+
+
+def test_dense_predictions_plus_postprocess_equal_eval_output():
+    from detkit.postprocess import postprocess_detections
+
+    torch.manual_seed(0)
+    model = SSD(3, MobileNetV2SSD(width=0.25), SSD300 | {"image_size": 320}, separable_head=True).eval()
+    images, _ = toy_batch(128)
+    with torch.no_grad():
+        boxes, scores = model.dense_predictions(images)
+        expected = model(images)
+    assert boxes.shape[:2] == scores.shape[:2] and scores.shape[-1] == 3
+    got = postprocess_detections(boxes, scores, image_size=(128, 128), **model.postprocess_settings())
+    for a, b in zip(got, expected):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_ssdlite_forward_backward():
+    torch.manual_seed(0)
+    model = SSD(3, MobileNetV2SSD(width=0.25), SSD300 | {"image_size": 320}, separable_head=True)
+    images, targets = toy_batch(150)
+    loss = sum(model(images, targets).values())
+    loss.backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert model.backbone.features[0][0].weight.grad.abs().sum() > 0
+    model.eval()
+    assert len(model(images)) == 2
+
+
+def test_configs_build():
+    for name, size in (("ssd300", 300), ("ssdlite", 320)):
+        cfg = compose_config("train", [f"model={name}", f"data.img_size={size}", "model.backbone.width=0.125"])
+        model = instantiate(cfg.model, num_classes=5).eval()
+        with torch.no_grad():
+            logits, _, priors = model.raw_outputs(torch.rand(1, 3, size, size))
+        assert logits.shape[-1] == 6
+        assert len(priors) == (8732 if name == "ssd300" else sum(s * s * k for s, k in
+                                                                 zip([20, 10, 5, 3, 2, 1], [4, 6, 6, 6, 4, 4])))
+
+
+def test_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    model = tiny_ssd300()
+    images, targets = toy_batch()
+    overfit(model, images, targets, steps=25, lr=3e-3, shrink=0.5)
+    assert_finds_the_boxes(model, images, targets)
+
+
+def test_ssdlite_trains_and_evaluates_through_the_trainer(tiny_builtin, tmp_path, recwarn):
+    from detkit.engine.launch import train
+
+    # tiny_train_config's overrides are YOLO's (backbone depths); the same tiny run, for SSDLite.
+    cfg = compose_config("train", [
+        "model=ssdlite", "model.backbone.width=0.25", f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24",
+        "data.builtin.num_val=8", "+data.builtin.min_size=96", "+data.builtin.max_size=128",
+        "+data.builtin.workers=1", "data.img_size=96", "data.batch_size=8", "data.eval_batch_size=8",
+        "data.augment.preset=ssd", "trainer.epochs=1", "trainer.log_every=1", "trainer.threads=1",
+    ])
+    metrics = train(cfg, tmp_path)
+    assert 0 <= metrics["AP"] <= 1 and (tmp_path / "last.pt").is_file()
+    # The trainer's default bf16 + channels_last once gave non-finite gradients in the extra layers.
+    assert not [w for w in recwarn if "non-finite" in str(w.message)]
