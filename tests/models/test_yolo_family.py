@@ -76,13 +76,13 @@ def test_yolov1_tiny_overfits_two_images(toy_batch, precise_batchnorm):
              calibrate=precise_batchnorm)
 
 
-@pytest.mark.parametrize("name", ["yolov3", "yolov4"])
-def test_full_size_config_trains_one_step_at_416(name):
+@pytest.mark.parametrize("name,size", [("yolov3", 416), ("yolov4", 416), ("yolov4", 608)])
+def test_full_size_config_trains_one_step(name, size):
     model = build(name, num_classes=20)
-    images = torch.rand(1, 3, 416, 416)
+    images = torch.rand(1, 3, size, size)
     targets = [{"boxes": torch.tensor([[50.0, 60.0, 200.0, 300.0]]), "labels": torch.tensor([7])}]
     outputs = model.raw_outputs(images)
-    assert [tuple(o.shape) for o in outputs] == [(1, 3, 52, 52, 25), (1, 3, 26, 26, 25), (1, 3, 13, 13, 25)]
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, size // s, size // s, 25) for s in (8, 16, 32)]
     losses = model.loss(outputs, model.decode(outputs), targets, model.anchors, model.strides)
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
