@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+import torchvision
 
+import detkit.postprocess
 from detkit.losses.yolo import match_anchors
 from detkit.models.backbones.cspdarknet import CSPDarknet
 from detkit.models.backbones.darknet import Darknet
 from detkit.models.backbones.darknet19 import Darknet19
-from detkit.models.detectors import yolo
 from detkit.models.detectors.yolo import YOLOv3
 from detkit.models.layers import DropBlock2d, SpatialAttention, space_to_depth
 from detkit.models.necks.pan import PANet
@@ -105,9 +106,9 @@ def test_model_options_add_spp_sam_dropblock_and_diou_nms(monkeypatch):
 
     def spy(*args):
         called.append(True)
-        return yolo.batched_nms(*args)
+        return torchvision.ops.batched_nms(*args)
 
-    monkeypatch.setattr(yolo, "batched_diou_nms", spy)
+    monkeypatch.setattr(detkit.postprocess, "batched_diou_nms", spy)
     model.eval()(torch.rand(1, 3, 64, 64))
     assert called
     with pytest.raises(ValueError, match="unknown nms"):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from detkit.models.backbones.darknet import StagedBackbone
 from detkit.models.layers import ConvBNAct, DarknetResidual
 
 
@@ -38,7 +39,7 @@ class CSPStage(nn.Module):
         return self.fuse(torch.cat([self.main(x), self.bypass(x)], dim=1))
 
 
-class CSPDarknet(nn.Module):
+class CSPDarknet(StagedBackbone):
     """CSPDarknet returning the feature maps of the last ``num_outputs`` stages.
 
     ``CSPDarknet(depths=(1, 2, 8, 8, 4), width=32)`` is YOLOv4's CSPDarknet53. Arguments and outputs as
@@ -61,11 +62,3 @@ class CSPDarknet(nn.Module):
         self.num_outputs = num_outputs
         self.out_channels = channels[-num_outputs:]
         self.strides = [stem_stride * 2 ** (i + 1) for i in range(len(depths))][-num_outputs:]
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features[-self.num_outputs :]

@@ -13,7 +13,23 @@ from torch import Tensor, nn
 from detkit.models.layers import ConvBNAct, DarknetResidual
 
 
-class Darknet(nn.Module):
+class StagedBackbone(nn.Module):
+    """A ``stem`` then ``stages`` in sequence; returns the last ``num_outputs`` stage maps, shallowest first."""
+
+    stem: nn.Module
+    stages: nn.ModuleList
+    num_outputs: int
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features[-self.num_outputs :]
+
+
+class Darknet(StagedBackbone):
     """Residual Darknet returning the feature maps of the last ``num_outputs`` stages.
 
     Args:
@@ -49,10 +65,3 @@ class Darknet(nn.Module):
         self.out_channels = [2 * width * 2**i for i in range(len(depths))][-num_outputs:]
         self.strides = [stem_stride * 2 ** (i + 1) for i in range(len(depths))][-num_outputs:]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features[-self.num_outputs :]

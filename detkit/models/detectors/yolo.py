@@ -19,13 +19,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from detkit.losses.yolo import YOLOLoss
 from detkit.models.layers import ConvBNAct, DropBlock2d, SpatialAttention
 from detkit.models.necks.spp import SPPBlock
 from detkit.models.necks.yolo_fpn import YOLOv3Neck
-from detkit.postprocess import batched_diou_nms
+from detkit.postprocess import postprocess_detections
 
 NMS_METHODS = ("nms", "diou")
 
@@ -226,23 +225,7 @@ class YOLOv3(nn.Module):
 
     @torch.no_grad()
     def postprocess(self, outputs: Sequence[Tensor], boxes: Sequence[Tensor], size: Sequence[int]) -> list[dict]:
-        """Score = σ(objectness)·σ(class); threshold, top-k, class-aware NMS (``self.nms``), clip to the input."""
-        batch = outputs[0].shape[0]
+        """Score = σ(objectness)·σ(class); threshold, top-k, class-aware NMS (``self.nms``), clip to the input:
+        :func:`~detkit.postprocess.postprocess_detections` with :meth:`postprocess_settings`."""
         all_boxes, scores = self._dense(outputs, boxes)
-        h, w = size
-        results = []
-        for i in range(batch):
-            flat = scores[i].flatten()
-            keep = (flat > self.score_thresh).nonzero().squeeze(1)
-            if len(keep) > self.pre_nms_topk:
-                keep = keep[flat[keep].topk(self.pre_nms_topk).indices]
-            box_idx, labels = keep // self.num_classes, keep % self.num_classes
-            cand = all_boxes[i, box_idx]
-            cand = torch.stack(
-                [cand[:, 0].clamp(0, w), cand[:, 1].clamp(0, h), cand[:, 2].clamp(0, w), cand[:, 3].clamp(0, h)],
-                dim=1,
-            )
-            nms = batched_nms if self.nms == "nms" else batched_diou_nms
-            kept = nms(cand, flat[keep], labels, self.nms_thresh)[: self.max_det]
-            results.append({"boxes": cand[kept], "scores": flat[keep][kept], "labels": labels[kept]})
-        return results
+        return postprocess_detections(all_boxes, scores, image_size=tuple(size), **self.postprocess_settings())
