@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from detkit.data.sample import DetectionDataset, Sample, read_rgb
+from detkit.data.sample import DetectionDataset, Sample, read_checked_rgb
 from detkit.data.validation import ON_INVALID, UNREADABLE_JSON, DatasetError, Problem, count_kinds, image_file_problem
 
 BOX_TOLERANCE = 1.0  # pixels a box may pass the image border (rounding in annotation tools); it is clipped
@@ -293,16 +293,7 @@ class CocoDetection(DetectionDataset):
         """(H, W, 3) uint8 RGB of image ``index``; an unreadable or resized file raises DatasetError."""
         im = self.images[index]
         path = self.image_dir / im["file_name"]
-        image = read_rgb(path)
-        if image is not None and image.shape[:2] == (im["height"], im["width"]):
-            return image
-        found = image_file_problem(path, im["width"], im["height"])
-        if image is not None:
-            found = found or ("image size mismatch", f"image size mismatch: file is {image.shape[1]}x"
-                              f"{image.shape[0]}, annotation says {im['width']}x{im['height']}")
-        kind, message = found or ("unreadable image", f"image file unreadable: {path}")
-        problem = Problem(str(path), im["id"], None, message, im["file_name"], kind)
-        raise DatasetError(self.ann_file, [problem])
+        return read_checked_rgb(path, im["width"], im["height"], self.ann_file, im["id"], im["file_name"])
 
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (N, 4) float32 xyxy pixels and labels (N,) int64 of image ``index``; crowd excluded."""

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 
-from detkit.data.sample import DetectionDataset, Sample, read_rgb
-from detkit.data.validation import ON_INVALID, DatasetError, Problem, count_kinds, image_file_problem
+from detkit.data.sample import DetectionDataset, Sample, read_checked_rgb
+from detkit.data.validation import ON_INVALID, DatasetError, Problem, count_kinds
 
 BOX_TOLERANCE = 1.0  # pixels a box may pass the image border (as for COCO); such boxes are clipped
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -123,12 +123,7 @@ class RecordDataset(DetectionDataset):
     def load_image(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8 RGB of image ``index``; an unreadable or resized file raises DatasetError."""
         r = self.records[index]
-        image = read_rgb(r.path)
-        if image is not None and image.shape[:2] == (r.height, r.width):
-            return image
-        found = image_file_problem(r.path, r.width, r.height) or ("unreadable image", f"image file unreadable: "
-                                                                  f"{r.path} (or resized since validation)")
-        raise DatasetError(r.ann_file, [Problem(str(r.path), r.image_id, None, found[1], r.path.name, found[0])])
+        return read_checked_rgb(r.path, r.width, r.height, r.ann_file, r.image_id, r.path.name)
 
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Every object of image ``index``, difficult ones included (the evaluation view, aligned with

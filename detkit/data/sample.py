@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detkit.data.validation import DatasetError, Problem, image_file_problem
+
 
 @dataclass
 class Sample:
@@ -37,6 +39,21 @@ def read_rgb(path: str | Path) -> np.ndarray | None:
     except Exception:
         return None
 
+
+def read_checked_rgb(path: Path, width: int, height: int, source: str | Path, image_id: int | None,
+                     file_name: str | None) -> np.ndarray:
+    """:func:`read_rgb` of an image whose annotation says ``width`` × ``height``; a file that is unreadable or
+    of another size (changed since validation) raises :class:`DatasetError` naming ``source`` (the annotation
+    file or dataset), the image and the problem."""
+    image = read_rgb(path)
+    if image is not None and image.shape[:2] == (height, width):
+        return image
+    found = image_file_problem(path, width, height)
+    if image is not None:
+        found = found or ("image size mismatch", f"image size mismatch: file is {image.shape[1]}x"
+                          f"{image.shape[0]}, annotation says {width}x{height}")
+    kind, message = found or ("unreadable image", f"image file unreadable: {path}")
+    raise DatasetError(source, [Problem(str(path), image_id, None, message, file_name, kind)])
 
 class DetectionDataset(torch.utils.data.Dataset):
     """What every reader shares: ``get_sample`` from ``load_image`` and ``targets``, then ``transforms``.
