@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -77,8 +78,16 @@ def build_data_loader(dataset, data_cfg: DictConfig, train: bool, seed: int = 0)
                         rank=world.rank, world=world.size)
 
 
-def build_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
-    return instantiate(model_cfg, num_classes=num_classes)
+def build_model(model_cfg: DictConfig, num_classes: int, channel_spec: Mapping | None = None) -> nn.Module:
+    """The detector ``model_cfg`` names; ``channel_spec`` (a pruned model's per-layer channel counts, stored in
+    its config by ``tools/slim.py``) rebuilds the slim architecture, so pruned checkpoints load with
+    ``weights_only=True`` like any other."""
+    model = instantiate(model_cfg, num_classes=num_classes)
+    if channel_spec:
+        from detkit.compression.channels import apply_channel_spec
+
+        apply_channel_spec(model, channel_spec)
+    return model
 
 
 LR_SCALING = ("linear", "sqrt", "none")

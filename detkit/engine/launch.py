@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from detkit.data.validation import DatasetError
 from detkit.engine import distributed
@@ -80,7 +81,9 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     val_set = build_dataset(cfg.data, "val", cfg.seed)
     train_loader = build_data_loader(train_set, cfg.data, train=True, seed=cfg.seed)
     val_loader = build_data_loader(val_set, cfg.data, train=False)
-    model = build_model(cfg.model, train_set.num_classes)
+    model = build_model(cfg.model, train_set.num_classes, cfg.get("channel_spec"))
+    if cfg.get("weights"):
+        load_weights(model, cfg.weights)
     accumulate = int(cfg.trainer.get("accumulate", 1))
     steps_per_epoch = train_loader.sampler.num_samples // (cfg.data.batch_size * accumulate)
     optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, world.size * accumulate)
@@ -128,11 +131,26 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     return trainer.metrics
 
 
+def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Start from a checkpoint's weights (its EMA weights when it has them) with a fresh optimizer and schedule:
+    fine-tuning, as opposed to ``resume``. The architectures must match exactly."""
+    state = load_checkpoint(checkpoint)
+    weights = state.get("weights", state.get("model"))
+    if weights is None:
+        raise ValueError(f"{checkpoint} holds no model weights (keys: {', '.join(state)})")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1:3]
+        raise ValueError(f"the weights in {checkpoint} do not fit model {type(model).__name__} (a different "
+                         f"model config or channel_spec?): {' '.join(line.strip() for line in first)}") from None
+
+
 def load_trained(checkpoint: str | Path, device: str = "cpu"):
     """(model in eval mode, stored config, checkpoint state) from a training checkpoint."""
     state = load_checkpoint(checkpoint, device)
     cfg = OmegaConf.create(state["config"])
-    model = build_model(cfg.model, len(state["class_names"]))
+    model = build_model(cfg.model, len(state["class_names"]), cfg.get("channel_spec"))
     model.load_state_dict(state.get("weights", state["model"]))
     return model.to(device).eval(), cfg, state
 

@@ -28,6 +28,11 @@ class Hook:
     def before_epoch(self, trainer: Trainer) -> None: ...
     def before_step(self, trainer: Trainer) -> None: ...
     def after_backward(self, trainer: Trainer) -> None: ...
+    def extra_losses(self, trainer: Trainer, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Loss terms to add to the model's, computed right after its forward pass on ``images`` (under the
+        same autocast); e.g. distillation, which reads the student's outputs through forward hooks."""
+        return {}
+
     def after_step(self, trainer: Trainer) -> None: ...
     def after_epoch(self, trainer: Trainer) -> None: ...
     def after_train(self, trainer: Trainer) -> None: ...
@@ -195,6 +200,8 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                     enabled=self.autocast_dtype is not None):
                     losses = self._forward(images, targets)
+                    for hook in self.hooks:
+                        losses.update(hook.extra_losses(self, images, targets))
                 loss = sum(losses.values())
                 if not self._all_finite(loss):
                     self._skip_step(losses, targets)
