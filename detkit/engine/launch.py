@@ -13,6 +13,7 @@ from torch import nn
 
 from detkit.data.validation import DatasetError
 from detkit.engine import distributed
+from detkit.engine.budget import TimeBudgetHook
 from detkit.engine.build import (
     build_data_loader,
     build_dataset,
@@ -72,6 +73,7 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     if world.is_main:  # one process generates the built-in data; the others wait for it
         prepare_data(cfg.data)
     distributed.barrier()
+    started = time.perf_counter()  # a time budget counts from here: data generation is a one-time cost
     if cfg.trainer.get("deterministic"):
         # Deterministic kernels only (an op without one raises, naming itself); cuBLAS needs this workspace.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -113,8 +115,11 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
             TensorBoardHook(out_dir / "tb", every=cfg.trainer.log_every),
             *hooks,
         ]
-        if cfg.trainer.ema.enabled:
-            hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
+    if cfg.trainer.get("max_minutes"):  # in every process: they must agree on the plan
+        hooks.insert(0, TimeBudgetHook(cfg.trainer.max_minutes, started, len(val_set), cfg.trainer.eval_every,
+                                       log=say))
+    if world.is_main and cfg.trainer.ema.enabled:
+        hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
     trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, device,
                       cfg.trainer.grad_clip_norm, cfg.trainer.channels_last,
                       cfg.trainer.get("precision", "fp32"), cfg.trainer.get("max_nonfinite", 1), accumulate)

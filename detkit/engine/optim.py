@@ -49,8 +49,17 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, policy: str = "cos
     raise ValueError(f"unknown schedule policy {policy!r}; expected cosine or step")
 
 
+class LRSchedule:
+    """:func:`lr_factor` as a LambdaLR lambda whose ``total_steps`` may be re-planned during the run (a time
+    budget). LambdaLR saves a callable object's attributes in its state dict, so a resumed run gets them back."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, **kwargs) -> None:
+        self.total_steps, self.warmup_steps, self.kwargs = total_steps, warmup_steps, kwargs
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.warmup_steps, **self.kwargs)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, **kwargs):
-    """Per-step LambdaLR over :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, **kwargs)
-    )
+    """Per-step LambdaLR over :func:`lr_factor` (an :class:`LRSchedule`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(total_steps, warmup_steps, **kwargs))

@@ -7,6 +7,7 @@ scalar losses in train mode. Evaluation, logging, checkpointing and compression 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -110,6 +111,7 @@ class Trainer:
         self.max_nonfinite, self.nonfinite_streak, self.skipped_steps = max(int(max_nonfinite), 1), 0, 0
         self._forward: nn.Module = model  # the model, or its DistributedDataParallel wrapper while training
         self.ema = None  # a ModelEMA when an EMA hook is installed; evaluation and checkpoints then use it
+        self.max_steps: int | None = None  # a planned end (time budget); None: epochs × steps_per_epoch
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -127,7 +129,30 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+        return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
+
+    def plan(self, total_steps: int) -> None:
+        """End the run after ``total_steps`` optimizer steps (a time budget's plan; the last epoch may be
+        partial). Everything scheduled against the run's length follows: the number of epochs (so the last
+        evaluation happens), the lr schedule (a ``total_steps`` attribute of the scheduler's lambdas, see
+        :class:`~detkit.engine.optim.LRSchedule`), Mosaic's close-out epochs and the EMA ramp."""
+        total_steps = max(int(total_steps), self.global_step)
+        if self.max_steps is None:
+            self._configured_steps = self.epochs * self.steps_per_epoch
+        self.max_steps = total_steps
+        self.epochs = max(math.ceil(total_steps / max(self.steps_per_epoch, 1)), self.epoch + 1)
+        for schedule in getattr(self.scheduler, "lr_lambdas", ()):
+            if hasattr(schedule, "total_steps"):
+                schedule.total_steps = total_steps
+        dataset = self.loader.dataset
+        while dataset is not None:  # Mosaic, possibly inside a multi-scale wrapper
+            own = getattr(dataset, "__dict__", {})  # (a wrapper's own attributes, not those it forwards)
+            if own.get("close_last"):
+                dataset.epochs = self.epochs
+            dataset = own.get("dataset")
+        if self.ema is not None:  # a shorter run ramps its EMA up proportionally faster
+            self.ema.base_tau = getattr(self.ema, "base_tau", self.ema.tau)
+            self.ema.tau = self.ema.base_tau * min(1.0, total_steps / max(self._configured_steps, 1))
 
     @property
     def eval_model(self) -> nn.Module:
@@ -154,7 +179,7 @@ class Trainer:
             ids = [self.device.index or 0] if self.device.type == "cuda" else None
             self._forward = DistributedDataParallel(self.model, device_ids=ids)
         self._call("before_train")
-        while self.epoch < self.epochs:
+        while self.epoch < self.epochs and self.global_step < self.total_steps:
             self._run_epoch()
             if self.stop_requested:
                 return
@@ -182,7 +207,8 @@ class Trainer:
             self.step_in_epoch += 1
             self.global_step += 1
             self._call("after_step")
-            if self.stop_requested or self.step_in_epoch >= self.steps_per_epoch:
+            if (self.stop_requested or self.step_in_epoch >= self.steps_per_epoch
+                    or self.global_step >= self.total_steps):
                 return  # (an epoch's last loader batches that fill no optimizer step are left out)
 
     def run_step(self, batches: list[tuple[torch.Tensor, list[dict]]]) -> None:
@@ -250,6 +276,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
+            "max_steps": self.max_steps,
             "torch_rng": torch.get_rng_state(),
             "hooks": {type(h).__name__: h.state_dict() for h in self.hooks},
         }
@@ -260,7 +287,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
-        if self.step_in_epoch >= self.steps_per_epoch:  # saved at an epoch's end
+        if self.step_in_epoch >= self.steps_per_epoch or (  # saved at an epoch's end, or a planned end
+                state.get("max_steps") is not None and self.global_step >= state["max_steps"]):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         torch.set_rng_state(state["torch_rng"])
         hook_states = state.get("hooks", {})

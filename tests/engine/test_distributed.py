@@ -9,7 +9,7 @@ from torch import nn
 from detkit.data.loader import ResumableSampler, build_loader
 from detkit.engine import distributed
 from detkit.engine.build import scaled_lr
-from detkit.engine.trainer import Trainer
+from detkit.engine.trainer import Hook, Trainer
 
 
 class ToyDetector(nn.Module):
@@ -43,9 +43,9 @@ def run(batch_size: int, steps: int, rank: int = 0, world: int = 1, accumulate: 
     loader = build_loader(ToyData(), batch_size, train=True, seed=3, rank=rank, world=world)
     trainer = Trainer(model, optimizer, scheduler, loader, epochs=1, accumulate=accumulate)
 
-    class Stop:
-        def __getattr__(self, name):
-            return lambda t: setattr(t, "stop_requested", t.global_step == steps) if name == "after_step" else None
+    class Stop(Hook):
+        def after_step(self, t):
+            t.stop_requested = t.global_step == steps
 
     trainer.hooks.append(Stop())
     trainer.train()
@@ -125,14 +125,14 @@ def test_a_nonfinite_loss_skips_the_step_naming_terms_and_images():
     trainer = toy_trainer(model, max_nonfinite=3)
     before = {}
 
-    class Snapshot:
-        def __getattr__(self, name):
-            def call(t):
-                if name == "before_step" and t.global_step == 1:
-                    before.update({k: v.clone() for k, v in model.state_dict().items()})
-                if name == "after_step" and t.global_step == 2:
-                    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-            return call
+    class Snapshot(Hook):
+        def before_step(self, t):
+            if t.global_step == 1:
+                before.update({k: v.clone() for k, v in model.state_dict().items()})
+
+        def after_step(self, t):
+            if t.global_step == 2:
+                assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
     trainer.hooks.append(Snapshot())
     with pytest.warns(RuntimeWarning, match=r"non-finite loss .* loss_toy=nan; image ids \[.*\]; step skipped"):

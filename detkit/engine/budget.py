@@ -1,0 +1,156 @@
+"""A wall-clock budget for a training run (``trainer.max_minutes``), planned rather than cut off.
+
+The run measures its own speed over its first steps and plans how many optimizer steps fit, so the lr
+schedule, Mosaic's close-out and the EMA ramp are laid out for the run that will actually happen (a cosine
+schedule cut at 60% is a much worse model than a cosine schedule planned for 60%). The plan is corrected a
+few times as the measurement improves, and the run ends with its final evaluation and checkpoints inside the
+budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from detkit.engine import distributed
+from detkit.engine.trainer import Hook, Trainer
+
+# Fractions of the plan at which it is measured again and corrected; none late in the run, where moving the
+# end would bend the tail of the schedule.
+REPLAN_AT = (0.1, 0.25, 0.5, 0.75)
+
+
+class TimeBudgetHook(Hook):
+    """Plans ``trainer`` to end, final evaluation included, within ``max_minutes`` of ``started``.
+
+    Args:
+        max_minutes: the budget, counted from ``started`` (a ``time.perf_counter()`` value: the launch of the
+            run, so building data and model counts too) plus the time earlier sessions of a resumed run used.
+        eval_images: images of the validation set, for the estimate of an evaluation's time before one has
+            been measured (assumed half a training image's cost each, plus ``fixed_eval_seconds``).
+        eval_every: epochs between evaluations (the last epoch is always evaluated), to reserve their time.
+        skip_steps: first steps left out of the speed measurement (allocation, lazy initialisation); ≥ 1.
+        measure_steps: steps measured before the first plan.
+        final_seconds: reserve for what follows the last evaluation (checkpoints, plots).
+        fixed_eval_seconds: an evaluation's cost besides inference (COCO evaluation, writing results).
+
+    Must come before the evaluation and checkpoint hooks (``after_epoch`` notes when an epoch's evaluation
+    and checkpointing start; the next ``before_epoch`` or ``after_train`` measures them).
+    """
+
+    def __init__(self, max_minutes: float, started: float | None = None, eval_images: int = 0, eval_every: int = 1,
+                 skip_steps: int = 3, measure_steps: int = 10, final_seconds: float = 2.0,
+                 fixed_eval_seconds: float = 2.0, log: Callable[[str], None] = print) -> None:
+        if max_minutes <= 0:
+            raise ValueError(f"trainer.max_minutes must be positive, got {max_minutes}")
+        self.budget = 60.0 * max_minutes
+        self.started = time.perf_counter() if started is None else started
+        self.eval_images, self.eval_every = eval_images, max(int(eval_every), 1)
+        self.skip_steps, self.measure_steps = skip_steps, measure_steps
+        self.final_seconds, self.fixed_eval_seconds, self.log = final_seconds, fixed_eval_seconds, log
+        self.used_before = 0.0  # seconds of earlier sessions (resume)
+        self.planned: int | None = None
+        self.eval_seconds: float | None = None  # the last evaluation + checkpoint pause, measured
+        self._session_steps = 0
+        self._mark: tuple[float, int] | None = None  # (time, global step) where the speed measurement starts
+        self._pause = 0.0  # seconds since the mark spent in evaluations
+        self._epoch_end: float | None = None
+        self._replans = list(REPLAN_AT)
+
+    def elapsed(self) -> float:
+        return self.used_before + time.perf_counter() - self.started
+
+    def before_train(self, trainer: Trainer) -> None:
+        if self.planned is not None:  # resumed: the earlier plan stands until measured again
+            trainer.plan(self.planned)
+
+    def _seconds_per_step(self, trainer: Trainer) -> float | None:
+        if self._mark is None or trainer.global_step <= self._mark[1]:
+            return None
+        return (time.perf_counter() - self._mark[0] - self._pause) / (trainer.global_step - self._mark[1])
+
+    def _evaluation_seconds(self, seconds_per_step: float, batch: int) -> float:
+        if self.eval_seconds is not None:
+            return self.eval_seconds
+        return self.fixed_eval_seconds + self.eval_images * seconds_per_step / max(batch, 1) / 2.0
+
+    def _steps_that_fit(self, trainer: Trainer, seconds_per_step: float) -> int:
+        """The total steps such that training, the evaluations due on the way and the final one fit."""
+        left = self.budget - self.elapsed() - self.final_seconds
+        evaluation = self._evaluation_seconds(seconds_per_step, trainer.batch_size)
+        per_epoch, now = max(trainer.steps_per_epoch, 1), trainer.global_step
+
+        def cost(steps: int) -> float:  # seconds from now to the end of the final evaluation
+            epochs = math.ceil(steps / per_epoch)
+            between = sum(1 for e in range(trainer.epoch + 1, epochs) if e % self.eval_every == 0)
+            return (steps - now) * seconds_per_step + (between + 1) * evaluation
+
+        low, high = now + 1, now + max(int(left / seconds_per_step), 1)  # cost() grows with steps: bisect
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if cost(middle) <= left else (low, middle - 1)
+        return low
+
+    def _agree(self, value: int) -> int:
+        """Every process takes rank 0's decision (they must run the same number of steps)."""
+        if distributed.current().size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
+
+    def after_step(self, trainer: Trainer) -> None:
+        self._session_steps += 1
+        if self._session_steps == self.skip_steps:
+            self._mark, self._pause = (time.perf_counter(), trainer.global_step), 0.0
+        seconds = self._seconds_per_step(trainer)
+        if seconds is not None and self._session_steps >= self.skip_steps + self.measure_steps:
+            first = self._session_steps == self.skip_steps + self.measure_steps
+            due = self._replans and trainer.global_step >= self._replans[0] * (self.planned or 1)
+            if first or due:
+                while self._replans and trainer.global_step >= self._replans[0] * (self.planned or 1):
+                    self._replans.pop(0)
+                self.planned = self._agree(self._steps_that_fit(trainer, seconds))
+                trainer.plan(self.planned)
+                if first:
+                    self.log(f"time budget {self.budget / 60:.1f} min: {1 / seconds:.2f} steps/s measured -> "
+                             f"{self.planned} steps ({self.planned / max(trainer.steps_per_epoch, 1):.2f} epochs);"
+                             f" lr schedule, Mosaic close-out and EMA planned for them, final evaluation included")
+        # Out of time (a budget shorter than the measurement, or another job slowed the machine down): end
+        # now, with the final evaluation.
+        step = seconds if seconds is not None else trainer.step_time
+        over = self.elapsed() + step + self._evaluation_seconds(step, trainer.batch_size) + self.final_seconds
+        if self._agree(int(over >= self.budget)) and trainer.global_step < trainer.total_steps:
+            self.planned = trainer.global_step
+            trainer.plan(self.planned)
+            self.log(f"time budget: ending at step {trainer.global_step} to evaluate within the budget")
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self._epoch_end = time.perf_counter()
+
+    def _pause_ended(self, trainer: Trainer) -> None:
+        if self._epoch_end is None:
+            return
+        if trainer.metrics.get("epoch") == trainer.epoch:  # that epoch was evaluated: budgeted on its own
+            self.eval_seconds = time.perf_counter() - self._epoch_end
+            self._pause += self.eval_seconds if self._mark is not None else 0.0
+        # (other epoch ends, checkpoints alone, stay in the measured time per step: amortised over the epoch)
+        self._epoch_end = None
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        self._pause_ended(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self._pause_ended(trainer)
+        self.log(f"time budget {self.budget / 60:.1f} min: used {self.elapsed() / 60:.2f} min "
+                 f"({trainer.global_step} steps)")
+
+    def state_dict(self) -> dict:
+        return {"used": self.elapsed(), "planned": self.planned, "eval_seconds": self.eval_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.used_before, self.planned, self.eval_seconds = state["used"], state["planned"], state["eval_seconds"]
