@@ -86,6 +86,11 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     model = build_model(cfg.model, train_set.num_classes, cfg.get("channel_spec"))
     if cfg.get("weights"):
         load_weights(model, cfg.weights)
+    if cfg.trainer.get("sync_bn") and world.size > 1:
+        if device.type != "cuda":
+            raise ValueError("trainer.sync_bn=true needs CUDA devices: SyncBatchNorm has no CPU kernel (CPU/gloo "
+                             "runs normalise each process's share of the batch on its own)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the whole batch
     accumulate = int(cfg.trainer.get("accumulate", 1))
     steps_per_epoch = train_loader.sampler.num_samples // (cfg.data.batch_size * accumulate)
     optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, world.size * accumulate)
@@ -122,7 +127,8 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
         hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
     trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, device,
                       cfg.trainer.grad_clip_norm, cfg.trainer.channels_last,
-                      cfg.trainer.get("precision", "fp32"), cfg.trainer.get("max_nonfinite", 1), accumulate)
+                      cfg.trainer.get("precision", "fp32"), cfg.trainer.get("max_nonfinite", 1), accumulate,
+                      cfg.trainer.get("compile", False))
     say(f"precision {trainer.precision}" + (" (auto)" if cfg.trainer.get("precision") == "auto" else ""))
     if cfg.get("resume"):
         trainer.load_state_dict(load_checkpoint(cfg.resume))

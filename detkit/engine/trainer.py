@@ -44,7 +44,7 @@ class Hook:
     def load_state_dict(self, state: dict) -> None: ...
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "auto": None}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": None}
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -53,6 +53,24 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(images: torch.Tensor, accumulate: int):
+    """Turns an out-of-memory error of a training step into one that says what to change."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        text = str(error)
+        if not isinstance(error, torch.OutOfMemoryError) and "out of memory" not in text \
+                and "can't allocate memory" not in text:
+            raise
+        n, _, h, w = images.shape
+        raise MemoryError(
+            f"out of memory in a training step on {images.device} with a batch of {n} images of {h}x{w}: lower "
+            f"data.batch_size (e.g. data.batch_size={max(n // 2, 1)}) and raise trainer.accumulate (now "
+            f"{accumulate}) to keep the same images per optimizer step, or lower data.img_size "
+            f"({text.splitlines()[0][:200]})") from None
 
 
 class Trainer:
@@ -72,7 +90,11 @@ class Trainer:
         channels_last: NHWC memory layout for model and inputs (faster convolutions on CPU).
         precision: ``"fp32"``, or ``"bf16"`` to run the forward pass under bfloat16 autocast (convolutions
             in bf16, weights, optimizer and the detector's own float32 casts untouched; no loss scaling is
-            needed with bf16's float32 range); ``"auto"``: bf16 where :func:`native_bf16`, else fp32.
+            needed with bf16's float32 range); ``"fp16"``: float16 autocast with dynamic loss scaling
+            (``torch.amp.GradScaler``, saved in checkpoints), for GPUs without bf16; ``"auto"``: bf16 where
+            :func:`native_bf16`, else fp32.
+        compile: ``torch.compile`` the training forward pass (True, or a backend name); the weights, the
+            checkpoints and evaluation use the plain module.
         max_nonfinite: a step whose loss is NaN/inf is skipped with a warning naming the loss terms and the
             batch's image ids; this many such steps in a row stop the run with that message.
         accumulate: loader batches per optimizer step (gradient accumulation); ``step_in_epoch`` and
@@ -97,6 +119,7 @@ class Trainer:
         precision: str = "fp32",
         max_nonfinite: int = 1,
         accumulate: int = 1,
+        compile: bool | str = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -107,6 +130,9 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if native_bf16(self.device) else "fp32"
         self.precision, self.autocast_dtype = precision, PRECISIONS[precision]
+        # float16's narrow range needs loss scaling; a disabled scaler passes everything through unchanged
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.compile = compile
         self.accumulate = max(int(accumulate), 1)
         self.max_nonfinite, self.nonfinite_streak, self.skipped_steps = max(int(max_nonfinite), 1), 0, 0
         self._forward: nn.Module = model  # the model, or its DistributedDataParallel wrapper while training
@@ -178,6 +204,10 @@ class Trainer:
         if distributed.current().size > 1 and not isinstance(self._forward, DistributedDataParallel):
             ids = [self.device.index or 0] if self.device.type == "cuda" else None
             self._forward = DistributedDataParallel(self.model, device_ids=ids)
+        if self.compile and not getattr(self._forward, "_compiled_by_trainer", False):
+            backend = {"backend": self.compile} if isinstance(self.compile, str) else {}
+            self._forward = torch.compile(self._forward, **backend)  # (the DDP wrapper, if any)
+            self._forward._compiled_by_trainer = True
         self._call("before_train")
         while self.epoch < self.epochs and self.global_step < self.total_steps:
             self._run_epoch()
@@ -222,7 +252,7 @@ class Trainer:
             # DDP averages gradients once per optimizer step, on the last backward
             last = i == len(batches) - 1
             no_sync = self._forward.no_sync if isinstance(self._forward, DistributedDataParallel) and not last else None
-            with no_sync() if no_sync else contextlib.nullcontext():
+            with no_sync() if no_sync else contextlib.nullcontext(), out_of_memory_hint(images, self.accumulate):
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                     enabled=self.autocast_dtype is not None):
                     losses = self._forward(images, targets)
@@ -232,15 +262,17 @@ class Trainer:
                 if not self._all_finite(loss):
                     self._skip_step(losses, targets)
                     return
-                (loss / len(batches) if len(batches) > 1 else loss).backward()
+                self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()
             for k, v in [*losses.items(), ("loss", loss)]:
                 totals[k] = totals.get(k, 0.0) + v.item() / len(batches)
             images_seen += images.shape[0]
         self.nonfinite_streak = 0
+        self.scaler.unscale_(self.optimizer)  # hooks and clipping see the true gradients
         self._call("after_backward")
         if self.grad_clip_norm:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # (skipped by an fp16 scaler when the gradients overflowed)
+        self.scaler.update()
         self.scheduler.step()
         self.batch_size = images_seen * distributed.current().size  # images in the step, all processes
         self.losses = totals
@@ -277,6 +309,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "max_steps": self.max_steps,
+            "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "hooks": {type(h).__name__: h.state_dict() for h in self.hooks},
         }
@@ -285,6 +318,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         if self.step_in_epoch >= self.steps_per_epoch or (  # saved at an epoch's end, or a planned end
