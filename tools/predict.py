@@ -1,14 +1,18 @@
-"""Detect objects in images: ``python tools/predict.py checkpoint=PATH source=IMAGE_OR_DIR``.
+"""Detect objects in images: ``python tools/predict.py checkpoint=PATH source=IMAGE_OR_DIR [batch_size=8]
+[save_images=false] [save_json=true ann_file=COCO_JSON]``.
 
-Writes each image with its boxes drawn and ``detections.json`` into the run folder.
+Writes ``detections.json`` (and each image with its boxes drawn) into the run folder; ``save_json`` also
+writes ``results.json`` in COCO's results format (image ids from ``ann_file`` by file name, else positions).
 """
+
+import json
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from detkit.engine.hooks import write_json
-from detkit.engine.inference import predict_files
+from detkit.engine.inference import coco_results, predict_files
 from detkit.engine.launch import load_trained, user_errors
 
 
@@ -18,8 +22,14 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         model, train_cfg, state = load_trained(cfg.checkpoint, cfg.device)
         records = predict_files(model, cfg.source, out_dir, train_cfg.data.img_size, state["class_names"],
-                                cfg.score_thresh, cfg.device)
-    write_json(records, f"{out_dir}/detections.json")
+                                cfg.score_thresh, cfg.device, cfg.batch_size, cfg.save_images)
+        write_json(records, f"{out_dir}/detections.json")
+        if cfg.save_json:
+            ids = None
+            if cfg.ann_file:
+                with open(cfg.ann_file) as f:
+                    ids = {im["file_name"].split("/")[-1]: im["id"] for im in json.load(f)["images"]}
+            write_json(coco_results(records, state["label_to_category_id"], ids), f"{out_dir}/results.json")
     found = sum(len(r["detections"]) for r in records)
     print(f"{found} detections in {len(records)} images -> {out_dir}")
 

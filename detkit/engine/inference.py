@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
+from tqdm import tqdm
 
 from detkit.data.transforms import Letterbox, unletterbox
 
@@ -70,25 +71,60 @@ def draw(image: np.ndarray, det: dict, class_names: Sequence[str]) -> Image.Imag
     return canvas
 
 
+def _letterboxed(paths: Sequence[Path], img_size: int) -> tuple[list[np.ndarray], torch.Tensor, list[dict]]:
+    images = [read_rgb(path) for path in paths]
+    pairs = [Letterbox(img_size)(_FileSample(image), 0) for image in images]
+    return images, torch.stack([tensor for tensor, _ in pairs]), [meta for _, meta in pairs]
+
+
+@torch.no_grad()
 def predict_files(model: nn.Module, source: str | Path, out_dir: str | Path, img_size: int,
-                  class_names: Sequence[str], score_thresh: float = 0.25, device: str = "cpu") -> list[dict]:
-    """Detect on every image of ``source``; write ``<name>.jpg`` with boxes drawn into ``out_dir`` and
-    return the detections (xyxy pixels, class names) as JSON-ready dicts."""
+                  class_names: Sequence[str], score_thresh: float = 0.25, device: str = "cpu", batch_size: int = 1,
+                  save_images: bool = True, progress: bool = True) -> list[dict]:
+    """Detect on every image of ``source`` (a file or a folder), ``batch_size`` images per forward pass, with a
+    progress bar; write ``<name>.jpg`` with boxes drawn into ``out_dir`` (``save_images``) and return the
+    detections (xyxy pixels, class names) as JSON-ready dicts, one per image."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    files = list_images(source)
+    model.eval()
     records = []
-    for path in list_images(source):
-        image = read_rgb(path)
-        det = detect(model, image, img_size, device)
-        keep = det["scores"] >= score_thresh
-        det = {k: v[keep] for k, v in det.items()}
-        draw(image, det, class_names).save(out_dir / f"{path.stem}.jpg", quality=92)
-        records.append({
-            "file": str(path),
-            "detections": [
-                {"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4), "label": int(label),
-                 "class": class_names[label]}
-                for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())
-            ],
-        })
+    with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
+        for start in range(0, len(files), max(batch_size, 1)):
+            paths = files[start:start + max(batch_size, 1)]
+            images, batch, metas = _letterboxed(paths, img_size)
+            for path, image, meta, det in zip(paths, images, metas, model(batch.to(device))):
+                boxes = unletterbox(det["boxes"].cpu(), meta["ratio"], meta["pad"], meta["orig_size"])
+                keep = det["scores"].cpu() >= score_thresh
+                det = {"boxes": boxes[keep], "scores": det["scores"].cpu()[keep], "labels": det["labels"].cpu()[keep]}
+                if save_images:
+                    draw(image, det, class_names).save(out_dir / f"{path.stem}.jpg", quality=92)
+                records.append({
+                    "file": str(path),
+                    "detections": [
+                        {"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4), "label": int(label),
+                         "class": class_names[label]}
+                        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(),
+                                                     det["labels"].tolist())
+                    ],
+                })
+            bar.update(len(paths))
     return records
+
+
+def coco_results(records: Sequence[dict], label_to_category_id: Sequence[int],
+                 image_ids: dict[str, int] | None = None) -> list[dict]:
+    """:func:`predict_files` records in COCO's results format (``bbox`` xywh, the dataset's category ids).
+    ``image_ids`` maps file names to a COCO json's image ids; without it an image's id is its position in
+    ``records``."""
+    results = []
+    for position, record in enumerate(records):
+        name = Path(record["file"]).name
+        if image_ids is not None and name not in image_ids:
+            raise ValueError(f"{record['file']}: no image of that file name in the annotation file")
+        image_id = image_ids[name] if image_ids is not None else position
+        for d in record["detections"]:
+            x1, y1, x2, y2 = d["box_xyxy"]
+            results.append({"image_id": image_id, "category_id": int(label_to_category_id[d["label"]]),
+                            "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "score": d["score"]})
+    return results

@@ -41,10 +41,19 @@ def test_train_eval_predict_from_the_command_line(tiny_builtin, tmp_path):
 
     pred_dir = tmp_path / "pred"
     run("tools/predict.py", f"checkpoint={run_dir / 'last.pt'}", f"source={tiny_builtin / 'images' / 'val'}",
-        f"hydra.run.dir={pred_dir}", "score_thresh=0.0")
+        f"hydra.run.dir={pred_dir}", "score_thresh=0.0", "batch_size=3", "save_json=true",
+        f"ann_file={tiny_builtin / 'annotations' / 'instances_val.json'}")
     records = json.loads((pred_dir / "detections.json").read_text())
     assert len(records) == 8 and len(list(pred_dir.glob("*.jpg"))) == 8
     assert all({"box_xyxy", "score", "label", "class"} <= set(d) for r in records for d in r["detections"])
+    # batches of 3 (the last one of 2) give what the training run's evaluation predicted, in COCO's format
+    results = json.loads((pred_dir / "results.json").read_text())
+    assert len(results) == sum(len(r["detections"]) for r in records) > 0
+    evaluated = json.loads((run_dir / "predictions.json").read_text())
+    best = max(evaluated, key=lambda r: r["score"])
+    twin = [r for r in results if r["image_id"] == best["image_id"] and r["category_id"] == best["category_id"]
+            and abs(r["score"] - best["score"]) < 1e-3]
+    assert twin and max(abs(a - b) for a, b in zip(twin[0]["bbox"], best["bbox"])) < 0.05
 
 
 def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
