@@ -1,0 +1,27 @@
+"""Distill a trained detector into a student: ``python tools/distill.py teacher=CKPT [model=NAME] [key=value ...]``.
+
+The student trains as in ``tools/train.py`` (same config keys) with the teacher's loss terms added; see
+``configs/compress/distill.yaml`` for the terms and :mod:`detkit.compression.distill`.
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from detkit.compression.distill import distill
+from detkit.compression.distill_adapters import DistillationError
+from detkit.engine.launch import user_errors
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="distill")
+def main(cfg: DictConfig) -> float:
+    with user_errors():
+        try:
+            metrics = distill(cfg, HydraConfig.get().runtime.output_dir)
+        except DistillationError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    return metrics.get("AP", 0.0)
+
+
+if __name__ == "__main__":
+    main()
