@@ -33,18 +33,39 @@ class ConvBNAct(nn.Sequential):
         )
 
 
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-excitation (Hu et al., CVPR 2018): x · σ(FC(ReLU(FC(global average of x)))), one weight per
+    channel from a bottleneck of ``channels / reduction`` (at least 8). Shape-preserving, (B, C, H, W)."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(8, channels // reduction)
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * scale.sigmoid()
+
+
 class DarknetResidual(nn.Module):
-    """Darknet-53 residual unit: 1×1 conv to ``hidden`` (default half) width, 3×3 conv back, identity added.
+    """Darknet-53 residual unit: 1×1 conv to ``hidden`` (default half) width, 3×3 conv back, identity added;
+    with ``se``, a :class:`SqueezeExcitation` rescales the branch before the addition (SE-ResNet's place).
     Shape-preserving."""
 
-    def __init__(self, channels: int, act: str = "leaky", hidden: int | None = None) -> None:
+    def __init__(self, channels: int, act: str = "leaky", hidden: int | None = None, se: bool = False) -> None:
         super().__init__()
         hidden = channels // 2 if hidden is None else hidden
         self.reduce = ConvBNAct(channels, hidden, 1, act=act)
         self.expand = ConvBNAct(hidden, channels, 3, act=act)
+        # Created only when asked for, so that models without it keep their parameters (and checkpoints).
+        self.se = SqueezeExcitation(channels) if se else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.expand(self.reduce(x))
+        branch = self.expand(self.reduce(x))
+        if self.se is not None:
+            branch = self.se(branch)
+        return x + branch
 
 
 def space_to_depth(x: Tensor, block: int = 2) -> Tensor:

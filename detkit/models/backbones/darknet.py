@@ -39,6 +39,7 @@ class Darknet(StagedBackbone):
         act: activation name (see :func:`detkit.models.layers.activation`).
         stem_stride: 1 as in Darknet-53; 2 halves the resolution before the first stage (every stride
             doubles), which keeps full-resolution activations out of a CPU budget.
+        se: a squeeze-and-excitation block in every residual unit (default off).
 
     Input ``(B, 3, H, W)`` with H, W multiples of ``2 ** len(depths)``; output a list of
     ``(B, out_channels[i], H / strides[i], W / strides[i])`` maps, shallowest first.
@@ -46,7 +47,7 @@ class Darknet(StagedBackbone):
 
     def __init__(
         self, depths: Sequence[int] = (1, 2, 8, 8, 4), width: int = 32, num_outputs: int = 3, act: str = "leaky",
-        stem_stride: int = 1,
+        stem_stride: int = 1, se: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= num_outputs <= len(depths):
@@ -57,7 +58,7 @@ class Darknet(StagedBackbone):
         for i, depth in enumerate(depths):
             c_out = 2 * width * 2**i
             layers = [ConvBNAct(c_in, c_out, 3, stride=2, act=act)]
-            layers += [DarknetResidual(c_out, act) for _ in range(depth)]
+            layers += [DarknetResidual(c_out, act, se=se) for _ in range(depth)]
             stages.append(nn.Sequential(*layers))
             c_in = c_out
         self.stages = nn.ModuleList(stages)
