@@ -5,6 +5,8 @@ map, pool5 turned into a 3×3 stride-1 pool, fc6 into a 3×3 convolution of dila
 convolution (1024 channels each; no dropout, no fc8). conv4_3's features go through an L2 normalisation with
 a learned per-channel scale, because their norm is much larger than that of the deeper maps. Extra layers
 conv8 … conv11 bring the maps down to 10², 5², 3², 1².
+
+:class:`VGG16Conv5` is the plain conv1_1 … conv5_3 trunk (stride 16) that Fast R-CNN and G-CNN pool from.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs, make_layers
 
-__all__ = ["L2Norm", "VGG16SSD"]
+__all__ = ["L2Norm", "VGG16SSD", "VGG16Conv5"]
 
 _CONV4_3 = 22  # index of conv4_3's ReLU in torchvision's VGG16 ``features``
 _POOL5 = 30  # index of pool5, replaced by a 3×3 stride-1 pool
@@ -102,3 +104,27 @@ class VGG16SSD(nn.Module):
             x = extra(x)
             maps.append(x)
         return maps
+
+
+class VGG16Conv5(nn.Module):
+    """VGG16's conv1_1 … conv5_3 (ReLU included, pool5 dropped): one map of stride 16, the feature map of Fast
+    R-CNN and G-CNN. (B, 3, H, W) → [(B, 512·width, ⌊H/16⌋, ⌊W/16⌋)].
+
+    Args:
+        width: channel multiplier (1.0 is VGG16).
+        pretrained: path to a local torchvision ``vgg16`` state dict (``features.*`` entries); needs width 1.
+    """
+
+    def __init__(self, width: float = 1.0, pretrained: str | None = None) -> None:
+        super().__init__()
+        cfg = [v if v == "M" else max(1, round(v * width)) for v in cfgs["D"]]
+        self.features = make_layers(cfg)[:_POOL5]  # torchvision's layer indices: its checkpoints load as they are
+        self.out_channels = [cfg[-2]]
+        self.strides = [16]
+        if pretrained:
+            self.load_vgg16(pretrained)
+
+    load_vgg16 = VGG16SSD.load_vgg16  # the same ``features`` layout
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [self.features(x)]

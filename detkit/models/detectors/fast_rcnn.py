@@ -1,0 +1,195 @@
+"""Fast R-CNN (Girshick, ICCV 2015): the backbone runs once per image, each region proposal is RoI-pooled from
+its feature map and classified (softmax over K + 1) and refined (class-specific box regression) by
+:class:`~detkit.models.roi_heads.RoIBoxHead`.
+
+Proposals come, in this order of precedence, from ``model(images, targets, proposals=...)``, from a COCO-style
+proposals json (``proposals_file``, looked up by ``image_id``), or by default from :class:`DenseProposals`, a
+dense multi-scale sliding grid of the shared prior generator, so that the detector trains with no external
+file. :class:`RoIDetector` holds what Fast R-CNN shares with G-CNN (:mod:`detkit.models.detectors.gcnn`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detkit.anchors import grid_anchors
+from detkit.boxes import clip_boxes
+from detkit.data.proposals import load_proposals, proposals_for
+from detkit.models.detectors.ssd import IMAGENET_MEAN, IMAGENET_STD, _plain
+from detkit.models.detectors.yolo import stack_images
+from detkit.models.roi_heads import RoIBoxHead, SingleLevelPooler, roi_detections, roi_head_loss, sample_rois
+
+__all__ = ["DenseProposals", "RoIDetector", "FastRCNN"]
+
+
+class DenseProposals:
+    """Class-agnostic proposals for any image: :func:`~detkit.anchors.grid_anchors` sliding windows, each
+    location holding every size × every ratio h/w, clipped to the image, tiny clipped boxes dropped.
+
+    ``stride`` is one step for every size, or one per size (each size then its own grid: a step of half the
+    size keeps small windows as dense, relative to their size, as large ones). ``DenseProposals((12, 24, 48),
+    (24, 48, 96), (1, 2))`` gives 32²·2 + 16²·2 + 8²·2 = 2688 boxes on a 384² input, 332 on 128².
+    """
+
+    def __init__(self, stride: int | Sequence[int] = 32, sizes: Sequence[float] = (48, 96, 192, 384),
+                 ratios: Sequence[float] = (0.5, 1.0, 2.0), min_size: float = 4.0) -> None:
+        self.sizes, self.ratios = tuple(_plain(sizes)), tuple(_plain(ratios))
+        stride = _plain(stride)
+        if isinstance(stride, (int, float)):
+            self.strides, self.level_sizes = [int(stride)], [self.sizes]
+        elif len(stride) == len(self.sizes):
+            self.strides, self.level_sizes = [int(v) for v in stride], [(v,) for v in self.sizes]
+        else:
+            raise ValueError(f"stride must be one number or one per size: {len(stride)} strides for "
+                             f"{len(self.sizes)} sizes")
+        self.min_size = min_size
+        self._cache: dict[tuple, Tensor] = {}
+
+    def __call__(self, image_size: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+        """(N, 4) xyxy pixel boxes for an image of ``image_size`` = (height, width)."""
+        h, w = int(image_size[0]), int(image_size[1])
+        key = (h, w, str(device))
+        if key not in self._cache:
+            cells = [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
+            levels = grid_anchors(cells, self.strides, self.level_sizes, self.ratios)
+            boxes = clip_boxes(torch.cat(levels), (h, w))
+            wh = boxes[:, 2:] - boxes[:, :2]
+            self._cache[key] = boxes[(wh >= self.min_size).all(dim=1)].to(device)
+        return self._cache[key]
+
+
+class RoIDetector(nn.Module):
+    """Backbone (its deepest map, computed once per batch) + :class:`RoIBoxHead`, and the common interface's
+    input checks and normalisation. ``images`` are 0–1 RGB, (B, 3, H, W) or a list of same-size (3, H, W).
+
+    Args:
+        num_classes: K.
+        backbone: module returning a list of maps with ``out_channels`` and ``strides``; the last map is pooled.
+        pooler: ``roi_pool`` (the papers) or ``roi_align``.
+        pool_size, sampling_ratio: the pooled grid P×P; ``roi_align``'s samples per bin side.
+        representation, dropout: fc6/fc7 width and dropout.
+        score_thresh, nms_thresh, max_det: per-class score threshold, NMS IoU and detections kept per image.
+        image_mean, image_std: per RGB channel normalisation of 0–1 images.
+    """
+
+    def __init__(self, num_classes: int, backbone: nn.Module, pooler: str = "roi_pool", pool_size: int = 7,
+                 sampling_ratio: int = 2, representation: int = 1024, dropout: float = 0.0,
+                 score_thresh: float = 0.05, nms_thresh: float = 0.5, max_det: int = 100,
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = backbone
+        stride = list(backbone.strides)[-1]
+        roi_pooler = SingleLevelPooler(pooler, pool_size, 1.0 / stride, sampling_ratio)
+        self.head = RoIBoxHead(roi_pooler, list(backbone.out_channels)[-1], pool_size, num_classes,
+                               representation, dropout)
+        self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det
+        self.register_buffer("image_mean", torch.tensor(_plain(image_mean)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(_plain(image_std)).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) 0–1 images → the backbone's last map (B, C, H/stride, W/stride), float32."""
+        return self.backbone((images - self.image_mean) / self.image_std)[-1].float()
+
+    def head_in_chunks(self, features: Tensor, rois: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
+                       max_rois: int = 4096) -> tuple[Tensor, Tensor]:
+        """The head on images grouped so that a call sees at most ``max_rois`` RoIs (at least one image), which
+        bounds the pooled features' memory at inference (32 images × 2688 RoIs would be 2 GB); same outputs as
+        one call."""
+        logits, deltas, start = [], [], 0
+        while start < len(rois):
+            end, count = start + 1, len(rois[start])
+            while end < len(rois) and count + len(rois[end]) <= max_rois:
+                count += len(rois[end])
+                end += 1
+            out = self.head(features[start:end], rois[start:end], sizes[start:end])
+            logits.append(out[0])
+            deltas.append(out[1])
+            start = end
+        return torch.cat(logits), torch.cat(deltas)
+
+    @staticmethod
+    def check_targets(targets: Sequence[dict] | None, batch: int) -> Sequence[dict]:
+        if targets is None:
+            raise ValueError("targets are required in training mode")
+        if len(targets) != batch:
+            raise ValueError(f"got targets for {len(targets)} images but {batch} images")
+        return targets
+
+    def detections(self, class_logits: Tensor, box_deltas: Tensor, rois: Sequence[Tensor],
+                   image_size: Sequence[int]) -> list[dict]:
+        """Per image ``boxes`` xyxy clipped to ``image_size`` = (H, W), ``scores``, ``labels``."""
+        sizes = [tuple(image_size)] * len(rois)
+        return roi_detections(class_logits, box_deltas, rois, sizes, self.score_thresh, self.nms_thresh,
+                              self.max_det)
+
+
+class FastRCNN(RoIDetector):
+    """Fast R-CNN with the common detkit interface.
+
+    Train mode: ``model(images, targets)`` → ``loss_cls``, ``loss_box``
+    (:func:`~detkit.models.roi_heads.roi_head_loss`) on ``batch_per_image`` RoIs per image drawn by
+    :func:`~detkit.models.roi_heads.sample_rois` (ground truths appended to the proposals). Eval mode:
+    ``model(images)`` → per image ``boxes`` (xyxy pixels), ``scores``, ``labels`` (0-based).
+
+    Args:
+        proposals: the default proposal generator (:class:`DenseProposals` if None).
+        proposals_file: a proposals json (:mod:`detkit.data.proposals`) in original image pixels, used instead
+            of the generator. Each image's boxes are found by the ``image_id`` of its target and mapped into the
+            network input with the target's letterbox ``ratio`` and ``pad`` (recorded by detkit's transforms;
+            no flip), so eval mode needs ``model(images, targets)`` too; or by ``image_ids=`` for boxes already
+            in input pixels.
+        batch_per_image, fg_fraction, fg_iou, bg_iou: RoI sampling (the paper: 64 per image, i.e. 128 per
+            2-image batch, 25% foreground at IoU ≥ 0.5, background at IoU in [0.1, 0.5)).
+        The other arguments: see :class:`RoIDetector`.
+    """
+
+    def __init__(self, num_classes: int, backbone: nn.Module, proposals: DenseProposals | None = None,
+                 proposals_file: str | None = None, batch_per_image: int = 128, fg_fraction: float = 0.25,
+                 fg_iou: float = 0.5, bg_iou: Sequence[float] = (0.1, 0.5), **head_args) -> None:
+        super().__init__(num_classes, backbone, **head_args)
+        self.dense = proposals or DenseProposals()
+        self.proposals_file = proposals_file
+        self.external = load_proposals(proposals_file) if proposals_file else None
+        self.batch_per_image, self.fg_fraction = batch_per_image, fg_fraction
+        self.fg_iou, self.bg_iou = fg_iou, tuple(_plain(bg_iou))
+
+    def region_proposals(self, images: Tensor, targets: Sequence[dict] | None = None,
+                         image_ids: Sequence[int] | None = None) -> list[Tensor]:
+        """Per image (N_i, 4) xyxy boxes: from the proposals file when one is set, else dense."""
+        size = images.shape[-2:]
+        if self.external is None:
+            return [self.dense(size, images.device)] * len(images)
+        if image_ids is not None:
+            boxes = [proposals_for(self.external, i, self.proposals_file) for i in image_ids]
+        elif targets is None or any("image_id" not in t for t in targets):
+            raise ValueError(f"proposals_file {self.proposals_file!r} is looked up by image id: pass "
+                             "image_ids=... or targets with 'image_id'")
+        else:
+            boxes = []
+            for t in targets:
+                image_boxes = proposals_for(self.external, int(t["image_id"]), self.proposals_file)
+                left, top = t.get("pad", (0.0, 0.0))
+                boxes.append(image_boxes * float(t.get("ratio", 1.0)) + image_boxes.new_tensor([left, top] * 2))
+        return [clip_boxes(b.to(images.device), tuple(size)) for b in boxes]
+
+    def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None,
+                proposals: Sequence[Tensor] | None = None, image_ids: Sequence[int] | None = None):
+        x = stack_images(images)
+        if proposals is None:
+            proposals = self.region_proposals(x, targets, image_ids)
+        elif len(proposals) != len(x):
+            raise ValueError(f"got proposals for {len(proposals)} images but {len(x)} images")
+        proposals = [p.to(x.device, torch.float32) for p in proposals]
+        features = self.features(x)
+        sizes = [tuple(x.shape[-2:])] * len(x)
+        if self.training:
+            targets = self.check_targets(targets, len(x))
+            rois, labels, regression = sample_rois(proposals, targets, self.batch_per_image, self.fg_fraction,
+                                                   self.fg_iou, self.bg_iou, num_classes=self.num_classes)
+            return roi_head_loss(*self.head(features, rois, sizes), labels, regression)
+        return self.detections(*self.head_in_chunks(features, proposals, sizes), proposals, x.shape[-2:])

@@ -1,0 +1,94 @@
+"""G-CNN: step targets, the grid at the paper's setting, the IoU-0.2 assignment, one backbone pass for S head
+passes, the one-step switch, and the tiny config overfitting a 2-image batch."""
+
+import pytest
+import torch
+
+from detkit.anchors import gcnn_grid_count
+from detkit.models.detectors.gcnn import assign_grid, step_target
+from tests.models.overfit import assert_finds_the_boxes, overfit
+from tests.models.roi_common import SMALL_VGG, build, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TARGETS = [{"boxes": torch.tensor([[10.0, 12.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+           {"boxes": torch.tensor([[30.0, 20.0, 60.0, 44.0]]), "labels": torch.tensor([0])}]
+
+
+def test_step_targets_reach_the_ground_truth_exactly_at_the_last_step():
+    boxes = torch.tensor([[0.0, 0.0, 30.0, 30.0], [50.0, 40.0, 90.0, 100.0]])
+    gt = torch.tensor([[10.0, 5.0, 40.0, 50.0], [47.0, 44.0, 80.0, 120.0]])
+    assert torch.equal(step_target(boxes, gt, 3, 3), gt)
+    assert torch.allclose(step_target(boxes, gt, 1, 3), boxes + (gt - boxes) / 3)
+    # Moving exactly to each step's target walks the whole way in S_train steps, equal thirds.
+    b = boxes
+    for s in (1, 2, 3):
+        b = step_target(b, gt, s, 3)
+        assert torch.allclose(b, boxes + (gt - boxes) * s / 3, atol=1e-5)
+    with pytest.raises(ValueError, match="step must be in 1..3"):
+        step_target(boxes, gt, 4, 3)
+
+
+def test_grid_at_the_paper_setting_and_steps_from_config():
+    model = build("gcnn", *SMALL_VGG)
+    grid = model.grid((480, 640))
+    assert len(grid) == gcnn_grid_count() == 165
+    assert (grid[:, 2] <= 640).all() and (grid[:, 3] <= 480).all() and (grid[0] == torch.tensor([0, 0, 640, 480])).all()
+    assert (model.train_steps, model.test_steps) == (3, 5)
+    assert model.head.pooler.kind == "roi_pool" and model.head.pooler.spatial_scale == 1 / 16
+
+
+def test_assignment_needs_iou_above_0_2_and_takes_the_best_ground_truth():
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0], [60.0, 0.0, 160.0, 100.0]])
+    # IoU with GT 0 (shift d: (100 − d) / (100 + d)): 0.82 (0.33 with GT 1) / 0.212 / 0.190; box 3 overlaps
+    # GT 1 (0.82) more than GT 0 (0.33).
+    grid = torch.tensor([[10.0, 0.0, 110.0, 100.0], [-65.0, 0.0, 35.0, 100.0], [-68.0, 0.0, 32.0, 100.0],
+                         [50.0, 0.0, 150.0, 100.0]])
+    labels, matched = assign_grid(grid, gt, torch.tensor([4, 7]), num_classes=9)
+    assert labels.tolist() == [4, 4, 9, 7]
+    assert torch.equal(matched[1], gt[0]) and torch.equal(matched[3], gt[1]) and torch.equal(matched[2], grid[2])
+    labels, _ = assign_grid(grid, gt[:0], torch.tensor([], dtype=torch.long), num_classes=9)
+    assert (labels == 9).all()
+
+
+def _count_calls(model):
+    calls = {"backbone": 0, "head": 0, "rois": []}
+
+    def on_backbone(*_):
+        calls["backbone"] += 1
+
+    def on_head(_, args, __):
+        calls["head"] += 1
+        calls["rois"].append(torch.cat(args[1]))
+
+    model.backbone.register_forward_hook(on_backbone)
+    model.head.register_forward_hook(on_head)
+    return calls
+
+
+@pytest.mark.parametrize("steps", [(3, 5), (1, 1)])
+def test_backbone_once_per_batch_head_once_per_step(steps):
+    train_steps, test_steps = steps
+    model = build("gcnn", *SMALL_VGG, f"model.train_steps={train_steps}", f"model.test_steps={test_steps}")
+    calls = _count_calls(model)
+    images = torch.rand(2, 3, 64, 64)
+    losses = model(images, TARGETS)
+    assert calls["backbone"] == 1 and calls["head"] == train_steps
+    assert set(losses) == {"loss_cls", "loss_box"} and all(torch.isfinite(v) for v in losses.values())
+    grid = model.grid((64, 64)).repeat(2, 1)
+    assert torch.equal(calls["rois"][0], grid)  # B_1 is the grid
+    for rois in calls["rois"][1:]:  # B_{s+1}: the network's own (detached) prediction
+        assert not rois.requires_grad and not torch.allclose(rois, grid)
+    model.eval()
+    calls.update(backbone=0, head=0)
+    dets = model(images)
+    assert calls["backbone"] == 1 and calls["head"] == test_steps
+    assert len(dets) == 2 and set(dets[0]) == {"boxes", "scores", "labels"}
+
+
+def test_tiny_config_overfits_two_images(toy_batch, precise_batchnorm):
+    # A smaller draw of grid boxes than the config's 256 keeps the test fast; the grid is the config's.
+    model = build("gcnn_tiny", "model.boxes_per_image=96")
+    overfit(model, *toy_batch, steps=50, lr=0.003, shrink=0.3)
+    precise_batchnorm(model, *toy_batch)
+    assert_finds_the_boxes(model, *toy_batch)
