@@ -1,0 +1,104 @@
+"""ResNet (He et al. 2016) as a detection backbone: the stem and the four stages, returning C2–C5.
+
+At the standard width (64) the layers are torchvision's own ``resnet18/34/50/101/152(weights=None)`` without the
+classifier, as ``torchvision.models.detection`` builds them when given no weights: BatchNorm layers stay
+trainable. A reduced ``width`` (the stem's channels; stages have width·(1, 2, 4, 8) planes) and fewer blocks per
+stage (``depths``) give small backbones for CPU runs, with torchvision's block classes and initialisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+__all__ = ["ResNet"]
+
+_DEPTHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3)),
+           101: (Bottleneck, (3, 4, 23, 3)), 152: (Bottleneck, (3, 8, 36, 3))}
+
+
+def _stage(block: type[nn.Module], c_in: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """torchvision's ``ResNet._make_layer`` for any width: a projection shortcut where the shape changes."""
+    out = planes * block.expansion
+    down = None
+    if stride != 1 or c_in != out:
+        down = nn.Sequential(nn.Conv2d(c_in, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+    layers = [block(c_in, planes, stride, down)] + [block(out, planes) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+def _init_like_torchvision(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+class ResNet(nn.Module):
+    """ResNet C2–C5: four maps of strides 4, 8, 16, 32.
+
+    Args:
+        depth: 18, 34 (basic blocks), 50, 101 or 152 (bottlenecks).
+        width: channels of the stem; 64 is the standard network (torchvision's), smaller values shrink every
+            stage in proportion.
+        depths: blocks per stage, overriding the depth's (e.g. ``[1, 1, 1, 1]`` for a tiny CPU backbone).
+        pretrained: path to a local torchvision state dict of the same architecture (its ``fc.*`` entries are
+            ignored); never downloaded.
+
+    ``out_channels``: channels of C2–C5 (256, 512, 1024, 2048 for ResNet-50; 64, 128, 256, 512 for ResNet-18).
+    """
+
+    def __init__(self, depth: int = 50, width: int = 64, depths: Sequence[int] | None = None,
+                 pretrained: str | None = None) -> None:
+        super().__init__()
+        if depth not in _DEPTHS:
+            raise ValueError(f"unknown ResNet depth {depth}; expected one of {sorted(_DEPTHS)}")
+        if width < 1:
+            raise ValueError(f"ResNet width must be a positive number of channels, got {width}")
+        block, default_depths = _DEPTHS[depth]
+        depths = tuple(depths or default_depths)
+        if len(depths) != 4 or min(depths) < 1:
+            raise ValueError(f"ResNet depths must be 4 positive block counts, got {list(depths)}")
+        if width == 64 and depths == default_depths:
+            net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+            self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+            stages, c_in = [], width
+            for i, blocks in enumerate(depths):
+                stages.append(_stage(block, c_in, width * 2**i, blocks, 1 if i == 0 else 2))
+                c_in = width * 2**i * block.expansion
+            self.stages = nn.ModuleList(stages)
+            _init_like_torchvision(self)
+        self.out_channels = [width * 2**i * block.expansion for i in range(4)]
+        if pretrained:
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            self.load_torchvision_state(state)
+
+    def load_torchvision_state(self, state: dict[str, Tensor]) -> None:
+        """Load a ``torchvision.models.resnetXX`` state dict (classifier entries ignored)."""
+        renamed = {}
+        for key, value in state.items():
+            head, _, rest = key.partition(".")
+            if head in ("conv1", "bn1"):
+                renamed[f"stem.{0 if head == 'conv1' else 1}.{rest}"] = value
+            elif head.startswith("layer"):
+                renamed[f"stages.{int(head[5:]) - 1}.{rest}"] = value
+        self.load_state_dict(renamed)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) → [C2, C3, C4, C5], (B, out_channels[i], H/2^(i+2), W/2^(i+2)) (rounded up)."""
+        x = self.stem(x)
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps

@@ -1,0 +1,137 @@
+"""Faster R-CNN with a Feature Pyramid Network (Lin et al., CVPR 2017).
+
+A ResNet gives C2–C5; the FPN makes P2–P6 (P6 subsampled from P5). The RPN (:mod:`detkit.models.rpn`) runs on
+every level with one anchor size per level (32 … 512) × 3 ratios; its proposals are pooled by RoIAlign from
+the level k = ⌊4 + log2(√(wh)/224)⌋ clamped to P2–P5 (``torchvision.ops.MultiScaleRoIAlign``) into the shared
+Fast R-CNN box head (:mod:`detkit.models.roi_heads`: two FC layers of 1024, K + 1 class scores, 4K deltas).
+``configs/model/fpn_rcnn.yaml`` is the paper's ResNet-50 setting, ``fpn_rcnn_tiny.yaml`` a CPU-sized one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import MultiScaleRoIAlign
+
+from detkit.models.necks.fpn import FPN
+from detkit.models.roi_heads import RoIBoxHead, roi_detections, roi_head_loss, sample_rois
+from detkit.models.rpn import RegionProposalNetwork
+
+__all__ = ["FPNRCNN", "batch_images", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+# torchvision's detectors take 0–1 RGB and normalise inside the model; so do these (ImageNet statistics).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def batch_images(images: Tensor | Sequence[Tensor], mean: Tensor, std: Tensor, size_divisible: int) -> Tensor:
+    """0–1 RGB images, (B, 3, H, W) or a list of same-size (3, H, W) → normalised (B, 3, H', W'), zero-padded at
+    the bottom and right to multiples of ``size_divisible`` (so every pyramid level halves the previous one)."""
+    if not isinstance(images, Tensor):
+        images = list(images)
+        if len({tuple(i.shape) for i in images}) > 1:
+            raise ValueError(f"images of a batch must share one size, got {sorted({tuple(i.shape) for i in images})}")
+        images = torch.stack(images)
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    x = (images - mean) / std
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % size_divisible, -w % size_divisible
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+def check_targets(targets: Sequence[Mapping] | None, batch: int, num_classes: int) -> None:
+    """Clear errors for training targets that do not fit: one dict per image, ``boxes`` (N, 4) and ``labels``
+    (N,) in 0..K−1."""
+    if targets is None:
+        raise ValueError("targets are required in training mode")
+    if len(targets) != batch:
+        raise ValueError(f"got {len(targets)} targets for {batch} images")
+    for i, t in enumerate(targets):
+        boxes, labels = t["boxes"], t["labels"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4 or len(labels) != len(boxes):
+            raise ValueError(f"target {i}: boxes must be (N, 4) with N labels, got boxes {tuple(boxes.shape)} "
+                             f"and {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"target {i}: labels must be in 0..{num_classes - 1}, got {labels.tolist()}")
+
+
+class FPNRCNN(nn.Module):
+    """Faster R-CNN + FPN with the common detkit interface.
+
+    Train mode: ``model(images, targets)`` → ``loss_objectness``, ``loss_rpn_box`` (RPN), ``loss_cls``,
+    ``loss_box`` (box head); ``targets`` with ``boxes`` (N, 4) xyxy pixels of ``images`` and ``labels`` (N,)
+    0-based. Eval mode: ``model(images)`` → per image ``boxes`` (K, 4) xyxy pixels, ``scores``, ``labels``.
+    ``images`` are 0–1 RGB, (B, 3, H, W) or a list of same-size (3, H, W).
+
+    Args:
+        num_classes: K object classes (the box head predicts K + 1).
+        backbone: module returning [C2, C3, C4, C5] with ``out_channels`` (:class:`~detkit.models.backbones.
+            resnet.ResNet`).
+        fpn_channels: width of P2–P6 (256).
+        rpn: keyword arguments of :class:`~detkit.models.rpn.RegionProposalNetwork` (anchor sizes, IoU
+            thresholds, sampling, top-k before/after NMS for train and test).
+        pool_size, sampling_ratio: RoIAlign output side and samples per bin.
+        representation: width of the box head's two FC layers (1024).
+        roi_batch, roi_fg_fraction, roi_fg_iou, roi_bg_iou: RoIs sampled per image for the box head, the
+            foreground share, foreground IoU and background IoU range (:func:`~detkit.models.roi_heads.
+            sample_rois`).
+        box_beta: smooth-L1 transition of the box head's loss.
+        score_thresh, nms_thresh, max_det: per-class score threshold, NMS IoU and detections per image.
+        size_divisible: inputs are zero-padded to a multiple of this (the coarsest stride).
+        background_box: the box head also has the background class's (unused) regressor, as torchvision's
+            Faster R-CNN does: the same parameter count as ``fasterrcnn_resnet50_fpn``.
+    """
+
+    def __init__(self, num_classes: int, backbone: nn.Module, fpn_channels: int = 256, rpn: Mapping | None = None,
+                 pool_size: int = 7, sampling_ratio: int = 2, representation: int = 1024, roi_batch: int = 512,
+                 roi_fg_fraction: float = 0.25, roi_fg_iou: float = 0.5,
+                 roi_bg_iou: Sequence[float] = (0.0, 0.5), box_beta: float = 1.0, score_thresh: float = 0.05,
+                 nms_thresh: float = 0.5, max_det: int = 100, size_divisible: int = 32, background_box: bool = True,
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        if len(backbone.out_channels) != 4:
+            raise ValueError(f"FPN R-CNN needs a backbone with 4 maps (C2–C5), got {len(backbone.out_channels)}")
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.neck = FPN(backbone.out_channels, fpn_channels, first_level=0, extra="pool")
+        self.level_names = [f"p{i + 2}" for i in range(self.neck.num_levels)]
+        self.rpn = RegionProposalNetwork(fpn_channels, **dict(rpn or {}))
+        pooler = MultiScaleRoIAlign(self.level_names[:4], pool_size, sampling_ratio)
+        self.roi_head = RoIBoxHead(pooler, fpn_channels, pool_size, num_classes, representation,
+                                   background_box=background_box)
+        self.roi_sampling = dict(batch_per_image=roi_batch, fg_fraction=roi_fg_fraction, fg_iou=roi_fg_iou,
+                                 bg_iou=tuple(roi_bg_iou))
+        self.box_beta = box_beta
+        self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det
+        self.size_divisible = size_divisible
+        self.register_buffer("image_mean", torch.tensor(list(image_mean)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(list(image_std)).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """Normalised, padded (B, 3, H, W) → P2–P6 by name (``p2`` … ``p6``), (B, fpn_channels, H/s, W/s)."""
+        return OrderedDict(zip(self.level_names, self.neck(self.backbone(x))))
+
+    def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None):
+        x = batch_images(images, self.image_mean, self.image_std, self.size_divisible)
+        batch = x.shape[0]
+        size = tuple(images.shape[-2:]) if isinstance(images, Tensor) else tuple(images[0].shape[-2:])
+        if self.training:
+            check_targets(targets, batch, self.num_classes)
+        features = self.features(x)
+        proposals, losses = self.rpn(list(features.values()), size, targets, self.neck.strides)
+        padded = [tuple(x.shape[-2:])] * batch  # the pooler infers each level's scale from it
+        if self.training:
+            rois, labels, regression = sample_rois(proposals, targets, **self.roi_sampling,
+                                                   num_classes=self.num_classes)
+            class_logits, box_deltas = self.roi_head(features, rois, padded)
+            losses.update(roi_head_loss(class_logits.float(), box_deltas.float(), labels, regression,
+                                        beta=self.box_beta))
+            return losses
+        class_logits, box_deltas = self.roi_head(features, proposals, padded)
+        return roi_detections(class_logits, box_deltas, proposals, [size] * batch, self.score_thresh,
+                              self.nms_thresh, self.max_det)
