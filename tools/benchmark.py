@@ -5,7 +5,11 @@
 ``python tools/benchmark.py ssd [--quick] [--repeats N] [--batch-size 4] [--threads N]`` (detkit SSD300 vs torchvision's
 ssd300_vgg16: training step and inference on one 4x3x300x300 batch, CPU), ``python tools/benchmark.py yolo
 [--quick] [--steps 200] [--size 256] [--threads N]`` (each tiny YOLO config trained for the same budget on the
-built-in data: mAP@0.5, mAP, params, FLOPs, CPU img/s).
+built-in data: mAP@0.5, mAP, params, FLOPs, CPU img/s), ``python tools/benchmark.py twostage [--quick]
+[--repeats N] [--batch-size 2] [--size 512] [--device cpu|cuda] [--threads N]`` (detkit FPN R-CNN and RetinaNet vs
+torchvision's fasterrcnn_resnet50_fpn and retinanet_resnet50_fpn: training step and inference, interleaved),
+``python tools/benchmark.py report [--quick] [--repeats 3] [--out outputs/benchmark] [--only ssd300,...]``
+(everything in one run, written as benchmark.md + benchmark.json).
 
 Prints median milliseconds per call and the ratio to the baseline timed in the same run; on a shared machine
 trust the ratios more than the absolute times.
@@ -18,6 +22,8 @@ import torch
 
 from detkit.utils.benchmark import coco_eval_timings, format_table, postprocess_timings, ssd_timings
 from detkit.utils.loader_benchmark import format_throughputs, loader_throughputs
+from detkit.utils.report_benchmark import format_report, run_report
+from detkit.utils.twostage_benchmark import twostage_timings
 from detkit.utils.yolo_benchmark import format_results, yolo_family
 
 
@@ -72,6 +78,28 @@ def yolo(args: argparse.Namespace) -> None:
                          f"{torch.get_num_threads()} threads", rows))
 
 
+def twostage(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # --quick: ResNet-18 on one 64 px image, one repeat: checks that it runs.
+    repeats = args.repeats or (1 if args.quick else 5)
+    batch, size, depth = (1, 64, 18) if args.quick else (args.batch_size, args.size, 50)
+    print(f"{args.device}, {repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for title, rows in twostage_timings(repeats, batch, size, depth=depth, device=args.device,
+                                        warmup=0 if args.quick else 1):
+        print(format_table(title, rows))
+
+
+def report(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = tuple(args.only.split(",")) if args.only else None
+    result = run_report(args.out, args.repeats or (1 if args.quick else 3), args.quick, args.device,
+                        args.twostage_size, only)
+    print(format_report(result))
+    print(f"written: {args.out}/benchmark.md, {args.out}/benchmark.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sections = parser.add_subparsers(dest="section", required=True)
@@ -108,6 +136,24 @@ def main() -> None:
     fam.add_argument("--steps", type=int, default=200, help="training batches per config (default 200)")
     fam.add_argument("--size", type=int, default=256, help="input side, a multiple of 64 for YOLOv1 (default 256)")
     fam.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    two = sections.add_parser("twostage", help="detkit FPN R-CNN / RetinaNet vs torchvision's: train step, inference")
+    two.set_defaults(run=twostage)
+    two.add_argument("--quick", action="store_true", help="ResNet-18, one 64 px image, one repeat: checks that it runs")
+    two.add_argument("--repeats", type=int, default=0, help="interleaved repeats per measurement (default 5)")
+    two.add_argument("--batch-size", type=int, default=2, help="images per batch (default 2)")
+    two.add_argument("--size", type=int, default=512, help="input side (default 512)")
+    two.add_argument("--device", default="cpu", help="cpu or cuda")
+    two.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    rep = sections.add_parser("report", help="everything in one run: detkit vs torchvision detectors, the default "
+                              "model's img/s and GFLOP/s vs matmul, loader, evaluation; markdown + JSON")
+    rep.set_defaults(run=report)
+    rep.add_argument("--quick", action="store_true", help="small sizes, one repeat: checks that it runs")
+    rep.add_argument("--repeats", type=int, default=0, help="interleaved repeats per measurement (default 3)")
+    rep.add_argument("--out", default="outputs/benchmark", help="folder for benchmark.md and benchmark.json")
+    rep.add_argument("--only", default="", help="comma-separated pairs: ssd300,ssdlite,fpn_rcnn,retinanet")
+    rep.add_argument("--twostage-size", type=int, default=512, help="input side of the two-stage pairs")
+    rep.add_argument("--device", default="cpu", help="cpu or cuda")
+    rep.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     args.run(args)
 

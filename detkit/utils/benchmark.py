@@ -195,6 +195,29 @@ def synthetic_batch(batch: int = 4, size: int = 300, seed: int = 0) -> tuple[Ten
     return images, targets
 
 
+def train_step_fn(model: torch.nn.Module, images: Tensor, targets: list[dict], lr: float = 1e-5) -> Callable[[], None]:
+    """A callable running one training step of ``model`` on the batch: forward in train mode, backward,
+    SGD (momentum 0.9) step. Images go in as a list, the interface torchvision's detectors take too."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def step() -> None:
+        model.train()
+        loss = sum(model(list(images), targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def inference_fn(model: torch.nn.Module, images: Tensor) -> Callable[[], object]:
+    """A callable running ``model`` in eval mode on the batch, post-processing included."""
+    def run() -> object:
+        model.eval()
+        with torch.no_grad():
+            return model(list(images))
+    return run
+
+
 def ssd_timings(repeats: int, batch: int = 4, num_classes: int = 21, warmup: int = 1,
                 seed: int = 0) -> list[tuple[str, list[Timing]]]:
     """detkit's SSD300 against ``torchvision.models.detection.ssd300_vgg16`` (both random init, same 300 px
@@ -216,30 +239,12 @@ def ssd_timings(repeats: int, batch: int = 4, num_classes: int = 21, warmup: int
     # torchvision's labels count the background as 0.
     shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
 
-    def train_step(model, targets) -> Callable[[], None]:
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-        def step() -> None:
-            model.train()
-            loss = sum(model(list(images), targets).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return step
-
-    def infer(model) -> Callable[[], object]:
-        def run() -> object:
-            model.eval()
-            with torch.no_grad():
-                return model(list(images))
-        return run
-
-    base = median_ms(train_step(theirs, shifted), repeats, warmup)
+    base = median_ms(train_step_fn(theirs, images, shifted, lr=1e-4), repeats, warmup)
     train = [Timing("torchvision ssd300_vgg16", base, base),
-             Timing("detkit SSD300", median_ms(train_step(ours, targets), repeats, warmup), base)]
-    base = median_ms(infer(theirs), repeats, warmup)
+             Timing("detkit SSD300", median_ms(train_step_fn(ours, images, targets, lr=1e-4), repeats, warmup), base)]
+    base = median_ms(inference_fn(theirs, images), repeats, warmup)
     inference = [Timing("torchvision ssd300_vgg16", base, base),
-                 Timing("detkit SSD300", median_ms(infer(ours), repeats, warmup), base)]
+                 Timing("detkit SSD300", median_ms(inference_fn(ours, images), repeats, warmup), base)]
     size = f"batch {batch} x 3 x 300 x 300, {num_classes} classes with background"
     return [(f"SSD300 training step (forward, backward, SGD), {size}", train),
             (f"SSD300 inference with post-processing (0.01, NMS 0.45, top 200), {size}", inference)]
