@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from detkit.compression.sparsity import sparsity_hook
 from detkit.data.validation import DatasetError
 from detkit.engine import distributed
 from detkit.engine.budget import TimeBudgetHook
@@ -108,7 +109,7 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     }
     eval_cfg = cfg.get("eval") or {}
     metric = eval_cfg.get("metric", "coco")
-    hooks = list(extra_hooks)
+    hooks = list(extra_hooks) + sparsity_hook(cfg.get("sparsity"), out_dir if world.is_main else None)
     if world.is_main:  # logging, evaluation and checkpoints happen once, on rank 0
         evaluate = make_evaluator(val_set, val_loader, out_dir, device, metric,
                                   eval_cfg.get("backend", "pycocotools"))
