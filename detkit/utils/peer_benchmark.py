@@ -78,6 +78,8 @@ from detkit.utils.complexity import complexity
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"]) if a["threads"] else None
 model = YOLO(a["model"])
+batches = [0]  # training batches done: the time limit may stop ultralytics inside an epoch
+model.add_callback("on_train_batch_end", lambda trainer: batches.__setitem__(0, batches[0] + 1))
 start = time.perf_counter()
 model.train(data=a["data"], imgsz=a["imgsz"], epochs=1000, time=a["minutes"] / 60, batch=a["batch"],
             pretrained=False, plots=False, val=False, seed=a["seed"], device="cpu", project=a["out"],
@@ -93,7 +95,8 @@ for r in trained.predict(source=a["val_images"], imgsz=a["imgsz"], conf=0.001, i
                         "classes": r.boxes.cls.int().tolist()})
 net = trained.model.float().eval()
 c = complexity(net, (1, 3, a["imgsz"], a["imgsz"]))
-json.dump({"epochs": trainer.epoch + 1, "train_seconds": seconds, "params": c.params, "flops": c.flops,
+json.dump({"epochs": trainer.epoch + 1, "images": batches[0] * a["batch"], "train_seconds": seconds,
+           "params": c.params, "flops": c.flops,
            "predictions": predictions}, open(Path(a["out"]) / "peer.json", "w"))
 """
 
@@ -121,8 +124,8 @@ def run_ultralytics(data_root: str | Path, out: str | Path, minutes: float, imgs
     ann = data_root / "annotations" / "instances_val.json"
     metrics = evaluate_coco(COCO(str(ann)), peer_predictions_to_coco(peer["predictions"], ann))
     train_images = len(list((yolo / "images" / "train").iterdir()))
-    return {"name": f"ultralytics {Path(model).stem}", "epochs": peer["epochs"], "wall_s": wall,
-            "img_s": peer["epochs"] * train_images / peer["train_seconds"], "AP": metrics["AP"],
+    return {"name": f"ultralytics {Path(model).stem}", "epochs": peer["images"] / train_images, "wall_s": wall,
+            "img_s": peer["images"] / peer["train_seconds"], "AP": metrics["AP"],
             "AP50": metrics["AP50"], "params": peer["params"], "flops": peer["flops"]}
 
 

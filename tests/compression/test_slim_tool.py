@@ -89,7 +89,7 @@ def test_slim_tool_end_to_end_then_eval_export_and_resume(tiny_train_config, tmp
     metrics = evaluate_checkpoint(tuned, tmp_path / "eval", plots=False)
     assert abs(metrics["AP"] - rows["fine-tuned"]["AP"]) < 1e-6
     onnx_path, sidecar = export_checkpoint(tuned, tmp_path / "slim.onnx")
-    assert onnx_path.is_file() and sidecar["max_box_diff"] < 1e-2
+    assert onnx_path.is_file() and sidecar["max_box_diff"] < 1e-3  # onnxruntime = PyTorch, as unpruned
     # the fine-tuned run resumes from the command line like any other: one more epoch from its last.pt
     resumed = subprocess.run(
         [sys.executable, "tools/train.py", f"--config-dir={out / 'finetune'}", "--config-name=config",
