@@ -47,15 +47,6 @@ def read_rgb(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
 
 
-@torch.no_grad()
-def detect(model: nn.Module, image: np.ndarray, img_size: int, device: str = "cpu") -> dict:
-    """Detections for one RGB uint8 (H, W, 3) image: ``boxes`` xyxy in its pixels, ``scores``, ``labels``."""
-    tensor, meta = Letterbox(img_size)(_FileSample(image), 0)
-    det = model.eval()(tensor[None].to(device))[0]
-    boxes = unletterbox(det["boxes"].cpu(), meta["ratio"], meta["pad"], meta["orig_size"])
-    return {"boxes": boxes, "scores": det["scores"].cpu(), "labels": det["labels"].cpu()}
-
-
 def class_colors(n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(n, 1), 0.9, 1.0)) for i in range(n)]
 

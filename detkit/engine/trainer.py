@@ -73,6 +73,16 @@ def out_of_memory_hint(images: torch.Tensor, accumulate: int):
             f"({text.splitlines()[0][:200]})") from None
 
 
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """(precision, autocast dtype or None) for a ``trainer.precision`` setting on ``device``: ``auto`` becomes
+    bf16 where :func:`native_bf16`, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
+    return precision, PRECISIONS[precision]
+
+
 class Trainer:
     """Epoch/step loop with exact resume.
 
@@ -121,17 +131,13 @@ class Trainer:
         accumulate: int = 1,
         compile: bool | str = False,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
         self.epochs, self.hooks, self.device = epochs, list(hooks), torch.device(device)
         self.grad_clip_norm = grad_clip_norm
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if precision == "auto":
-            precision = "bf16" if native_bf16(self.device) else "fp32"
-        self.precision, self.autocast_dtype = precision, PRECISIONS[precision]
+        self.precision, self.autocast_dtype = resolve_precision(precision, self.device)
         # float16's narrow range needs loss scaling; a disabled scaler passes everything through unchanged
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.compile = compile
         self.accumulate = max(int(accumulate), 1)
         self.max_nonfinite, self.nonfinite_streak, self.skipped_steps = max(int(max_nonfinite), 1), 0, 0

@@ -11,16 +11,27 @@ import importlib.util
 import io
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
 
 from detkit.anchors import SSD300, ssd_default_boxes
 from detkit.postprocess import batched_diou_nms, batched_soft_nms, postprocess_detections
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def train_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The training config (configs/train.yaml: the main job's) with Hydra ``overrides``, outside a Hydra app."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
 
 
 @dataclass

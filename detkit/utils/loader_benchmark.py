@@ -4,15 +4,13 @@ Mosaic + the ``yolo`` preset against the default pipeline (TrainTransform), same
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from detkit.data.loader import build_loader
 from detkit.engine.build import build_dataset, prepare_data
+from detkit.utils.benchmark import train_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PIPELINES = {  # name -> config overrides; the first is the baseline
     "default (TrainTransform)": [],
     "mosaic + yolo preset": ["data.augment.preset=yolo", "data.mosaic.prob=1.0"],
@@ -21,8 +19,7 @@ PIPELINES = {  # name -> config overrides; the first is the baseline
 
 def data_config(overrides: list[str]) -> DictConfig:
     """``data`` of the training config (built-in dataset) with ``overrides``."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides).data
+    return train_config(overrides).data
 
 
 def images_per_second(dataset, batch_size: int, workers: int, batches: int, seed: int = 0) -> float:

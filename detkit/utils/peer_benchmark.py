@@ -18,7 +18,9 @@ from pathlib import Path
 
 from pycocotools.coco import COCO
 
+from detkit.engine.launch import load_trained
 from detkit.evaluation.coco import evaluate_coco
+from detkit.utils.complexity import complexity
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -138,22 +140,14 @@ def run_detkit(out: str | Path, minutes: float, overrides: list[str] = ()) -> di
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
     wall = time.perf_counter() - start
-    from detkit.engine.checkpoint import load_checkpoint
-    from detkit.utils.complexity import complexity
-
-    state = load_checkpoint(out / "last.pt")
-    cfg = state["config"]
-    ann = Path(cfg["data"]["val"]["ann_file"])
+    model, cfg, state = load_trained(out / "last.pt")
+    ann = Path(cfg.data.val.ann_file)
     ann = ann if ann.is_absolute() else ROOT / ann
     metrics = evaluate_coco(COCO(str(ann)), json.loads((out / "predictions.json").read_text()))
-    from detkit.engine.launch import load_trained
-
-    model, _, _ = load_trained(out / "last.pt")
-    size = cfg["data"]["img_size"]
-    c = complexity(model, (1, 3, size, size))
-    images = state["global_step"] * cfg["data"]["batch_size"]
+    c = complexity(model, (1, 3, cfg.data.img_size, cfg.data.img_size))
+    images = state["global_step"] * cfg.data.batch_size
     train_images = len(COCO(str(ann.parent / "instances_train.json")).getImgIds())
-    return {"name": f"detkit {cfg['model']['_target_'].rsplit('.', 1)[-1]}", "epochs": images / train_images,
+    return {"name": f"detkit {cfg.model._target_.rsplit('.', 1)[-1]}", "epochs": images / train_images,
             "wall_s": wall, "img_s": images / max(state["hooks"]["TimeBudgetHook"]["used"], 1e-9), "AP": metrics["AP"],
             "AP50": metrics["AP50"], "params": c.params, "flops": c.flops}
 

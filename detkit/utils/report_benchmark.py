@@ -16,15 +16,13 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from detkit.engine.build import build_model
-from detkit.utils.benchmark import coco_eval_timings, inference_fn, synthetic_batch, train_step_fn
+from detkit.engine.trainer import resolve_precision
+from detkit.utils.benchmark import coco_eval_timings, inference_fn, synthetic_batch, train_config, train_step_fn
 from detkit.utils.complexity import complexity
 from detkit.utils.twostage_benchmark import interleaved_medians, twostage_models
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
@@ -44,26 +42,16 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: in
     return 2 * n**3 / best / 1e9
 
 
-def default_config(overrides: list[str] = ()):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 def default_model_throughput(batch: int = 8, steps: int = 5, overrides: list[str] = (), device: str = "cpu") -> dict:
     """The main job's model on synthetic batches at its configured input size: training img/s (forward,
     backward, AdamW step, under the configured precision) and inference img/s (post-processing included), and
     the GFLOP/s they achieve (training counted as 3× the forward FLOPs: forward, and backward for inputs and
     weights)."""
-    from detkit.engine.trainer import PRECISIONS, native_bf16
-
-    cfg = default_config(overrides)
+    cfg = train_config(overrides)
     size = cfg.data.img_size
     model = build_model(cfg.model, 10).to(device)
     flops = complexity(model, (1, 3, size, size)).flops
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        precision = "bf16" if native_bf16(torch.device(device)) else "fp32"
-    dtype = PRECISIONS[precision]
+    precision, dtype = resolve_precision(cfg.trainer.precision, torch.device(device))
     images, targets = synthetic_batch(batch, size)
     targets = [{"boxes": t["boxes"], "labels": t["labels"] % 10} for t in targets]
     images = images.to(device)
@@ -95,8 +83,8 @@ def default_model_throughput(batch: int = 8, steps: int = 5, overrides: list[str
 def _ssd_pairs(num_classes: int) -> dict[str, tuple[str, nn.Module, str, nn.Module, int, int]]:
     from torchvision.models.detection import ssd300_vgg16, ssdlite320_mobilenet_v3_large
 
-    ours_ssd = build_model(default_config(["model=ssd300"]).model, num_classes)
-    ours_lite = build_model(default_config(["model=ssdlite"]).model, num_classes)
+    ours_ssd = build_model(train_config(["model=ssd300"]).model, num_classes)
+    ours_lite = build_model(train_config(["model=ssdlite"]).model, num_classes)
     tv_ssd = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes + 1)
     tv_lite = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes + 1)
     # (baseline name, baseline, detkit name, detkit model, input side, label offset of the baseline)

@@ -11,18 +11,16 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from detkit.engine.build import build_data_loader, build_dataset, build_model, prepare_data, seed_everything
 from detkit.evaluation.coco import predict
 from detkit.evaluation.dataset import evaluate_dataset
+from detkit.utils.benchmark import train_config
 from detkit.utils.complexity import complexity
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_CONFIGS = ("yolov1_tiny", "yolov2_tiny", "yolov3_tiny", "yolov3_spp_tiny", "yolov4_tiny")
 
 
@@ -42,8 +40,7 @@ class YOLOResult:
 def config_for(name: str, overrides: list[str] = ()) -> DictConfig:
     """The training config with ``model=name``; a model with an ``input_size`` (YOLOv1's FC head) gets
     ``data.img_size``."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={name}", *overrides])
+    cfg = train_config([f"model={name}", *overrides])
     if "input_size" in cfg.model:
         with open_dict(cfg):
             cfg.model.input_size = cfg.data.img_size

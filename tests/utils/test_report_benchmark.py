@@ -2,11 +2,12 @@ import json
 
 from detkit.engine.build import build_model
 from detkit.utils import report_benchmark
-from detkit.utils.report_benchmark import default_config, format_report, matmul_gflops, run_report
+from detkit.utils.benchmark import train_config
+from detkit.utils.report_benchmark import format_report, matmul_gflops, run_report
 
 
 def tiny_yolo():
-    return build_model(default_config(["model.backbone.width=4", "model.backbone.depths=[1,1,1,1]"]).model, 20)
+    return build_model(train_config(["model.backbone.width=4", "model.backbone.depths=[1,1,1,1]"]).model, 20)
 
 
 def test_the_report_times_each_pair_and_writes_markdown_and_json(tmp_path, monkeypatch):

@@ -15,6 +15,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from detkit.models.backbones.darknet import StagedBackbone
+
 __all__ = ["ResNet"]
 
 _DEPTHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3)),
@@ -40,7 +42,7 @@ def _init_like_torchvision(module: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
-class ResNet(nn.Module):
+class ResNet(StagedBackbone):
     """ResNet C2–C5: four maps of strides 4, 8, 16, 32.
 
     Args:
@@ -52,7 +54,10 @@ class ResNet(nn.Module):
             ignored); never downloaded.
 
     ``out_channels``: channels of C2–C5 (256, 512, 1024, 2048 for ResNet-50; 64, 128, 256, 512 for ResNet-18).
+    Forward: (B, 3, H, W) → [C2, C3, C4, C5], (B, out_channels[i], H/2^(i+2), W/2^(i+2)) (rounded up).
     """
+
+    num_outputs = 4
 
     def __init__(self, depth: int = 50, width: int = 64, depths: Sequence[int] | None = None,
                  pretrained: str | None = None) -> None:
@@ -93,12 +98,3 @@ class ResNet(nn.Module):
             elif head.startswith("layer"):
                 renamed[f"stages.{int(head[5:]) - 1}.{rest}"] = value
         self.load_state_dict(renamed)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) → [C2, C3, C4, C5], (B, out_channels[i], H/2^(i+2), W/2^(i+2)) (rounded up)."""
-        x = self.stem(x)
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return maps
