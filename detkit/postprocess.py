@@ -252,16 +252,40 @@ def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
     return _by_score(torch.cat(keep), torch.cat(kept))
 
 
-def _nms(boxes: Tensor, scores: Tensor, labels: Tensor, method: str, iou_threshold: float, soft_method: str,
-         sigma: float, score_threshold: float) -> tuple[Tensor, Tensor]:
-    if method == "soft":
-        return batched_soft_nms(boxes, scores, labels, iou_threshold, sigma, soft_method, score_threshold)
-    nms = batched_nms if method == "nms" else batched_diou_nms
-    keep = nms(boxes, scores, labels, iou_threshold)
-    return keep, scores[keep]
-
-
 METHODS = ("nms", "diou", "soft")
+
+# The first NMS call of :func:`_greedy_first` takes this many times ``max_detections`` candidates.
+FIRST_CHUNK = 4
+
+
+def _greedy_first(boxes: Tensor, scores: Tensor, labels: Tensor, method: str, iou_threshold: float,
+                  max_detections: int) -> Tensor:
+    """Greedy (DIoU-)NMS of score-sorted candidates, stopped once ``max_detections`` boxes are kept.
+
+    Whether greedy NMS keeps a box depends only on the higher-scoring boxes, so NMS over a prefix of the
+    sorted candidates keeps exactly the full answer's boxes within that prefix. Each round runs NMS on the
+    boxes kept so far (they keep each other: no suppression among them) plus the next chunk (doubling), and
+    stops when ``max_detections`` are kept or the candidates run out: the same first ``max_detections`` as
+    one NMS over all candidates, at a fraction of the cost when most candidates are low-scoring clutter
+    (an untrained or uncertain network gives thousands above a 0.01 threshold).
+
+    Args:
+        boxes: (N, 4) xyxy. scores: (N,) in decreasing order. labels: (N,) class of each box.
+
+    Returns:
+        (K,) long indices of kept boxes, K ≤ N, by decreasing score; at least the first ``max_detections`` of
+        the full NMS answer when it has that many.
+    """
+    nms = batched_nms if method == "nms" else batched_diou_nms
+    n = len(scores)
+    kept = torch.empty((0,), dtype=torch.long, device=scores.device)
+    start, end = 0, min(n, FIRST_CHUNK * max_detections)
+    while True:
+        idx = torch.cat([kept, torch.arange(start, end, device=scores.device)])
+        kept = idx[nms(boxes[idx], scores[idx], labels[idx], iou_threshold)]
+        if len(kept) >= max_detections or end == n:
+            return kept
+        start, end = end, min(n, 2 * end)
 
 
 @torch.no_grad()
@@ -270,7 +294,8 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float
                            image_size: Sequence[int] | None = None, soft_method: str = "linear",
                            sigma: float = 0.5) -> list[dict[str, Tensor]]:
     """Per image: keep (box, class) pairs scoring above ``score_threshold``, the ``pre_nms_topk`` best of
-    them, class-aware NMS, then the ``max_detections`` best.
+    them, class-aware NMS, then the ``max_detections`` best. Greedy NMS (``nms``, ``diou``) stops as soon as
+    ``max_detections`` boxes are kept (:func:`_greedy_first`: the same answer, cheaper).
 
     Args:
         boxes: (B, N, 4) xyxy pixels shared by all classes (SSD, YOLO, RetinaNet), or (B, N, C, 4) one box
@@ -302,8 +327,12 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float
         if image_size is not None:
             h, w = image_size
             cand_boxes = torch.min(cand_boxes.clamp(min=0), cand_boxes.new_tensor([w, h, w, h]))
-        keep, kept_scores = _nms(cand_boxes, cand_scores, labels, method, nms_threshold, soft_method, sigma,
-                                 score_threshold)
+        if method == "soft":
+            keep, kept_scores = batched_soft_nms(cand_boxes, cand_scores, labels, nms_threshold, sigma, soft_method,
+                                                 score_threshold)
+        else:
+            keep = _greedy_first(cand_boxes, cand_scores, labels, method, nms_threshold, max_detections)
+            kept_scores = cand_scores[keep]
         keep, kept_scores = keep[:max_detections], kept_scores[:max_detections]
         results.append({"boxes": cand_boxes[keep], "scores": kept_scores, "labels": labels[keep]})
     return results

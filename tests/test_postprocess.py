@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from detkit.postprocess import batched_diou_nms, batched_soft_nms, postprocess_detections
+from detkit.postprocess import _greedy_first, batched_diou_nms, batched_soft_nms, postprocess_detections
 
 
 def random_case(n: int, classes: int, seed: int):
@@ -175,6 +175,24 @@ def test_postprocess_nms_matches_reference_pipeline(seed):
     for det, (rb, rs, rl) in zip(ours, reference_postprocess(boxes, scores, 0.1, 0.5, 20, 150)):
         assert torch.equal(det["boxes"], rb) and torch.equal(det["scores"], rs) and torch.equal(det["labels"], rl)
         assert len(det["scores"]) <= 20 and (det["scores"] > 0.1).all()
+
+
+@pytest.mark.parametrize("method", ["nms", "diou"])
+@pytest.mark.parametrize("max_det", [1, 7, 60, 5000])
+def test_greedy_nms_stopped_early_keeps_the_full_answers_first_boxes(method, max_det):
+    # Six tight clusters of 150 boxes: most candidates are suppressed, so the doubling rounds run.
+    g = torch.Generator().manual_seed(max_det)
+    centres = (torch.rand(6, 2, generator=g, dtype=torch.float64) * 300).repeat_interleave(150, 0)
+    c = centres + torch.randn(900, 2, generator=g, dtype=torch.float64) * 2
+    wh = torch.rand(900, 2, generator=g, dtype=torch.float64) * 6 + 30
+    boxes, scores = torch.cat([c - wh / 2, c + wh / 2], 1), torch.randperm(900, generator=g).double() / 900
+    labels = torch.randint(3, (900,), generator=g)
+    order = scores.argsort(descending=True)
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    full = (batched_nms if method == "nms" else batched_diou_nms)(boxes, scores, labels, 0.5)
+    early = _greedy_first(boxes, scores, labels, method, 0.5, max_det)
+    assert torch.equal(early[:max_det], full[:max_det])
+    assert len(early) >= min(max_det, len(full))
 
 
 @pytest.mark.parametrize("method", ["nms", "diou", "soft"])
