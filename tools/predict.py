@@ -1,5 +1,5 @@
 """Detect objects in images: ``python tools/predict.py checkpoint=PATH source=IMAGE_OR_DIR [batch_size=8]
-[save_images=false] [save_json=true ann_file=COCO_JSON]``.
+[save_images=false] [save_json=true ann_file=COCO_JSON] [fuse=false]``.
 
 Writes ``detections.json`` (and each image with its boxes drawn) into the run folder; ``save_json`` also
 writes ``results.json`` in COCO's results format (image ids from ``ann_file`` by file name, else positions).
@@ -11,6 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from detkit.deploy.fuse import fuse_conv_bn
 from detkit.engine.hooks import write_json
 from detkit.engine.inference import coco_results, predict_files
 from detkit.engine.launch import load_trained, user_errors
@@ -21,6 +22,8 @@ def main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
     with user_errors():
         model, train_cfg, state = load_trained(cfg.checkpoint, cfg.device)
+        if cfg.fuse:
+            model = fuse_conv_bn(model, inplace=True)[0]
         records = predict_files(model, cfg.source, out_dir, train_cfg.data.img_size, state["class_names"],
                                 cfg.score_thresh, cfg.device, cfg.batch_size, cfg.save_images)
         write_json(records, f"{out_dir}/detections.json")
