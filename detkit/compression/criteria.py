@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 BN_TYPES = (nn.BatchNorm2d,)
+CRITERIA = ("bn_gamma", "l1", "taylor", "apoz")
 
 
 def _batchnorms(model: nn.Module) -> dict[str, nn.Module]:
@@ -145,3 +146,21 @@ def group_scores(scores: dict[str, Tensor], batchnorms: Sequence[tuple[str, list
     if missing:
         raise KeyError(f"no scores for BatchNorms {missing[:5]}")
     return torch.stack([scores[name][idxs] for name, idxs in batchnorms]).amax(0)
+
+
+def criterion_scores(model: nn.Module, criterion: str,
+                     batches: Sequence[tuple[Tensor, list[dict]]] = ()) -> dict[str, Tensor] | None:
+    """Per-BatchNorm scores of ``criterion`` (one of :data:`CRITERIA`) for
+    :func:`detkit.compression.pruning.prune_model`; None for ``bn_gamma``, which the pruner reads itself.
+    ``batches``: (images, targets) calibration batches, needed by ``taylor`` and ``apoz`` (images only)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"pruning criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if criterion == "bn_gamma":
+        return None
+    if criterion == "l1":
+        return l1_scores(model)
+    if not batches:
+        raise ValueError(f"the {criterion} criterion needs calibration batches (prune.calibration_batches >= 1)")
+    if criterion == "apoz":
+        return apoz_scores(model, [images for images, _ in batches])
+    return taylor_scores(model, batches)

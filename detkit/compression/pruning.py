@@ -16,6 +16,10 @@ contribution is folded into each reader — the reader's bias, or the running me
 so channels with γ = 0 are removed without changing the outputs. The fold is exact for 1×1 readers (and for
 k×k readers away from the zero-padded border, where the removed constant was partly padding); YOLO heads'
 1×1 prediction convs and the necks' 1×1 convs after upsampling/concatenation read exactly.
+
+Other rankings (``scores`` from :mod:`detkit.compression.criteria`: filter L1, Taylor, APoZ) go through the
+same groups, limits and fold; their removed channels need not have γ ≈ 0, so the fold then stands each one in
+by act(β), its output at the BatchNorm's mean input: an approximation that fine-tuning corrects.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from detkit.compression.criteria import group_scores
 from detkit.compression.graph import (
     ChannelGroup,
     batchnorms_after,
@@ -80,9 +86,12 @@ def _kept_count(wanted: int, channels: int, min_channels: int, max_layer_ratio: 
 
 
 def plan_pruning(model: nn.Module, groups: list[ChannelGroup], ratio: float = 0.5, threshold: float | None = None,
-                 min_channels: int = 8, max_layer_ratio: float = 0.9, round_to: int = 1) -> dict[str, list[int]]:
+                 min_channels: int = 8, max_layer_ratio: float = 0.9, round_to: int = 1,
+                 scores: Mapping[str, Tensor] | None = None) -> dict[str, list[int]]:
     """{root conv name: sorted channel indices to remove} for the prunable ``groups`` (see module doc);
-    groups that lose nothing are left out."""
+    groups that lose nothing are left out. ``scores``: ``{BatchNorm name: (C,) score}`` from
+    :mod:`detkit.compression.criteria` to rank channels by instead of |γ| (a group takes the largest over its
+    BatchNorms, as for γ)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"prune.ratio must be in [0, 1), got {ratio}")
     if not 0.0 <= max_layer_ratio < 1.0:
@@ -92,7 +101,9 @@ def plan_pruning(model: nn.Module, groups: list[ChannelGroup], ratio: float = 0.
     prunable = [g for g in groups if g.prunable]
     if not prunable:
         return {}
-    scores = [channel_scores(model, g) for g in prunable]
+    bn_scores = scores
+    scores = [channel_scores(model, g) if bn_scores is None else group_scores(bn_scores, g.batchnorms).float().cpu()
+              for g in prunable]
 
     def kept_counts(limit: float) -> list[int]:
         return [_kept_count(int((score > limit).sum()), g.channels, min_channels, max_layer_ratio, round_to)
@@ -186,13 +197,14 @@ def compensate_removed_channels(model: nn.Module, readers: dict[str, list[int]],
 
 def prune_model(model: nn.Module, ratio: float = 0.5, threshold: float | None = None, min_channels: int = 8,
                 max_layer_ratio: float = 0.9, round_to: int = 1, compensate: bool = True,
-                images: Tensor | None = None) -> PruningResult:
+                images: Tensor | None = None, scores: Mapping[str, Tensor] | None = None) -> PruningResult:
     """Physically remove channels from ``model`` in place (see the module doc for the rule); ``images``: the
-    (1, 3, H, W) trace input (default :func:`detkit.compression.graph.example_images`). Returns what was
-    removed, with the channel spec that rebuilds the slim architecture."""
+    (1, 3, H, W) trace input (default :func:`detkit.compression.graph.example_images`); ``scores``: per-BatchNorm
+    channel scores to rank by instead of |γ| (see :func:`plan_pruning`). Returns what was removed, with the
+    channel spec that rebuilds the slim architecture."""
     graph = dependency_graph(model, images)
     groups = channel_groups(model, graph=graph)
-    plan = plan_pruning(model, groups, ratio, threshold, min_channels, max_layer_ratio, round_to)
+    plan = plan_pruning(model, groups, ratio, threshold, min_channels, max_layer_ratio, round_to, scores)
     modules = dict(model.named_modules())
     result = PruningResult(skipped=[(g.root, g.reason) for g in groups if not g.prunable])
     unnormalised = [g.root for g in groups if g.reason.startswith("no BatchNorm")]

@@ -79,3 +79,33 @@ def test_every_criterion_scores_every_batchnorm_of_a_detector():
         assert set(scores) == names
         assert all(s.shape == (dict(model.named_modules())[n].num_features,) for n, s in scores.items())
         assert all(torch.isfinite(s).all() and (s > 0).any() for s in scores.values())
+
+
+def test_the_criterion_decides_which_channels_the_pruner_removes():
+    from detkit.compression.criteria import criterion_scores
+    from detkit.compression.graph import channel_groups, example_images
+    from detkit.compression.pruning import plan_pruning, prune_model
+
+    model = tiny_yolo()
+    groups = channel_groups(model, images=example_images(64))
+    group = next(g for g in groups if g.prunable and len(g.batchnorms) == 1 and g.channels >= 8)
+    (bn_name, idxs), = group.batchnorms
+    modules = dict(model.named_modules())
+    conv = modules[group.writers[0]]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+        modules[bn_name].weight[idxs[2]] = 1e-3  # the smallest γ of the model ...
+        conv.weight[5] *= 1e-3  # ... and the smallest filter, on another channel
+    total = sum(g.channels for g in groups if g.prunable)
+    ratio = 1.0 / total  # one channel
+    by_gamma = plan_pruning(model, groups, ratio, min_channels=1, scores=criterion_scores(model, "bn_gamma"))
+    by_l1 = plan_pruning(model, groups, ratio, min_channels=1, scores=criterion_scores(model, "l1"))
+    assert by_gamma == {group.root: [2]} and by_l1 == {group.root: [5]}
+    result = prune_model(model, ratio, min_channels=1, scores=criterion_scores(model, "l1"))
+    assert result.removed == 1 and conv.out_channels == group.channels - 1
+    with pytest.raises(ValueError, match="calibration batches"):
+        criterion_scores(model, "taylor")
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        criterion_scores(model, "gamma")
