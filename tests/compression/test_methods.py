@@ -104,12 +104,14 @@ def test_bad_method_and_settings_are_named(tiny_checkpoint, tmp_path):
 
 def test_slim_tool_dispatches_on_method(tiny_checkpoint, tmp_path):
     result = subprocess.run([sys.executable, "tools/slim.py", f"checkpoint={tiny_checkpoint}", f"out={tmp_path}",
-                             "method=magnitude", "magnitude.sparsity=0.3", "report.latency_repeats=0"],
+                             f"hydra.run.dir={tmp_path}", "method=magnitude", "magnitude.sparsity=0.3",
+                             "report.latency_repeats=0"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["method"] == "magnitude" and report["settings"]["sparsity"] == 0.3
     bad = subprocess.run([sys.executable, "tools/slim.py", f"checkpoint={tiny_checkpoint}", f"out={tmp_path}",
-                          "method=pruning"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          f"hydra.run.dir={tmp_path}", "method=pruning"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown compression method 'pruning'" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -74,7 +74,8 @@ def test_slim_tool_end_to_end_then_eval_export_and_resume(tiny_train_config, tmp
     out = tmp_path / "slim"
     result = subprocess.run(
         [sys.executable, "tools/slim.py", f"checkpoint={tmp_path / 'sparse' / 'last.pt'}", f"out={out}",
-         "prune.ratio=0.5", "finetune.epochs=1", "report.latency_repeats=2", "report.threads=1"],
+         f"hydra.run.dir={out}", "prune.ratio=0.5", "finetune.epochs=1", "report.latency_repeats=2",
+         "report.threads=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
