@@ -1,5 +1,6 @@
 """Compression methods compared: ``python tools/compare_compression.py checkpoint=PATH [finetune.epochs=1]
-[slim.checkpoint=PATH] [swap.checkpoint=PATH | swap.model=yolov3_mobilenetv2 swap.epochs=N] [out=DIR]``.
+[slim.checkpoint=PATH] [swap.checkpoint=PATH | swap.model=yolov3_mobilenetv2 swap.epochs=N] [out=DIR]``;
+``python tools/compare_compression.py retime=DIR`` measures a finished comparison's latencies again.
 
 Runs every method of ``tools/slim.py`` from the same checkpoint with the same fine-tune budget, plus the
 unpruned baseline and a lightweight-backbone swap, and writes ``table.md`` / ``table.json``: params, FLOPs,
@@ -11,13 +12,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from detkit.compression.compare import compare_compression
+from detkit.compression.compare import compare_compression, retime_comparison
 from detkit.compression.methods import METHODS
 from detkit.engine.launch import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="compare_compression")
 def main(cfg: DictConfig) -> None:
+    if cfg.retime:
+        with user_errors():
+            retime_comparison(cfg.retime, OmegaConf.to_container(cfg.latency, resolve=True))
+        return
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown} in methods=; expected some of {', '.join(METHODS)}")

@@ -128,33 +128,67 @@ def compare_compression(checkpoint: str | Path, out_dir: str | Path, cfg: Mappin
         runs["swap"] = {"artifact": str(swap_path)}
     for name, model in models.items():  # the int8 weights are graph constants, not parameters: not counted
         rows[name]["nonzero_params"] = nonzero_params(model) if name != "int8" else None
-    repeats = int(latency.get("repeats", 50))
-    if repeats > 0:
-        compiled = ["int8"] if "int8" in models and latency.get("compile_int8", True) else []
-        timed = dict(models)
-        if compiled:
-            rows["int8"]["note"] += COMPILED_NOTE
-            timed["baseline (compiled)"] = base_model
-            rows["baseline (compiled)"] = {**rows["baseline"], "note": "baseline through torch.compile"}
-            compiled.append("baseline (compiled)")
-        measured = measure_latencies(timed, size, repeats, int(latency.get("rounds", 3)), latency.get("threads"),
-                                     compiled)
-        for name, value in measured.items():
-            rows[name]["latency_ms"] = value
-    table = format_table(rows)
+    _time_rows(rows, models, size, latency)
     epochs = int((cfg.get("finetune") or {}).get("epochs", 0))
-    note = (f"Checkpoint {checkpoint}; input {size} px; fine-tune budget {epochs} epoch(s) per method; latency: "
-            f"median of {int(latency.get('rounds', 3))} interleaved rounds of the median of {repeats} CPU batch-1 "
-            f"forwards (NMS included, BatchNorm folded), threads: "
-            f"{latency.get('threads') or torch.get_num_threads()}, measured "
+    result = {"checkpoint": str(checkpoint), "size": size, "finetune_epochs": epochs, "slim_source": notes["slim"],
+              "latency": latency, "rows": rows, "runs": runs}
+    return _write(result, out_dir)
+
+
+def _time_rows(rows: dict, models: Mapping[str, nn.Module], size: int, latency: Mapping) -> None:
+    """Fill ``rows[name]['latency_ms']`` for every model (and a compiled baseline beside a compiled int8)."""
+    repeats = int(latency.get("repeats", 50))
+    if repeats <= 0:
+        return
+    compiled = ["int8"] if "int8" in models and latency.get("compile_int8", True) else []
+    timed = dict(models)
+    if compiled:
+        if COMPILED_NOTE not in rows["int8"]["note"]:
+            rows["int8"]["note"] += COMPILED_NOTE
+        timed["baseline (compiled)"] = models["baseline"]
+        rows["baseline (compiled)"] = {**rows["baseline"], "note": "baseline through torch.compile"}
+        compiled.append("baseline (compiled)")
+    measured = measure_latencies(timed, size, repeats, int(latency.get("rounds", 3)), latency.get("threads"),
+                                 compiled)
+    for name, value in measured.items():
+        rows[name]["latency_ms"] = value
+
+
+def _write(result: dict, out_dir: Path) -> dict:
+    latency = result["latency"]
+    note = (f"Checkpoint {result['checkpoint']}; input {result['size']} px; fine-tune budget "
+            f"{result['finetune_epochs']} epoch(s) per method; latency: median of {int(latency.get('rounds', 3))} "
+            f"interleaved rounds of the median of {int(latency.get('repeats', 50))} CPU batch-1 forwards (NMS "
+            f"included, BatchNorm folded), threads: {latency.get('threads') or torch.get_num_threads()}, measured "
             f"after all fine-tunes. Weights MB: the serialised state dict (a weights-only checkpoint); "
             f"deep_compression: the Huffman-coded file; int8: the saved torch.export programs + the float rest. "
-            f"Slimming row: {notes['slim']}.")
+            f"Slimming row: {result['slim_source']}.")
+    table = format_table(result["rows"])
     (out_dir / "table.md").write_text(f"# Compression methods compared\n\n{note}\n\n{table}\n")
-    result = {"checkpoint": str(checkpoint), "note": note, "rows": rows, "runs": runs}
-    (out_dir / "table.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "table.json").write_text(json.dumps({**result, "note": note}, indent=1))
     print(table)
     return result
+
+
+def retime_comparison(out_dir: str | Path, latency: Mapping) -> dict:
+    """Measure again the latency of every row of a finished comparison in ``out_dir`` (its table.json and
+    artifacts), e.g. on a quiet machine when something else ran during the first measurement; rewrites
+    table.md / table.json."""
+    out_dir = Path(out_dir)
+    path = out_dir / "table.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no comparison to re-time (run tools/compare_compression.py first)")
+    result = json.loads(path.read_text())
+    rows = {k: v for k, v in result["rows"].items() if k != "baseline (compiled)"}
+    models: dict[str, nn.Module] = {"baseline": load_trained(result["checkpoint"], "cpu")[0]}
+    for name in rows:
+        if name in result["runs"]:
+            models[name] = load_artifact(name, result["runs"][name]["artifact"], "cpu")
+        elif name.startswith("swap: "):
+            models[name] = load_trained(result["runs"]["swap"]["artifact"], "cpu")[0]
+    result.update(rows=rows, latency=dict(latency))
+    _time_rows(rows, models, int(result["size"]), latency)
+    return _write(result, out_dir)
 
 
 def _swap(swap: Mapping, base_cfg: DictConfig, out_dir: Path, device: str) -> tuple[str, Path]:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from detkit.compression.compare import compare_compression, format_table, swap_config
+from detkit.compression.compare import compare_compression, format_table, retime_comparison, swap_config
 from detkit.compression.methods import METHODS
 from detkit.compression.slim import measure_latencies
 from detkit.engine.launch import load_trained
@@ -35,6 +35,12 @@ def test_compare_writes_a_row_per_method_plus_baseline_and_swap_all_timed(tiny_c
     swap = load_trained(result["runs"]["swap"]["artifact"])[1]
     assert swap.model.backbone._target_.endswith("MobileNetV2") and swap.trainer.epochs == 1
     assert swap.data.img_size == load_trained(tiny_checkpoint)[1].data.img_size  # the base run's data
+    # retime: the same rows and accuracy, latencies measured again from the reloaded artifacts
+    (tmp_path / "table.md").unlink()
+    again = retime_comparison(tmp_path, {"repeats": 1, "rounds": 1, "threads": 1, "compile_int8": False})["rows"]
+    assert again.keys() == rows.keys() and (tmp_path / "table.md").is_file()
+    assert all(again[k]["AP"] == rows[k]["AP"] and again[k]["latency_ms"] > 0 for k in rows)
+    assert "1 interleaved rounds" in (tmp_path / "table.md").read_text()
 
 
 def test_swap_config_and_table_details():
