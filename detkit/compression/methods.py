@@ -285,8 +285,9 @@ def _drop_unused_attributes(graph: nn.Module) -> None:
 
 def load_int8(folder: str | Path, device: str = "cpu") -> nn.Module:
     """The eval-mode int8 model of :func:`save_int8`'s ``folder`` (CPU)."""
-    from detkit.compression.quantize import _allow_train_eval
+    from detkit.compression.quantize import _allow_train_eval, _pt2e
 
+    _pt2e()  # registers the quantized_decomposed ops that the saved programs call (torchao)
     folder = Path(folder)
     state = load_checkpoint(folder / "model.pt")
     cfg = OmegaConf.create(state["config"])

@@ -72,6 +72,11 @@ def test_each_method_writes_an_artifact_that_reloads_and_scores_what_it_reported
     elif method == "int8":
         assert report["persisted"] and final["weights_mb"] < original["weights_mb"]
         assert any("quantize_per_tensor" in str(n.target) for n in model.backbone.graph.nodes)
+        # and in a fresh interpreter, where nothing has registered the quantized ops yet
+        fresh = subprocess.run([sys.executable, "-c", "import sys; from detkit.compression.methods import "
+                                "load_int8; load_int8(sys.argv[1])", str(report["artifact"])],
+                               capture_output=True, text=True, timeout=300)
+        assert fresh.returncode == 0, fresh.stderr[-2000:]
     elif method == "lowrank":
         state = load_checkpoint(report["artifact"])  # weights_only=True
         assert state["config"]["model"]["_target_"].endswith("lowrank_detector")
