@@ -72,9 +72,10 @@ def yolo(args: argparse.Namespace) -> None:
         quick = [f"data.builtin.root={tmp}", "data.builtin.num_train=16", "data.builtin.num_val=8",
                  "+data.builtin.min_size=96", "+data.builtin.max_size=128", "+data.builtin.workers=1"]
         size, steps = (128, 2) if args.quick else (args.size, args.steps)
-        overrides = [*(quick if args.quick else []), f"data.img_size={size}"]
+        # The plain pipeline (no Mosaic) so that the budget is the same batches for every version.
+        overrides = [*(quick if args.quick else []), f"data.img_size={size}", "data.mosaic.prob=0.0"]
         rows = yolo_family(steps=steps, overrides=overrides)
-    print(format_results(f"tiny YOLO configs, {steps} training steps at {size} px, built-in data, "
+    print(format_results(f"tiny YOLO configs, {steps} training steps at {size} px, built-in data without Mosaic, "
                          f"{torch.get_num_threads()} threads", rows))
 
 
