@@ -2,7 +2,7 @@
 
 Every function returns ``{BatchNorm name: (C,) float32 scores}``, higher = more important, the same shape as
 the |γ| that :mod:`detkit.compression.pruning` reads from each BatchNorm (:func:`group_scores` combines them
-over a coupled channel group the way its ``channel_scores`` does):
+over a coupled channel group, for |γ| too):
 
 - ``l1``: L1 norm of each output filter of the conv that feeds the BatchNorm (Li et al., ICLR 2017);
 - ``taylor``: |mean over positions of activation × gradient|, averaged over images and batches (Molchanov et

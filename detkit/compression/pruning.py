@@ -70,13 +70,6 @@ class PruningResult:
         return self.removed / max(self.prunable, 1)
 
 
-def channel_scores(model: nn.Module, group: ChannelGroup) -> Tensor:
-    """(C,) score of each group channel: the largest |γ| over the group's BatchNorms."""
-    modules = dict(model.named_modules())
-    gammas = [modules[bn].weight.detach().abs()[idxs] for bn, idxs in group.batchnorms]
-    return torch.stack(gammas).amax(0).float().cpu()
-
-
 def _kept_count(wanted: int, channels: int, min_channels: int, max_layer_ratio: float, round_to: int) -> int:
     floor = max(min(min_channels, channels), math.ceil(channels * (1.0 - max_layer_ratio)), 1)
     kept = max(wanted, floor)
@@ -101,18 +94,19 @@ def plan_pruning(model: nn.Module, groups: list[ChannelGroup], ratio: float = 0.
     prunable = [g for g in groups if g.prunable]
     if not prunable:
         return {}
-    bn_scores = scores
-    scores = [channel_scores(model, g) if bn_scores is None else group_scores(bn_scores, g.batchnorms).float().cpu()
-              for g in prunable]
+    if scores is None:  # Network Slimming: BatchNorm |γ|
+        modules = dict(model.named_modules())
+        scores = {bn: modules[bn].weight.detach().abs() for g in prunable for bn, _ in g.batchnorms}
+    ranked = [group_scores(scores, g.batchnorms).float().cpu() for g in prunable]
 
     def kept_counts(limit: float) -> list[int]:
         return [_kept_count(int((score > limit).sum()), g.channels, min_channels, max_layer_ratio, round_to)
-                for g, score in zip(prunable, scores)]
+                for g, score in zip(prunable, ranked)]
 
     if threshold is None:
         # The lowest threshold that removes ratio of the channels once the per-group limits have kept some back:
         # a binary search over the sorted scores (the removed count only grows with the threshold).
-        everything = torch.cat(scores).sort().values
+        everything = torch.cat(ranked).sort().values
         total, target = everything.numel(), int(round(ratio * everything.numel()))
         low, high = target - 1, total - 1
         while low < high:
@@ -123,7 +117,7 @@ def plan_pruning(model: nn.Module, groups: list[ChannelGroup], ratio: float = 0.
                 low = middle + 1
         threshold = float(everything[low]) if target > 0 else -math.inf
     plan = {}
-    for group, score, kept in zip(prunable, scores, kept_counts(threshold)):
+    for group, score, kept in zip(prunable, ranked, kept_counts(threshold)):
         if kept < group.channels:
             order = torch.argsort(score, descending=True, stable=True)
             plan[group.root] = sorted(order[kept:].tolist())

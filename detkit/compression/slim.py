@@ -222,10 +222,11 @@ def slim_checkpoint(checkpoint: str | Path, out_dir: str | Path, prune: Mapping,
     size = int(cfg.data.img_size)
     rows = {"unpruned": describe(model, size, evaluate(model, "unpruned"), repeats, threads)}
     spec, original, current, removed = list(cfg.get("channel_spec") or []), None, None, 0
+    # the same training batches score every round (fine-tuning changes the model, not the data)
+    batches = calibration_batches(cfg, calibration, device) if criterion in ("taylor", "apoz") else []
     for step in range(1, steps + 1):
         last, tag = step == steps, ("" if steps == 1 else f" {step}/{steps}")
         ratio = _round_ratio(float(prune_args.get("ratio", 0.5)), step, steps, original, current)
-        batches = calibration_batches(cfg, calibration, device) if criterion in ("taylor", "apoz") else []
         scores = criterion_scores(model, criterion, batches)
         result = prune_model(model, images=example_images(trace_size(model)).to(device), scores=scores,
                              **{**prune_args, "ratio": ratio})
