@@ -57,4 +57,8 @@ def barrier() -> None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Every rank arrives before any tears down: rank 0 hosts the TCP store, and leaving while another rank
+        # still used the group aborted a gloo process now and then ("terminate called without an active
+        # exception", SIGABRT).
+        dist.barrier()
         dist.destroy_process_group()
