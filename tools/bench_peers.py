@@ -26,7 +26,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_detkit(out / "detkit", args.minutes, [f"data.img_size={args.imgsz}", *args.overrides]),
+    sizes = [f"data.img_size={args.imgsz}", f"data.test_size={args.imgsz}"]  # the peer validates at imgsz too
+    rows = [run_detkit(out / "detkit", args.minutes, [*sizes, *args.overrides]),
             run_ultralytics(args.data, out / "ultralytics", args.minutes, args.imgsz, args.peer_batch,
                             model=args.peer_model)]
     table = format_peer_table(rows, args.minutes, args.imgsz)

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from detkit.deploy.fuse import fuse_conv_bn
+from detkit.engine.build import eval_img_size
 from detkit.engine.hooks import write_json
 from detkit.engine.inference import coco_results, predict_files
 from detkit.engine.launch import load_trained, user_errors
@@ -24,7 +25,7 @@ def main(cfg: DictConfig) -> None:
         model, train_cfg, state = load_trained(cfg.checkpoint, cfg.device)
         if cfg.fuse:
             model = fuse_conv_bn(model, inplace=True)[0]
-        records = predict_files(model, cfg.source, out_dir, train_cfg.data.img_size, state["class_names"],
+        records = predict_files(model, cfg.source, out_dir, eval_img_size(train_cfg.data), state["class_names"],
                                 cfg.score_thresh, cfg.device, cfg.batch_size, cfg.save_images)
         write_json(records, f"{out_dir}/detections.json")
         if cfg.save_json:

@@ -20,6 +20,7 @@ from torch import nn
 
 from detkit.compression.methods import METHODS, load_artifact, run_method
 from detkit.compression.slim import checkpoint_evaluator, describe, measure_latencies
+from detkit.engine.build import eval_img_size
 from detkit.engine.launch import load_trained
 from detkit.engine.launch import train as train_run
 
@@ -100,7 +101,7 @@ def compare_compression(checkpoint: str | Path, out_dir: str | Path, cfg: Mappin
     latency = dict(cfg.get("latency") or {})
     run_cfg = {**cfg, "report": {"latency_repeats": 0}}  # no timing while anything trains
     base_model, base_cfg, _ = load_trained(checkpoint, device)
-    size = int(base_cfg.data.img_size)
+    size = eval_img_size(base_cfg.data)
     rows = {"baseline": describe(base_model, size, checkpoint_evaluator(base_cfg, out_dir, device)(
         base_model, "baseline"), 0)}
     models: dict[str, nn.Module] = {"baseline": base_model}

@@ -47,7 +47,7 @@ from detkit.compression.slim import (
     measure_latencies,
     slim_checkpoint,
 )
-from detkit.engine.build import build_model
+from detkit.engine.build import build_model, eval_img_size
 from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from detkit.engine.launch import load_trained
 from detkit.engine.launch import train as train_run
@@ -79,7 +79,7 @@ class _Run:
         self.repeats, self.threads = int(report.get("latency_repeats", 0)), report.get("threads")
         self.finetune = dict(cfg.get("finetune") or {})
         self.epochs = int(self.finetune.get("epochs", 0))
-        self.size = int(self.cfg.data.img_size)
+        self.size = eval_img_size(self.cfg.data)
         self.rows: dict[str, dict] = {}
         self.add_row("original", self.model)
 

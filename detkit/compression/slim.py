@@ -25,7 +25,7 @@ from detkit.compression.criteria import CRITERIA, criterion_scores
 from detkit.compression.graph import example_images, trace_size
 from detkit.compression.pruning import PruningResult, prune_model
 from detkit.deploy.fuse import fuse_conv_bn
-from detkit.engine.build import build_data_loader, build_dataset, prepare_data
+from detkit.engine.build import build_data_loader, build_dataset, eval_img_size, prepare_data
 from detkit.engine.checkpoint import save_checkpoint
 from detkit.engine.launch import load_trained, make_evaluator
 from detkit.engine.launch import train as train_run
@@ -219,7 +219,7 @@ def slim_checkpoint(checkpoint: str | Path, out_dir: str | Path, prune: Mapping,
     repeats, threads = int(report.get("latency_repeats", 0)), report.get("threads")
     model, cfg, state = load_trained(checkpoint, device)
     evaluate = checkpoint_evaluator(cfg, out_dir, device)
-    size = int(cfg.data.img_size)
+    size = eval_img_size(cfg.data)  # latency at the size the mAP is measured at
     rows = {"unpruned": describe(model, size, evaluate(model, "unpruned"), repeats, threads)}
     spec, original, current, removed = list(cfg.get("channel_spec") or []), None, None, 0
     # the same training batches score every round (fine-tuning changes the model, not the data)

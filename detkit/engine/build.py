@@ -38,13 +38,19 @@ def prepare_data(data_cfg: DictConfig) -> None:
         ensure_builtin(**builtin)
 
 
+def eval_img_size(data_cfg: DictConfig) -> int:
+    """The square size images are letterboxed to for evaluation and inference: ``data.test_size``, or the
+    training size ``data.img_size`` when it is unset (null)."""
+    return int(data_cfg.get("test_size") or data_cfg.img_size)
+
+
 def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool | None = None):
-    """The ``split`` dataset (``data.<split>`` config) with training or letterbox transforms; a training set is
-    wrapped in :class:`Mosaic` when ``data.mosaic.prob > 0`` and in :class:`MultiScaleDataset` when
-    ``data.multiscale.sizes`` is not empty (both absent from the default config)."""
+    """The ``split`` dataset (``data.<split>`` config) with training transforms at ``data.img_size`` or the
+    evaluation letterbox at :func:`eval_img_size`; a training set is wrapped in :class:`Mosaic` when
+    ``data.mosaic.prob > 0`` and in :class:`MultiScaleDataset` when ``data.multiscale.sizes`` is not empty."""
     train = split == "train" if train is None else train
     size = data_cfg.img_size
-    transforms = build_train_transform(data_cfg.augment, size, seed) if train else Letterbox(size)
+    transforms = build_train_transform(data_cfg.augment, size, seed) if train else Letterbox(eval_img_size(data_cfg))
     mosaic = dict(data_cfg.get("mosaic") or {}) if train else {}
     use_mosaic = mosaic.get("prob", 0) > 0
     try:

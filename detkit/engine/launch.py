@@ -20,6 +20,7 @@ from detkit.engine.build import (
     build_dataset,
     build_model,
     build_optimization,
+    eval_img_size,
     prepare_data,
     seed_everything,
 )
@@ -102,6 +103,8 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
         + (f"; {world.size} processes x batch {cfg.data.batch_size}" if world.size > 1 else ""))
     if world.is_main:
         say(complexity(model, (1, 3, cfg.data.img_size, cfg.data.img_size)).format())
+        if eval_img_size(cfg.data) != cfg.data.img_size:
+            say(f"training at {cfg.data.img_size} px, evaluating at {eval_img_size(cfg.data)} px (data.test_size)")
     extra = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "class_names": list(train_set.class_names),

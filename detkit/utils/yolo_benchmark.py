@@ -39,11 +39,12 @@ class YOLOResult:
 
 def config_for(name: str, overrides: list[str] = ()) -> DictConfig:
     """The training config with ``model=name``; a model with an ``input_size`` (YOLOv1's FC head) gets
-    ``data.img_size``."""
+    ``data.img_size``; every version is evaluated at the training size (``data.test_size`` pinned to it)."""
     cfg = train_config([f"model={name}", *overrides])
-    if "input_size" in cfg.model:
-        with open_dict(cfg):
+    with open_dict(cfg):
+        if "input_size" in cfg.model:
             cfg.model.input_size = cfg.data.img_size
+        cfg.data.test_size = cfg.data.img_size
     return cfg
 
 

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from detkit.data.validation import DatasetError
 from detkit.data.voc import VOCDetection
 from detkit.data.yolo_txt import YoloTxtDetection
-from detkit.engine.build import build_dataset
+from detkit.engine.build import build_dataset, eval_img_size
+from detkit.utils.resolvers import scaled_size
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -45,3 +46,34 @@ def test_yolo_config_and_bad_data_stops_at_construction(tmp_path, formats):
         build_dataset(cfg.data, "train")
     with pytest.warns(UserWarning, match="dropped 0 of 3 images and 1 of 3 boxes"):
         build_dataset(compose_config("train", [*overrides, "data.on_invalid=drop"]).data, "train")
+
+
+def test_test_size_sets_the_evaluation_letterbox_only(tmp_path, formats):
+    images = formats.write_yolo(tmp_path / "yolo")
+    overrides = ["data=yolo", f"data.train_images={images}", f"data.val_images={images}", "data.names=[a,b,c]",
+                 "data.img_size=128", "data.mosaic.prob=0"]
+    unset = compose_config("train", overrides).data
+    assert unset.test_size is None and eval_img_size(unset) == 128
+    cfg = compose_config("train", [*overrides, "data.test_size=192"]).data
+    assert eval_img_size(cfg) == 192
+    assert build_dataset(cfg, "train")[0][0].shape[-2:] == (128, 128)
+    image, target = build_dataset(cfg, "val")[0]
+    assert image.shape[-2:] == (192, 192)
+    # the recorded geometry (used to map detections back to original pixels) is that of the evaluation size
+    assert target["ratio"] == pytest.approx(192 / max(target["orig_size"]))
+
+
+def test_builtin_data_evaluates_above_the_training_size_except_fixed_size_models():
+    assert eval_img_size(compose_config("train", []).data) == 480  # 384 x 1.25
+    assert eval_img_size(compose_config("train", ["data.img_size=96"]).data) == 128  # 120 to a multiple of 32
+    cfg = compose_config("train", ["model=yolov1_tiny", "data.img_size=448"])
+    assert eval_img_size(cfg.data) == cfg.model.input_size == 448  # the FC head takes no other size
+    assert eval_img_size(compose_config("train", ["data.test_size=null"]).data) == 384
+    assert eval_img_size(compose_config("eval", ["data=builtin", "checkpoint=x"]).data) == 480  # no model key
+
+
+def test_scaled_size_rounds_to_the_stride_and_rejects_nonsense():
+    assert [scaled_size(s, 1.25) for s in (384, 352, 96, 8)] == [480, 448, 128, 32]
+    assert scaled_size(300, 1.0, 1) == 300
+    with pytest.raises(ValueError, match="positive"):
+        scaled_size(384, 0)

@@ -140,8 +140,8 @@ class YOLOv1(nn.Module):
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             raise ValueError(
                 f"YOLOv1's fully connected head is built for {self.input_size}×{self.input_size} inputs, got "
-                f"{tuple(x.shape[-2:])}; set data.img_size={self.input_size} (and no multiscale) or build the "
-                "model with input_size equal to data.img_size"
+                f"{tuple(x.shape[-2:])}; set data.img_size={self.input_size} (and no multiscale, data.test_size null "
+                "or equal) or build the model with input_size equal to data.img_size"
             )
         output = self.raw_outputs(x)
         if self.training:
