@@ -25,7 +25,8 @@ def main(cfg: DictConfig) -> None:
         model, train_cfg, state = load_trained(cfg.checkpoint, cfg.device)
         if cfg.fuse:
             model = fuse_conv_bn(model, inplace=True)[0]
-        records = predict_files(model, cfg.source, out_dir, eval_img_size(train_cfg.data), state["class_names"],
+        size = cfg.test_size or eval_img_size(train_cfg.data)
+        records = predict_files(model, cfg.source, out_dir, size, state["class_names"],
                                 cfg.score_thresh, cfg.device, cfg.batch_size, cfg.save_images)
         write_json(records, f"{out_dir}/detections.json")
         if cfg.save_json:

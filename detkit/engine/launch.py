@@ -172,14 +172,18 @@ def load_trained(checkpoint: str | Path, device: str = "cpu"):
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_cfg: DictConfig | None = None,
                         split: str = "val", device: str = "cpu", metric: str = "coco",
-                        backend: str = "pycocotools", plots: bool = True, tta: bool = False) -> dict:
+                        backend: str = "pycocotools", plots: bool = True, tta: bool = False,
+                        test_size: int | None = None) -> dict:
     """Score a checkpoint on ``split`` of its own dataset (or ``data_cfg``) with ``metric`` (coco, voc07,
     voc12); writes metrics, predictions, a text report and (``plots``) the evaluation plots into ``out_dir``.
-    ``tta``: predict through :class:`~detkit.evaluation.tta.TestTimeAugmentation` (flip + 2 scales)."""
+    ``tta``: predict through :class:`~detkit.evaluation.tta.TestTimeAugmentation` (flip + 2 scales).
+    ``test_size``: letterbox to this size instead of the data config's (:func:`eval_img_size`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, cfg, state = load_trained(checkpoint, device)
     data_cfg = data_cfg if data_cfg is not None else cfg.data
+    if test_size:
+        data_cfg = OmegaConf.merge(data_cfg, {"test_size": int(test_size)})
     prepare_data(data_cfg)
     dataset = build_dataset(data_cfg, split, train=False)
     source = getattr(dataset, "ann_file", None) or getattr(dataset, "source", split)  # COCO json, VOC/YOLO root
@@ -192,7 +196,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_cfg: D
     if tta:
         model = TestTimeAugmentation(model)
     metrics = make_evaluator(dataset, loader, out_dir, device, metric, backend)(model)
-    report = (f"checkpoint {checkpoint}\ndata {source}\nmetric {metric}{' (TTA)' if tta else ''}\n\n"
+    report = (f"checkpoint {checkpoint}\ndata {source} at {eval_img_size(data_cfg)} px\n"
+              f"metric {metric}{' (TTA)' if tta else ''}\n\n"
               f"{format_metrics(metrics)}\n\n{headline(metrics)}\n")
     (out_dir / "report.txt").write_text(report)
     if plots:

@@ -69,7 +69,8 @@ def test_builtin_data_evaluates_above_the_training_size_except_fixed_size_models
     cfg = compose_config("train", ["model=yolov1_tiny", "data.img_size=448"])
     assert eval_img_size(cfg.data) == cfg.model.input_size == 448  # the FC head takes no other size
     assert eval_img_size(compose_config("train", ["data.test_size=null"]).data) == 384
-    assert eval_img_size(compose_config("eval", ["data=builtin", "checkpoint=x"]).data) == 480  # no model key
+    chosen = compose_config("eval", ["data=builtin", "checkpoint=x"]).data  # tools/eval.py data=builtin: no model
+    assert eval_img_size(chosen) == 480 and chosen.builtin.seed == 0
 
 
 def test_scaled_size_rounds_to_the_stride_and_rejects_nonsense():

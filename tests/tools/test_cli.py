@@ -29,6 +29,10 @@ def test_train_eval_predict_from_the_command_line(tiny_builtin, tmp_path):
     out = run("tools/eval.py", f"checkpoint={run_dir / 'last.pt'}", f"hydra.run.dir={eval_dir}")
     assert abs(json.loads((eval_dir / "metrics.json").read_text())["AP"] - trained["AP"]) < 1e-4
     assert (eval_dir / "report.txt").read_text().startswith("checkpoint")
+    assert "instances_val.json at 128 px" in (eval_dir / "report.txt").read_text()  # data.test_size: 96 x 1.25
+    small_dir = tmp_path / "eval_96"
+    run("tools/eval.py", f"checkpoint={run_dir / 'last.pt'}", f"hydra.run.dir={small_dir}", "test_size=96")
+    assert "instances_val.json at 96 px" in (small_dir / "report.txt").read_text()
     assert (run_dir / "curves.png").is_file() and (run_dir / "pr_curves.png").is_file()
 
     voc_dir = tmp_path / "eval_voc"
