@@ -44,6 +44,17 @@ def eval_img_size(data_cfg: DictConfig) -> int:
     return int(data_cfg.get("test_size") or data_cfg.img_size)
 
 
+def raw_dataset(data_cfg: DictConfig, split: str, transforms=None):
+    """The reader of ``data.<split>`` with ``transforms`` (None: it serves untransformed samples); a bad
+    dataset raises the reader's own error, not Hydra's wrapper around it."""
+    try:
+        return instantiate(data_cfg[split], transforms=transforms)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, (DatasetError, FileNotFoundError)):
+            raise exc.__cause__ from None
+        raise
+
+
 def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool | None = None):
     """The ``split`` dataset (``data.<split>`` config) with training transforms at ``data.img_size`` or the
     evaluation letterbox at :func:`eval_img_size`; a training set is wrapped in :class:`Mosaic` when
@@ -53,13 +64,7 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
     transforms = build_train_transform(data_cfg.augment, size, seed) if train else Letterbox(eval_img_size(data_cfg))
     mosaic = dict(data_cfg.get("mosaic") or {}) if train else {}
     use_mosaic = mosaic.get("prob", 0) > 0
-    try:
-        dataset = instantiate(data_cfg[split], transforms=None if use_mosaic else transforms)
-    except InstantiationException as exc:
-        # A bad dataset is the user's to fix: show its own message, not Hydra's wrapper around it.
-        if isinstance(exc.__cause__, (DatasetError, FileNotFoundError)):
-            raise exc.__cause__ from None
-        raise
+    dataset = raw_dataset(data_cfg, split, transforms=None if use_mosaic else transforms)
     if use_mosaic:
         inner = build_train_transform(data_cfg.augment, size, seed, geometric=False)
         dataset = Mosaic(dataset, inner, size, seed, plain_transforms=transforms, **mosaic)

@@ -27,6 +27,7 @@ from detkit.engine.build import (
 from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.ema import EMAHook
 from detkit.engine.hooks import CheckpointHook, EvalHook, PlotHook, ProgressHook, TensorBoardHook, write_json
+from detkit.engine.pretrain import load_backbone_weights
 from detkit.engine.trainer import Hook, Trainer
 from detkit.evaluation.coco import predict, to_coco_results
 from detkit.evaluation.dataset import evaluate_dataset, format_metrics, headline, json_metrics, main_metric
@@ -86,6 +87,8 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     train_loader = build_data_loader(train_set, cfg.data, train=True, seed=cfg.seed)
     val_loader = build_data_loader(val_set, cfg.data, train=False)
     model = build_model(cfg.model, train_set.num_classes, cfg.get("channel_spec"))
+    if cfg.get("backbone_weights") and not cfg.get("resume"):
+        load_backbone_weights(model, cfg.backbone_weights)
     if cfg.get("weights"):
         load_weights(model, cfg.weights)
     if cfg.trainer.get("sync_bn") and world.size > 1:
