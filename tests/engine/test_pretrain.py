@@ -47,3 +47,16 @@ def test_a_backbone_file_for_another_model_is_a_clear_error(pretrained, tmp_path
     torch.save({"model": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="not a backbone file written by tools/pretrain.py"):
         load_backbone_weights(other, tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("name", ["ssdlite", "fpn_rcnn_tiny", "yolov1_tiny"])
+def test_backbones_of_other_families_pretrain_and_load_back(name, tiny_builtin, tmp_path):
+    overrides = [f"model={name}", f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24",
+                 "data.builtin.num_val=8", "+data.builtin.min_size=96", "+data.builtin.max_size=128",
+                 "+data.builtin.workers=1", "pretrain.size=64", "pretrain.epochs=1", "pretrain.batch_size=16",
+                 "pretrain.threads=1"]
+    summary = pretrain_backbone(compose_config("pretrain", overrides), tmp_path)
+    detector = build_model(compose_config("train", [f"model={name}"]).model, 10)
+    load_backbone_weights(detector, summary["backbone"])
+    saved = torch.load(summary["backbone"], weights_only=True)["backbone"]
+    assert all(torch.equal(v, saved[k]) for k, v in detector.backbone.state_dict().items())
