@@ -128,7 +128,9 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
             *hooks,
         ]
     if cfg.trainer.get("max_minutes"):  # in every process: they must agree on the plan
-        hooks.insert(0, TimeBudgetHook(cfg.trainer.max_minutes, started, len(val_set), cfg.trainer.eval_every,
+        # the first estimate of an evaluation's time counts val images at the training size's cost
+        eval_images = round(len(val_set) * (eval_img_size(cfg.data) / cfg.data.img_size) ** 2)
+        hooks.insert(0, TimeBudgetHook(cfg.trainer.max_minutes, started, eval_images, cfg.trainer.eval_every,
                                        log=say))
     if world.is_main and cfg.trainer.ema.enabled:
         hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
