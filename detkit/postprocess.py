@@ -325,8 +325,8 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float
         cand = passed[b].nonzero().squeeze(1)
         cand_scores = flat[b, cand]
         if len(cand) > pre_nms_topk:  # top-k leaves the order of equal scores unspecified: index order
-            cand = cand[cand_scores.topk(pre_nms_topk).indices.sort().values]
-            cand_scores = flat[b, cand]
+            top = cand_scores.topk(pre_nms_topk).indices.sort().values
+            cand, cand_scores = cand[top], cand_scores[top]
         cand_scores, top = cand_scores.sort(descending=True, stable=True)
         cand = cand[top]
         box_idx, labels = cand // num_classes, cand % num_classes

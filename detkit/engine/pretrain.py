@@ -11,7 +11,6 @@ crops) and writes ``backbone.pt``; ``python tools/train.py backbone_weights=PATH
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from detkit.data.crops import ObjectCrops
 from detkit.data.loader import ResumableSampler
 from detkit.engine.build import build_model, prepare_data, raw_dataset, seed_everything
 from detkit.engine.checkpoint import save_checkpoint
+from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.trainer import resolve_precision
 
 
@@ -111,11 +111,10 @@ def pretrain_backbone(cfg: DictConfig, out_dir: str | Path) -> dict:
     loader = torch.utils.data.DataLoader(train_set, batch_size=int(p.batch_size), sampler=sampler, drop_last=True,
                                          num_workers=int(p.get("num_workers", 0)))
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=int(p.batch_size) * 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(p.lr), weight_decay=float(p.weight_decay))
+    # the trainer's AdamW (no decay on norms and biases) and warmup + cosine schedule, over 5% warmup steps
+    optimizer = build_optimizer(model, "adamw", float(p.lr), float(p.weight_decay))
     total = max(1, int(p.epochs) * len(loader))
-    warmup = max(1, round(0.05 * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    scheduler = build_scheduler(optimizer, total, max(1, round(0.05 * total)), policy="cosine", final_factor=0.05)
     precision, dtype = resolve_precision(str(p.get("precision", "auto")), device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     print(f"pre-training {type(model.backbone).__name__} of {cfg.model._target_} on {len(train_set)} crops "
