@@ -53,7 +53,20 @@ def test_train_eval_predict_from_the_command_line(tiny_builtin, tmp_path):
     # batches of 3 (the last one of 2) give what the training run's evaluation predicted, in COCO's format
     results = json.loads((pred_dir / "results.json").read_text())
     assert len(results) == sum(len(r["detections"]) for r in records) > 0
-    evaluated = json.loads((run_dir / "predictions.json").read_text())
+    assert_has_best_detection(results, json.loads((run_dir / "predictions.json").read_text()))
+
+    # test_size=96: what tools/eval.py test_size=96 predicted (not the default 128 px letterbox)
+    small_pred = tmp_path / "pred_96"
+    run("tools/predict.py", f"checkpoint={run_dir / 'last.pt'}", f"source={tiny_builtin / 'images' / 'val'}",
+        f"hydra.run.dir={small_pred}", "score_thresh=0.0", "save_images=false", "save_json=true", "test_size=96",
+        f"ann_file={tiny_builtin / 'annotations' / 'instances_val.json'}")
+    small = json.loads((small_pred / "results.json").read_text())
+    assert_has_best_detection(small, json.loads((small_dir / "predictions.json").read_text()))
+    assert small != results
+
+
+def assert_has_best_detection(results: list[dict], evaluated: list[dict]) -> None:
+    """``results`` hold the highest-scoring detection of ``evaluated`` (same image, class, score, box)."""
     best = max(evaluated, key=lambda r: r["score"])
     twin = [r for r in results if r["image_id"] == best["image_id"] and r["category_id"] == best["category_id"]
             and abs(r["score"] - best["score"]) < 1e-3]
