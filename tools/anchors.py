@@ -8,9 +8,9 @@ training).
 import hydra
 from omegaconf import DictConfig
 
+from detkit.app.build import build_dataset, prepare_data
+from detkit.app.errors import user_errors
 from detkit.data.anchor_stats import fit_anchors
-from detkit.engine.build import build_dataset, prepare_data
-from detkit.engine.launch import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="anchors")

@@ -8,11 +8,11 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
+from detkit.app.build import build_dataset, prepare_data
+from detkit.app.errors import user_errors
 from detkit.data.browse import sample_grid
 from detkit.data.loader import ResumableSampler
 from detkit.data.multiscale import MultiScaleDataset
-from detkit.engine.build import build_dataset, prepare_data
-from detkit.engine.launch import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="browse_dataset")

@@ -8,9 +8,9 @@ with status 1 when there are problems, unless ``data.on_invalid=drop`` (training
 import hydra
 from omegaconf import DictConfig
 
+from detkit.app.build import prepare_data
+from detkit.app.errors import user_errors
 from detkit.data.check import check_dataset
-from detkit.engine.build import prepare_data
-from detkit.engine.launch import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="check_dataset")

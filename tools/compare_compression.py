@@ -12,9 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from detkit.app.errors import user_errors
 from detkit.compression.compare import compare_compression, retime_comparison
 from detkit.compression.methods import METHODS
-from detkit.engine.launch import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="compare_compression")

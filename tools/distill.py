@@ -8,9 +8,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from detkit.app.errors import user_errors
 from detkit.compression.distill import distill
 from detkit.compression.distill_adapters import DistillationError
-from detkit.engine.launch import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="distill")

@@ -9,7 +9,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detkit.engine.launch import evaluate_checkpoint, user_errors
+from detkit.app.errors import user_errors
+from detkit.app.evaluate import evaluate_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")

@@ -9,8 +9,8 @@ from PyTorch on a random batch.
 import hydra
 from omegaconf import DictConfig
 
+from detkit.app.errors import user_errors
 from detkit.deploy.onnx import export_checkpoint
-from detkit.engine.launch import user_errors
 
 FORMATS = ("onnx",)
 

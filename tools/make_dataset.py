@@ -6,7 +6,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from detkit.engine.build import prepare_data
+from detkit.app.build import prepare_data
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")

@@ -11,11 +11,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from detkit.app.build import eval_img_size
+from detkit.app.errors import user_errors
+from detkit.app.evaluate import load_trained
+from detkit.app.predict import coco_results, predict_files
 from detkit.deploy.fuse import fuse_conv_bn
-from detkit.engine.build import eval_img_size
 from detkit.engine.hooks import write_json
-from detkit.engine.inference import coco_results, predict_files
-from detkit.engine.launch import load_trained, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="predict")

@@ -8,8 +8,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detkit.engine.launch import user_errors
-from detkit.engine.pretrain import pretrain_backbone
+from detkit.app.errors import user_errors
+from detkit.app.pretrain import pretrain_backbone
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain")

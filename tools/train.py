@@ -7,7 +7,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detkit.engine.launch import train, user_errors
+from detkit.app.errors import user_errors
+from detkit.app.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")

@@ -2,7 +2,7 @@
 
 A channel spec is plain JSON-able data, ``[[conv_name, channels], ...]``: for each pruned channel group, the
 name of its root convolution (see :mod:`detkit.compression.graph`) and how many output channels it keeps.
-:func:`detkit.engine.build.build_model` builds the full-width model from the model config and calls
+:func:`detkit.app.build.build_model` builds the full-width model from the model config and calls
 :func:`apply_channel_spec`, which slims it to those widths (keeping the first channels: the values are
 overwritten by ``load_state_dict`` with the pruned checkpoint's weights).
 """

@@ -18,11 +18,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from detkit.app.build import eval_img_size
+from detkit.app.evaluate import load_trained
+from detkit.app.train import train as train_run
 from detkit.compression.methods import METHODS, load_artifact, run_method
 from detkit.compression.slim import checkpoint_evaluator, describe, measure_latencies
-from detkit.engine.build import eval_img_size
-from detkit.engine.launch import load_trained
-from detkit.engine.launch import train as train_run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_METHODS = tuple(METHODS)

@@ -23,6 +23,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from detkit.app.evaluate import load_trained
+from detkit.app.train import train
 from detkit.compression.distill_adapters import DenseAdapter, DistillationError, check_same_layout, dense_adapter
 from detkit.compression.distill_losses import (
     bounded_regression_loss,
@@ -31,7 +33,6 @@ from detkit.compression.distill_losses import (
     logit_kd_loss,
 )
 from detkit.engine import distributed
-from detkit.engine.launch import load_trained, train
 from detkit.engine.trainer import Hook, Trainer
 
 __all__ = ["DistillHook", "adaptation_layers", "distill"]
@@ -184,7 +185,7 @@ class DistillHook(Hook):
 def distill(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) -> dict:
     """Train ``cfg`` (a train config with ``teacher``, a checkpoint path, and ``distill``, the
     :class:`DistillHook` settings) into ``out_dir`` with the teacher's guidance, plus ``extra_hooks``; returns
-    the final validation metrics, as :func:`detkit.engine.launch.train`."""
+    the final validation metrics, as :func:`detkit.app.train.train`."""
     if not cfg.get("teacher"):
         raise DistillationError("distillation needs a teacher checkpoint: teacher=PATH/TO/best.pt")
     teacher, _, state = load_trained(cfg.teacher, cfg.device)

@@ -34,6 +34,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from detkit.app.build import build_model, eval_img_size
+from detkit.app.evaluate import load_trained
+from detkit.app.train import train as train_run
 from detkit.compression import deep_compression as dc
 from detkit.compression.graph import example_images
 from detkit.compression.lowrank import apply_lowrank_spec, decompose_model, lowrank_spec
@@ -47,10 +50,7 @@ from detkit.compression.slim import (
     measure_latencies,
     slim_checkpoint,
 )
-from detkit.engine.build import build_model, eval_img_size
 from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
-from detkit.engine.launch import load_trained
-from detkit.engine.launch import train as train_run
 
 
 def lowrank_detector(model: DictConfig, ranks: list, num_classes: int, channel_spec: list | None = None) -> nn.Module:

@@ -21,14 +21,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from detkit.app.build import build_data_loader, build_dataset, eval_img_size, prepare_data
+from detkit.app.evaluate import load_trained, make_evaluator
+from detkit.app.train import train as train_run
 from detkit.compression.criteria import CRITERIA, criterion_scores
 from detkit.compression.graph import example_images, trace_size
 from detkit.compression.pruning import PruningResult, prune_model
 from detkit.deploy.fuse import fuse_conv_bn
-from detkit.engine.build import build_data_loader, build_dataset, eval_img_size, prepare_data
 from detkit.engine.checkpoint import save_checkpoint
-from detkit.engine.launch import load_trained, make_evaluator
-from detkit.engine.launch import train as train_run
 from detkit.utils.benchmark import median_ms
 from detkit.utils.complexity import complexity
 

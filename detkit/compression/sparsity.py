@@ -3,7 +3,7 @@ scales of the prunable channels, applied as its subgradient s·sign(γ) added to
 backward pass, so that unimportant channels' γ are driven towards zero and can be pruned with little loss.
 
 Enabled from the training config (``python tools/train.py +compress=sparsity sparsity.s=1e-4``), which makes
-:func:`detkit.engine.launch.train` install :class:`SparsityHook` through :func:`sparsity_hook`.
+:func:`detkit.app.train.train` install :class:`SparsityHook` through :func:`sparsity_hook`.
 """
 
 from __future__ import annotations

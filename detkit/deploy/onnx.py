@@ -89,8 +89,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, img
     PyTorch on a random batch of 2 (``max_box_diff`` in the sidecar, pixels)."""
     import json
 
-    from detkit.engine.build import eval_img_size
-    from detkit.engine.launch import load_trained
+    from detkit.app.build import eval_img_size
+    from detkit.app.evaluate import load_trained
 
     model, cfg, state = load_trained(checkpoint)
     img_size = int(img_size or eval_img_size(cfg.data))

@@ -7,8 +7,8 @@ import time
 
 from omegaconf import DictConfig
 
+from detkit.app.build import build_dataset, prepare_data
 from detkit.data.loader import build_loader
-from detkit.engine.build import build_dataset, prepare_data
 from detkit.utils.benchmark import train_config
 
 PIPELINES = {  # name -> config overrides; the first is the baseline

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pycocotools.coco import COCO
 
-from detkit.engine.launch import load_trained
+from detkit.app.evaluate import load_trained
 from detkit.evaluation.coco import evaluate_coco
 from detkit.utils.complexity import complexity
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from detkit.engine.build import build_model
+from detkit.app.build import build_model
 from detkit.engine.trainer import resolve_precision
 from detkit.utils.benchmark import coco_eval_timings, inference_fn, synthetic_batch, train_config, train_step_fn
 from detkit.utils.complexity import complexity

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, open_dict
 
-from detkit.engine.build import build_data_loader, build_dataset, build_model, prepare_data, seed_everything
+from detkit.app.build import build_data_loader, build_dataset, build_model, prepare_data, seed_everything
 from detkit.evaluation.coco import predict
 from detkit.evaluation.dataset import evaluate_dataset
 from detkit.utils.benchmark import train_config

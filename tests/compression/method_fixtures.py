@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detkit.engine.launch import train
+from detkit.app.train import train
 from tests.conftest import compose_config
 
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
+from detkit.app.evaluate import load_trained
 from detkit.compression.compare import compare_compression, format_table, retime_comparison, swap_config
 from detkit.compression.methods import METHODS
 from detkit.compression.slim import measure_latencies
-from detkit.engine.launch import load_trained
 from tests.compression.detector_fixtures import one_thread  # noqa: F401
 from tests.compression.method_fixtures import tiny_checkpoint as checkpoint_fixture
 from tests.conftest import compose_config

@@ -11,12 +11,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
+from detkit.app.train import train
 from detkit.boxes import DeltaCoder
 from detkit.compression.distill import DistillHook, distill
 from detkit.compression.distill_adapters import DistillationError, dense_adapter
 from detkit.compression.distill_losses import bounded_regression_loss, imitation_mask, logit_kd_loss
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.launch import train
 from detkit.engine.trainer import Hook
 from detkit.models.backbones.darknet import Darknet
 from detkit.models.backbones.mobilenet import MobileNetV2SSD

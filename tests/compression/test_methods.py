@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from detkit.app.evaluate import load_trained
 from detkit.compression.magnitude import layer_sparsity
 from detkit.compression.methods import METHODS, load_artifact, run_method
 from detkit.compression.slim import checkpoint_evaluator
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.launch import load_trained
 from tests.compression.detector_fixtures import one_thread  # noqa: F401
 from tests.compression.method_fixtures import slim_config
 from tests.compression.method_fixtures import tiny_checkpoint as checkpoint_fixture

@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from detkit.app.build import build_model
+from detkit.app.evaluate import evaluate_checkpoint, load_trained
+from detkit.app.train import train
 from detkit.compression.graph import example_images
 from detkit.compression.pruning import prune_model
 from detkit.compression.slim import pruned_state
 from detkit.compression.sparsity import SparsityHook, sparsity_factor
 from detkit.deploy.onnx import export_checkpoint
-from detkit.engine.build import build_model
 from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
-from detkit.engine.launch import evaluate_checkpoint, load_trained, train
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from detkit.app.build import build_dataset, eval_img_size
 from detkit.data.validation import DatasetError
 from detkit.data.voc import VOCDetection
 from detkit.data.yolo_txt import YoloTxtDetection
-from detkit.engine.build import build_dataset, eval_img_size
 from detkit.utils.resolvers import scaled_size
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -4,9 +4,9 @@ whole training data path (reader → Mosaic → yolo preset → multi-scale load
 import pytest
 import torch
 
+from detkit.app.build import build_data_loader, build_dataset
 from detkit.data.mosaic import Mosaic
 from detkit.data.multiscale import YOLOV2_SIZES, MultiScaleDataset, MultiScaleSampler
-from detkit.engine.build import build_data_loader, build_dataset
 
 
 def test_sizes_are_deterministic_blockwise_and_resumable():
@@ -72,8 +72,8 @@ def _sizes(loader, epoch):
 
 
 def test_training_with_mosaic_and_multiscale_resumes_exactly(tiny_train_config, tmp_path):
+    from detkit.app.train import train
     from detkit.engine.checkpoint import load_checkpoint
-    from detkit.engine.launch import train
     from detkit.engine.trainer import Hook
 
     class StopAfter(Hook):

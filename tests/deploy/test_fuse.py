@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from detkit.app.build import build_model
 from detkit.deploy.fuse import fuse_conv_bn
-from detkit.engine.build import build_model
 from tests.conftest import compose_config
 
 

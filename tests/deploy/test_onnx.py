@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from detkit.app.build import build_model
+from detkit.app.train import train
 from detkit.deploy.onnx import OnnxDetector, export_onnx
-from detkit.engine.build import build_model
-from detkit.engine.launch import train
 from tests.conftest import compose_config
 
 pytest.importorskip("onnxruntime")

@@ -3,9 +3,9 @@ import time
 import pytest
 import torch
 
+from detkit.app.train import train
 from detkit.engine.budget import TimeBudgetHook
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.launch import train
 from detkit.engine.optim import build_scheduler
 from detkit.engine.trainer import Hook, Trainer
 

@@ -6,9 +6,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from detkit.app.build import scaled_lr
 from detkit.data.loader import ResumableSampler, build_loader
 from detkit.engine import distributed
-from detkit.engine.build import scaled_lr
 from detkit.engine.trainer import Hook, Trainer
 
 

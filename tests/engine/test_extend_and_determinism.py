@@ -1,7 +1,7 @@
 import torch
 
+from detkit.app.train import train
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.launch import train
 
 
 def test_a_finished_run_resumed_with_more_epochs_continues_from_where_it_ended(tiny_train_config, tmp_path):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from detkit.app.train import train
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.launch import train
 from detkit.engine.trainer import Hook, Trainer
 
 

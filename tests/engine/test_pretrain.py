@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from detkit.engine.build import build_model
-from detkit.engine.launch import train
-from detkit.engine.pretrain import load_backbone_weights, pretrain_backbone
+from detkit.app.build import build_model
+from detkit.app.pretrain import load_backbone_weights, pretrain_backbone
+from detkit.app.train import train
 from tests.conftest import compose_config
 
 

@@ -4,8 +4,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detkit.app.evaluate import evaluate_checkpoint
+from detkit.app.train import train
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.launch import evaluate_checkpoint, train
 from detkit.engine.trainer import Hook
 
 

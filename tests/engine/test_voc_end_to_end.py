@@ -1,6 +1,7 @@
 import json
 
-from detkit.engine.launch import evaluate_checkpoint, train
+from detkit.app.evaluate import evaluate_checkpoint
+from detkit.app.train import train
 from tests.conftest import compose_config
 from tests.data.conftest import CLASSES, write_voc
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from detkit.engine.build import build_model
+from detkit.app.build import build_model
 from tests.conftest import compose_config
 
 # A full (VGG16) config at a width that builds in a blink: same pooling, grid and steps as the paper's.

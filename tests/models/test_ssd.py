@@ -131,7 +131,7 @@ def test_overfits_a_tiny_batch():
 
 
 def test_ssdlite_trains_and_evaluates_through_the_trainer(tiny_builtin, tmp_path, recwarn):
-    from detkit.engine.launch import train
+    from detkit.app.train import train
 
     # tiny_train_config's overrides are YOLO's (backbone depths); the same tiny run, for SSDLite.
     cfg = compose_config("train", [

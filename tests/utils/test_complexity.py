@@ -33,7 +33,7 @@ def test_flops_of_a_small_conv_net_equal_the_analytic_formula(size):
 
 
 def test_the_default_detector_is_counted_in_eval_mode_with_its_postprocess():
-    from detkit.engine.build import build_model
+    from detkit.app.build import build_model
     from tests.conftest import compose_config
 
     model = build_model(compose_config("train").model, 10)

@@ -1,6 +1,6 @@
 import json
 
-from detkit.engine.build import build_model
+from detkit.app.build import build_model
 from detkit.utils import report_benchmark
 from detkit.utils.benchmark import train_config
 from detkit.utils.report_benchmark import format_report, matmul_gflops, run_report

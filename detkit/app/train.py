@@ -1,8 +1,7 @@
-"""What the command-line tools do, as functions tests can call: train, evaluate a checkpoint, predict."""
+"""The training application: build data, model, optimization and hooks from a config and run the Trainer."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -11,11 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from detkit.compression.sparsity import sparsity_hook
-from detkit.data.validation import DatasetError
-from detkit.engine import distributed
-from detkit.engine.budget import TimeBudgetHook
-from detkit.engine.build import (
+from detkit.app.build import (
     build_data_loader,
     build_dataset,
     build_model,
@@ -24,44 +19,17 @@ from detkit.engine.build import (
     prepare_data,
     seed_everything,
 )
+from detkit.app.evaluate import make_evaluator
+from detkit.app.pretrain import load_backbone_weights
+from detkit.compression.sparsity import sparsity_hook
+from detkit.engine import distributed
+from detkit.engine.budget import TimeBudgetHook
 from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.ema import EMAHook
-from detkit.engine.hooks import CheckpointHook, EvalHook, PlotHook, ProgressHook, TensorBoardHook, write_json
-from detkit.engine.pretrain import load_backbone_weights
+from detkit.engine.hooks import CheckpointHook, EvalHook, PlotHook, ProgressHook, TensorBoardHook
 from detkit.engine.trainer import Hook, Trainer
-from detkit.evaluation.coco import predict, to_coco_results
-from detkit.evaluation.dataset import evaluate_dataset, format_metrics, headline, json_metrics, main_metric
-from detkit.evaluation.plots import write_evaluation_plots
-from detkit.evaluation.tta import TestTimeAugmentation
+from detkit.evaluation.dataset import format_metrics, headline, main_metric
 from detkit.utils.complexity import complexity
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn errors the user must fix (bad dataset, missing file) into a clean exit with just their message,
-    instead of a stack trace."""
-    try:
-        yield
-    except (DatasetError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
-
-
-def make_evaluator(dataset, loader, out_dir: Path, device, metric: str = "coco", backend: str = "pycocotools"):
-    """Callable(model) → metrics that also writes ``predictions.json`` and ``metrics.json`` in ``out_dir``.
-
-    ``metric``: ``coco``, ``voc07`` or ``voc12``; ``backend``: the COCO evaluator (see
-    :func:`detkit.evaluation.dataset.evaluate_dataset`). The metrics keep the PR curves and confusion matrix
-    for :func:`detkit.evaluation.plots.write_evaluation_plots`; metrics.json leaves them out.
-    """
-
-    def evaluate(model) -> dict:
-        predictions = predict(model, loader, device)
-        metrics = evaluate_dataset(dataset, predictions, metric, backend)
-        write_json(to_coco_results(predictions, dataset.label_to_category_id), out_dir / "predictions.json")
-        write_json(json_metrics(metrics), out_dir / "metrics.json")
-        return metrics
-
-    return evaluate
 
 
 def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) -> dict:
@@ -164,48 +132,3 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
         first = str(error).splitlines()[1:3]
         raise ValueError(f"the weights in {checkpoint} do not fit model {type(model).__name__} (a different "
                          f"model config or channel_spec?): {' '.join(line.strip() for line in first)}") from None
-
-
-def load_trained(checkpoint: str | Path, device: str = "cpu"):
-    """(model in eval mode, stored config, checkpoint state) from a training checkpoint."""
-    state = load_checkpoint(checkpoint, device)
-    cfg = OmegaConf.create(state["config"])
-    model = build_model(cfg.model, len(state["class_names"]), cfg.get("channel_spec"))
-    model.load_state_dict(state.get("weights", state["model"]))
-    return model.to(device).eval(), cfg, state
-
-
-def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_cfg: DictConfig | None = None,
-                        split: str = "val", device: str = "cpu", metric: str = "coco",
-                        backend: str = "pycocotools", plots: bool = True, tta: bool = False,
-                        test_size: int | None = None) -> dict:
-    """Score a checkpoint on ``split`` of its own dataset (or ``data_cfg``) with ``metric`` (coco, voc07,
-    voc12); writes metrics, predictions, a text report and (``plots``) the evaluation plots into ``out_dir``.
-    ``tta``: predict through :class:`~detkit.evaluation.tta.TestTimeAugmentation` (flip + 2 scales).
-    ``test_size``: letterbox to this size instead of the data config's (:func:`eval_img_size`)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, cfg, state = load_trained(checkpoint, device)
-    data_cfg = data_cfg if data_cfg is not None else cfg.data
-    if test_size:
-        data_cfg = OmegaConf.merge(data_cfg, {"test_size": int(test_size)})
-    prepare_data(data_cfg)
-    dataset = build_dataset(data_cfg, split, train=False)
-    source = getattr(dataset, "ann_file", None) or getattr(dataset, "source", split)  # COCO json, VOC/YOLO root
-    if list(dataset.class_names) != list(state["class_names"]):
-        raise ValueError(
-            f"{checkpoint} was trained on classes {state['class_names']} but the {split} set of "
-            f"{source} has {dataset.class_names}"
-        )
-    loader = build_data_loader(dataset, data_cfg, train=False)
-    if tta:
-        model = TestTimeAugmentation(model)
-    metrics = make_evaluator(dataset, loader, out_dir, device, metric, backend)(model)
-    report = (f"checkpoint {checkpoint}\ndata {source} at {eval_img_size(data_cfg)} px\n"
-              f"metric {metric}{' (TTA)' if tta else ''}\n\n"
-              f"{format_metrics(metrics)}\n\n{headline(metrics)}\n")
-    (out_dir / "report.txt").write_text(report)
-    if plots:
-        write_evaluation_plots(metrics, out_dir, dataset.class_names)
-    print(report)
-    return metrics

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from detkit.app.build import build_model, prepare_data, raw_dataset, seed_everything
 from detkit.data.crops import ObjectCrops
 from detkit.data.loader import ResumableSampler
-from detkit.engine.build import build_model, prepare_data, raw_dataset, seed_everything
 from detkit.engine.checkpoint import save_checkpoint
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.trainer import resolve_precision

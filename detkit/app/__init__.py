@@ -1,0 +1,1 @@
+"""The applications: train, evaluate, predict, pretrain, export — what tools/ and Python users call."""

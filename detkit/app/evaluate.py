@@ -1,0 +1,78 @@
+"""Evaluate a trained checkpoint on a dataset split; the evaluator used during training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from detkit.app.build import build_data_loader, build_dataset, build_model, eval_img_size, prepare_data
+from detkit.engine.checkpoint import load_checkpoint
+from detkit.engine.hooks import write_json
+from detkit.evaluation.coco import predict, to_coco_results
+from detkit.evaluation.dataset import evaluate_dataset, format_metrics, headline, json_metrics
+from detkit.evaluation.plots import write_evaluation_plots
+from detkit.evaluation.tta import TestTimeAugmentation
+
+
+def make_evaluator(dataset, loader, out_dir: Path, device, metric: str = "coco", backend: str = "pycocotools"):
+    """Callable(model) → metrics that also writes ``predictions.json`` and ``metrics.json`` in ``out_dir``.
+
+    ``metric``: ``coco``, ``voc07`` or ``voc12``; ``backend``: the COCO evaluator (see
+    :func:`detkit.evaluation.dataset.evaluate_dataset`). The metrics keep the PR curves and confusion matrix
+    for :func:`detkit.evaluation.plots.write_evaluation_plots`; metrics.json leaves them out.
+    """
+
+    def evaluate(model) -> dict:
+        predictions = predict(model, loader, device)
+        metrics = evaluate_dataset(dataset, predictions, metric, backend)
+        write_json(to_coco_results(predictions, dataset.label_to_category_id), out_dir / "predictions.json")
+        write_json(json_metrics(metrics), out_dir / "metrics.json")
+        return metrics
+
+    return evaluate
+
+
+def load_trained(checkpoint: str | Path, device: str = "cpu"):
+    """(model in eval mode, stored config, checkpoint state) from a training checkpoint."""
+    state = load_checkpoint(checkpoint, device)
+    cfg = OmegaConf.create(state["config"])
+    model = build_model(cfg.model, len(state["class_names"]), cfg.get("channel_spec"))
+    model.load_state_dict(state.get("weights", state["model"]))
+    return model.to(device).eval(), cfg, state
+
+
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_cfg: DictConfig | None = None,
+                        split: str = "val", device: str = "cpu", metric: str = "coco",
+                        backend: str = "pycocotools", plots: bool = True, tta: bool = False,
+                        test_size: int | None = None) -> dict:
+    """Score a checkpoint on ``split`` of its own dataset (or ``data_cfg``) with ``metric`` (coco, voc07,
+    voc12); writes metrics, predictions, a text report and (``plots``) the evaluation plots into ``out_dir``.
+    ``tta``: predict through :class:`~detkit.evaluation.tta.TestTimeAugmentation` (flip + 2 scales).
+    ``test_size``: letterbox to this size instead of the data config's (:func:`eval_img_size`)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, cfg, state = load_trained(checkpoint, device)
+    data_cfg = data_cfg if data_cfg is not None else cfg.data
+    if test_size:
+        data_cfg = OmegaConf.merge(data_cfg, {"test_size": int(test_size)})
+    prepare_data(data_cfg)
+    dataset = build_dataset(data_cfg, split, train=False)
+    source = getattr(dataset, "ann_file", None) or getattr(dataset, "source", split)  # COCO json, VOC/YOLO root
+    if list(dataset.class_names) != list(state["class_names"]):
+        raise ValueError(
+            f"{checkpoint} was trained on classes {state['class_names']} but the {split} set of "
+            f"{source} has {dataset.class_names}"
+        )
+    loader = build_data_loader(dataset, data_cfg, train=False)
+    if tta:
+        model = TestTimeAugmentation(model)
+    metrics = make_evaluator(dataset, loader, out_dir, device, metric, backend)(model)
+    report = (f"checkpoint {checkpoint}\ndata {source} at {eval_img_size(data_cfg)} px\n"
+              f"metric {metric}{' (TTA)' if tta else ''}\n\n"
+              f"{format_metrics(metrics)}\n\n{headline(metrics)}\n")
+    (out_dir / "report.txt").write_text(report)
+    if plots:
+        write_evaluation_plots(metrics, out_dir, dataset.class_names)
+    print(report)
+    return metrics
