@@ -19,7 +19,7 @@ from detkit.data.multiscale import MultiScaleDataset, MultiScaleSampler
 from detkit.data.transforms import Letterbox
 from detkit.data.validation import DatasetError
 from detkit.engine import distributed
-from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.optim import build_scheduler
 
 
 def seed_everything(seed: int) -> None:
@@ -117,19 +117,20 @@ def scaled_lr(lr: float, total_batch: int, reference_batch: int | None, rule: st
 
 
 def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int, world_size: int = 1):
-    """Optimizer and per-step scheduler for ``cfg.trainer.epochs`` epochs; the learning rate is scaled from
-    ``optim.reference_batch`` to the total batch (per-process batch × ``world_size``, which counts processes
-    times accumulated batches) by ``optim.lr_scaling``."""
+    """Optimizer (the ``optim`` config's ``_target_`` called with ``model``) and per-step scheduler (the
+    ``schedule`` config's :class:`~detkit.engine.optim.LRSchedule`) for ``cfg.trainer.epochs`` epochs; the
+    learning rate is scaled from ``optim.reference_batch`` to the total batch (per-process batch × ``world_size``,
+    which counts processes times accumulated batches) by ``optim.lr_scaling``."""
     optim = dict(cfg.optim)
-    reference, rule = optim.pop("reference_batch", None), optim.pop("lr_scaling", "linear")
+    reference, rule = optim.pop("reference_batch"), optim.pop("lr_scaling")
     total_batch = cfg.data.batch_size * world_size
     optim["lr"] = scaled_lr(optim["lr"], total_batch, reference, rule)
     if distributed.current().is_main and reference and optim["lr"] != cfg.optim.lr:
         print(f"lr {optim['lr']:.4g}: {cfg.optim.lr:.4g} tuned for a batch of {reference}, scaled ({rule}) to the "
               f"total batch {cfg.data.batch_size} x {world_size} (processes x accumulation) = {total_batch}")
-    optimizer = build_optimizer(model, **optim)
+    optimizer = instantiate(optim)(model)
     sched = dict(cfg.schedule)
     warmup_steps = round(sched.pop("warmup_epochs") * steps_per_epoch)
     total = cfg.trainer.epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, total, min(warmup_steps, total), **sched)
+    scheduler = build_scheduler(optimizer, total, min(warmup_steps, total), schedule=instantiate(sched))
     return optimizer, scheduler

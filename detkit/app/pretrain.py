@@ -23,7 +23,7 @@ from detkit.app.build import build_model, prepare_data, raw_dataset, seed_everyt
 from detkit.data.crops import ObjectCrops
 from detkit.data.loader import ResumableSampler
 from detkit.engine.checkpoint import save_checkpoint
-from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.optim import adamw, build_scheduler
 from detkit.engine.trainer import resolve_precision
 
 
@@ -112,9 +112,9 @@ def pretrain_backbone(cfg: DictConfig, out_dir: str | Path) -> dict:
                                          num_workers=int(p.get("num_workers", 0)))
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=int(p.batch_size) * 2)
     # the trainer's AdamW (no decay on norms and biases) and warmup + cosine schedule, over 5% warmup steps
-    optimizer = build_optimizer(model, "adamw", float(p.lr), float(p.weight_decay))
+    optimizer = adamw(model, float(p.lr), float(p.weight_decay), momentum=0.9)
     total = max(1, int(p.epochs) * len(loader))
-    scheduler = build_scheduler(optimizer, total, max(1, round(0.05 * total)), policy="cosine", final_factor=0.05)
+    scheduler = build_scheduler(optimizer, total, max(1, round(0.05 * total)), final_factor=0.05)
     precision, dtype = resolve_precision(str(p.get("precision", "auto")), device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     print(f"pre-training {type(model.backbone).__name__} of {cfg.model._target_} on {len(train_set)} crops "

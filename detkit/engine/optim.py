@@ -1,11 +1,13 @@
-"""Optimizers and learning-rate schedules."""
+"""Optimizers and learning-rate schedules, each a ``_target_`` of configs/optim/ or configs/schedule/."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -20,46 +22,60 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    momentum: float = 0.9, nesterov: bool = True) -> torch.optim.Optimizer:
-    """``sgd`` (momentum, Nesterov) or ``adamw`` over :func:`param_groups`."""
-    groups = param_groups(model, weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
-    raise ValueError(f"unknown optimizer {name!r}; expected sgd or adamw")
+def sgd(model: nn.Module, lr: float, weight_decay: float, momentum: float, nesterov: bool) -> torch.optim.SGD:
+    """SGD with momentum over :func:`param_groups`."""
+    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, policy: str = "cosine",
-              final_factor: float = 0.05, milestones: tuple[float, ...] = (0.7, 0.9), gamma: float = 0.1) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``.
-
-    Linear warmup from 0.1% over ``warmup_steps``, then ``cosine`` decay to ``final_factor`` or ``step``
-    decay by ``gamma`` at each fraction of the run in ``milestones``.
-    """
-    if step < warmup_steps:
-        return 1e-3 + (1.0 - 1e-3) * step / warmup_steps
-    if policy == "cosine":
-        span = max(total_steps - warmup_steps, 1)
-        progress = min((step - warmup_steps) / span, 1.0)
-        return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if policy == "step":
-        return gamma ** sum(step >= m * total_steps for m in milestones)
-    raise ValueError(f"unknown schedule policy {policy!r}; expected cosine or step")
+def adamw(model: nn.Module, lr: float, weight_decay: float, momentum: float) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; ``momentum`` is Adam's beta1."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(momentum, 0.999))
 
 
 class LRSchedule:
-    """:func:`lr_factor` as a LambdaLR lambda whose ``total_steps`` may be re-planned during the run (a time
-    budget). LambdaLR saves a callable object's attributes in its state dict, so a resumed run gets them back."""
+    """A LambdaLR lambda: multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``, a linear
+    warmup from 0.1% over ``warmup_steps`` and then :meth:`decay`. ``total_steps`` may be re-planned during the
+    run (a time budget); LambdaLR saves a callable object's attributes in its state dict, so a resumed run gets
+    them back."""
 
-    def __init__(self, total_steps: int, warmup_steps: int, **kwargs) -> None:
-        self.total_steps, self.warmup_steps, self.kwargs = total_steps, warmup_steps, kwargs
+    def __init__(self, total_steps: int, warmup_steps: int) -> None:
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, self.total_steps, self.warmup_steps, **self.kwargs)
+        if step < self.warmup_steps:
+            return 1e-3 + (1.0 - 1e-3) * step / self.warmup_steps
+        return self.decay(step)
+
+    def decay(self, step: int) -> float:
+        raise NotImplementedError
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, **kwargs):
-    """Per-step LambdaLR over :func:`lr_factor` (an :class:`LRSchedule`)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(total_steps, warmup_steps, **kwargs))
+class CosineSchedule(LRSchedule):
+    """Warmup, then cosine decay from 1 to ``final_factor`` at ``total_steps``."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, final_factor: float) -> None:
+        super().__init__(total_steps, warmup_steps)
+        self.final_factor = final_factor
+
+    def decay(self, step: int) -> float:
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.final_factor + (1.0 - self.final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StepSchedule(LRSchedule):
+    """Warmup, then a multiplication by ``gamma`` at each fraction of the run in ``milestones``."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, milestones: Sequence[float], gamma: float) -> None:
+        super().__init__(total_steps, warmup_steps)
+        self.milestones, self.gamma = tuple(float(m) for m in milestones), gamma
+
+    def decay(self, step: int) -> float:
+        return self.gamma ** sum(step >= m * self.total_steps for m in self.milestones)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    schedule: Callable[..., LRSchedule] = CosineSchedule, **kwargs) -> LambdaLR:
+    """Per-step LambdaLR over ``schedule(total_steps, warmup_steps, **kwargs)`` (an :class:`LRSchedule`, whose
+    ``total_steps`` attribute re-plans the run)."""
+    return LambdaLR(optimizer, schedule(total_steps, warmup_steps, **kwargs))

@@ -1,36 +1,58 @@
-import math
-
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
-from detkit.engine.optim import build_optimizer, lr_factor, param_groups
+from detkit.engine.optim import CosineSchedule, StepSchedule, adamw, build_scheduler, param_groups, sgd
+from tests.conftest import compose_config
 
 
 def test_warmup_then_cosine_to_final_factor():
-    assert lr_factor(0, 100, 10) == pytest.approx(1e-3)
-    assert lr_factor(5, 100, 10) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
-    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
-    assert lr_factor(55, 100, 10, final_factor=0.0) == pytest.approx(0.5)
-    assert lr_factor(100, 100, 10, final_factor=0.05) == pytest.approx(0.05)
-    values = [lr_factor(s, 100, 10) for s in range(10, 101)]
+    cosine = CosineSchedule(100, 10, final_factor=0.05)
+    assert cosine(0) == pytest.approx(1e-3)
+    assert cosine(5) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
+    assert cosine(10) == pytest.approx(1.0)
+    assert CosineSchedule(100, 10, final_factor=0.0)(55) == pytest.approx(0.5)
+    assert cosine(100) == pytest.approx(0.05)
+    values = [cosine(s) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def test_step_policy_and_unknown_policy():
-    assert lr_factor(69, 100, 0, "step") == 1.0
-    assert lr_factor(70, 100, 0, "step") == pytest.approx(0.1)
-    assert lr_factor(95, 100, 0, "step") == pytest.approx(0.01)
-    with pytest.raises(ValueError, match="unknown schedule"):
-        lr_factor(1, 10, 0, "linear-ish")
+def test_step_schedule():
+    step = StepSchedule(100, 0, milestones=[0.7, 0.9], gamma=0.1)
+    assert step(69) == 1.0
+    assert step(70) == pytest.approx(0.1)
+    assert step(95) == pytest.approx(0.01)
 
 
 def test_no_weight_decay_on_batchnorm_and_bias():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
     decay, no_decay = param_groups(model, 0.1)
     assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[2].weight)}
-    assert len(no_decay["params"]) == 4  # conv bias, BN γ and β, linear bias and no_decay["weight_decay"] == 0.0
-    assert isinstance(build_optimizer(model, "adamw", 1e-3, 0.1), torch.optim.AdamW)
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        build_optimizer(model, "lion", 1e-3)
-    assert not math.isnan(lr_factor(0, 1, 0))
+    assert len(no_decay["params"]) == 4  # conv bias, BN γ and β, linear bias
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    for optimizer in (adamw(model, 1e-3, 0.1, momentum=0.9), sgd(model, 1e-3, 0.1, momentum=0.9, nesterov=True)):
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert adamw(model, 1e-3, 0.1, momentum=0.8).param_groups[0]["betas"] == (0.8, 0.999)
+
+
+def test_configs_choose_optimizer_and_schedule_by_target():
+    model = nn.Linear(2, 2)
+    for name, kind in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)):
+        optim = dict(compose_config("train", [f"optim={name}"]).optim)
+        del optim["reference_batch"], optim["lr_scaling"]
+        assert type(instantiate(optim)(model)) is kind
+    for name, kind in (("cosine", CosineSchedule), ("step", StepSchedule)):
+        sched = dict(compose_config("train", [f"schedule={name}"]).schedule)
+        del sched["warmup_epochs"]
+        assert type(instantiate(sched)(100, 10)) is kind
+
+
+def test_single_step_run_without_warmup_ends_at_the_final_factor():
+    # warmup_steps=0 and total_steps=1: the cosine span is clamped to one step, not a division by zero
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
+    scheduler = build_scheduler(optimizer, 1, 0, final_factor=0.05)
+    assert scheduler.get_last_lr() == [1.0]
+    assert scheduler.lr_lambdas[0](1) == pytest.approx(0.05)
+    scheduler.lr_lambdas[0].total_steps = 4  # a budget's re-plan
+    assert scheduler.lr_lambdas[0](2) == pytest.approx(0.05 + 0.95 * 0.5)  # half-way: cos(π/2) = 0
