@@ -10,16 +10,12 @@ from omegaconf import DictConfig
 
 from detkit.app.errors import user_errors
 from detkit.compression.distill import distill
-from detkit.compression.distill_adapters import DistillationError
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="distill")
 def main(cfg: DictConfig) -> float:
     with user_errors():
-        try:
-            metrics = distill(cfg, HydraConfig.get().runtime.output_dir)
-        except DistillationError as exc:
-            raise SystemExit(f"error: {exc}") from None
+        metrics = distill(cfg, HydraConfig.get().runtime.output_dir)
     return metrics.get("AP", 0.0)
 
 

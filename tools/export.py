@@ -11,15 +11,16 @@ from omegaconf import DictConfig
 
 from detkit.app.errors import user_errors
 from detkit.deploy.onnx import export_checkpoint
+from detkit.errors import ConfigError
 
 FORMATS = ("onnx",)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
 def main(cfg: DictConfig) -> None:
-    if cfg.format not in FORMATS:
-        raise SystemExit(f"error: format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     with user_errors():
+        if cfg.format not in FORMATS:
+            raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
         path, sidecar = export_checkpoint(cfg.checkpoint, cfg.get("out"), cfg.get("img_size"), cfg.opset)
     print(f"wrote {path} and {path.with_suffix('.json')} (opset {sidecar['opset']}, input {sidecar['img_size']} px, "
           f"dynamic batch); onnxruntime vs PyTorch: max box diff {sidecar['max_box_diff']:.2e} px, "

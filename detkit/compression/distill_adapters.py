@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from detkit.errors import UserError
 from detkit.models.detectors.ssd import SSD
 from detkit.models.detectors.yolo import YOLOv3
 
@@ -22,7 +23,7 @@ __all__ = ["DistillationError", "DenseOutputs", "DenseAdapter", "YOLOAdapter", "
            "check_same_layout"]
 
 
-class DistillationError(ValueError):
+class DistillationError(UserError, ValueError):
     """A teacher and student that cannot be distilled together (the user's to fix)."""
 
 

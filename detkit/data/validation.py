@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from detkit.errors import UserError
+
 ON_INVALID = ("error", "drop")
 UNREADABLE_JSON = ("malformed JSON", "bad top-level structure")  # kinds that on_invalid="drop" cannot mend
 
@@ -47,7 +49,7 @@ def count_kinds(problems: list[Problem]) -> str:
     return ", ".join(f"{n} × {kind}" for kind, n in kinds.most_common())
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """All problems found in a dataset: a summary line, then the first ``shown`` problems one per line."""
 
     def __init__(self, file: str | Path, problems: list[Problem], shown: int = 20) -> None:
