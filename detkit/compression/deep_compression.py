@@ -28,7 +28,10 @@ from torch import Tensor, nn
 
 from detkit.compression.huffman import huffman_decode, huffman_encode
 from detkit.compression.magnitude import prunable_layers
-from detkit.engine.trainer import Hook, Trainer
+from detkit.engine.checkpoint import load_torch_file
+from detkit.engine.hooks import Hook
+from detkit.engine.trainer import Trainer
+from detkit.errors import CheckpointError
 
 FORMAT = "detkit-deep-compression-1"
 PAPER_BITS = {nn.Conv2d: 8, nn.Linear: 5}  # the paper's choice for conv / FC layers (weights and gaps)
@@ -257,9 +260,9 @@ def save_compressed(model: nn.Module, shared: Mapping[str, SharedWeight], path: 
 
 def load_compressed(path: str | Path) -> dict[str, Tensor]:
     """Read a file of :func:`save_compressed` into a dense state dict (shared weights = their centroids)."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_torch_file(path, "Deep Compression file")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a Deep Compression file of detkit (format {FORMAT!r})")
+        raise CheckpointError(f"{path} is not a Deep Compression file of detkit (format {FORMAT!r})")
     state = dict(data["rest"])
     for name, layer in data["layers"].items():
         count = layer["count"]
