@@ -13,13 +13,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.app.errors import user_errors
-from detkit.compression.methods import METHODS, run_method
+from detkit.compression.methods import run_method
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="slim")
 def main(cfg: DictConfig) -> None:
-    if cfg.method not in METHODS:
-        raise SystemExit(f"error: unknown compression method {cfg.method!r}; expected one of {', '.join(METHODS)}")
     out = cfg.get("out") or HydraConfig.get().runtime.output_dir
     with user_errors():
         run_method(cfg.method, cfg.checkpoint, out, OmegaConf.to_container(cfg, resolve=True), cfg.device)

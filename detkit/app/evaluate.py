@@ -7,10 +7,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.app.build import build_data_loader, build_dataset, build_model, eval_img_size, prepare_data
+from detkit.app.errors import check_input_size
 from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.hooks import write_json
+from detkit.errors import CheckpointError, ConfigError
 from detkit.evaluation.coco import predict, to_coco_results
-from detkit.evaluation.dataset import evaluate_dataset, format_metrics, headline, json_metrics
+from detkit.evaluation.dataset import check_metric, evaluate_dataset, format_metrics, headline, json_metrics
 from detkit.evaluation.plots import write_evaluation_plots
 from detkit.evaluation.tta import TestTimeAugmentation
 
@@ -20,8 +22,10 @@ def make_evaluator(dataset, loader, out_dir: Path, device, metric: str = "coco",
 
     ``metric``: ``coco``, ``voc07`` or ``voc12``; ``backend``: the COCO evaluator (see
     :func:`detkit.evaluation.dataset.evaluate_dataset`). The metrics keep the PR curves and confusion matrix
-    for :func:`detkit.evaluation.plots.write_evaluation_plots`; metrics.json leaves them out.
+    for :func:`detkit.evaluation.plots.write_evaluation_plots`; metrics.json leaves them out. An unknown
+    ``metric`` is a :class:`~detkit.errors.ConfigError` here, before any prediction.
     """
+    check_metric(metric)
 
     def evaluate(model) -> dict:
         predictions = predict(model, loader, device)
@@ -34,8 +38,13 @@ def make_evaluator(dataset, loader, out_dir: Path, device, metric: str = "coco",
 
 
 def load_trained(checkpoint: str | Path, device: str = "cpu"):
-    """(model in eval mode, stored config, checkpoint state) from a training checkpoint."""
+    """(model in eval mode, stored config, checkpoint state) from a training checkpoint; a checkpoint without
+    the config and class names of a training run is a :class:`~detkit.errors.CheckpointError`."""
     state = load_checkpoint(checkpoint, device)
+    missing = [key for key in ("config", "class_names") if key not in state]
+    if missing:
+        raise CheckpointError(f"{checkpoint} is not a readable detkit checkpoint: it holds no {missing[0]!r} entry "
+                              "(not written by a detkit training run)")
     cfg = OmegaConf.create(state["config"])
     model = build_model(cfg.model, len(state["class_names"]), cfg.get("channel_spec"))
     model.load_state_dict(state.get("weights", state["model"]))
@@ -53,14 +62,16 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_cfg: D
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, cfg, state = load_trained(checkpoint, device)
+    check_metric(metric)
     data_cfg = data_cfg if data_cfg is not None else cfg.data
     if test_size:
         data_cfg = OmegaConf.merge(data_cfg, {"test_size": int(test_size)})
+    check_input_size(model, eval_img_size(data_cfg), "test_size" if test_size else "data.test_size")
     prepare_data(data_cfg)
     dataset = build_dataset(data_cfg, split, train=False)
     source = getattr(dataset, "ann_file", None) or getattr(dataset, "source", split)  # COCO json, VOC/YOLO root
     if list(dataset.class_names) != list(state["class_names"]):
-        raise ValueError(
+        raise ConfigError(
             f"{checkpoint} was trained on classes {state['class_names']} but the {split} set of "
             f"{source} has {dataset.class_names}"
         )

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
+from detkit.app.errors import check_input_size
 from detkit.data.transforms import Letterbox, unletterbox
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -74,7 +75,9 @@ def predict_files(model: nn.Module, source: str | Path, out_dir: str | Path, img
                   save_images: bool = True, progress: bool = True) -> list[dict]:
     """Detect on every image of ``source`` (a file or a folder), ``batch_size`` images per forward pass, with a
     progress bar; write ``<name>.jpg`` with boxes drawn into ``out_dir`` (``save_images``) and return the
-    detections (xyxy pixels, class names) as JSON-ready dicts, one per image."""
+    detections (xyxy pixels, class names) as JSON-ready dicts, one per image. A size the model cannot take
+    is a :class:`~detkit.errors.ConfigError` before any image is read."""
+    check_input_size(model, img_size, "test_size")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_images(source)

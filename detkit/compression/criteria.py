@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from detkit.errors import ConfigError
+
 BN_TYPES = (nn.BatchNorm2d,)
 CRITERIA = ("bn_gamma", "l1", "taylor", "apoz")
 
@@ -154,7 +156,7 @@ def criterion_scores(model: nn.Module, criterion: str,
     :func:`detkit.compression.pruning.prune_model`; None for ``bn_gamma``, which the pruner reads itself.
     ``batches``: (images, targets) calibration batches, needed by ``taylor`` and ``apoz`` (images only)."""
     if criterion not in CRITERIA:
-        raise ValueError(f"pruning criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+        raise ConfigError(f"pruning criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if criterion == "bn_gamma":
         return None
     if criterion == "l1":

@@ -51,6 +51,7 @@ from detkit.compression.slim import (
     slim_checkpoint,
 )
 from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from detkit.errors import ConfigError
 
 
 def lowrank_detector(model: DictConfig, ranks: list, num_classes: int, channel_spec: list | None = None) -> nn.Module:
@@ -349,7 +350,7 @@ METHODS: dict[str, Method] = {
 
 def _method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown compression method {name!r}; expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown compression method {name!r}; expected one of {', '.join(METHODS)}")
     return METHODS[name]
 
 

@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from detkit.errors import ConfigError
 from detkit.evaluation.coco import evaluate_coco, format_table, to_coco_results
 from detkit.evaluation.confusion import confusion_matrix
 from detkit.evaluation.voc import VOC_METRICS, ImageGroundTruth, evaluate_voc, format_voc_table
@@ -61,6 +62,12 @@ def align_predictions(dataset: EvaluableDataset, predictions: Sequence[dict]) ->
     return [by_id.get(image_id, {"image_id": image_id, **empty}) for image_id in dataset.image_ids]
 
 
+def check_metric(metric: str) -> None:
+    """A :class:`ConfigError` unless ``metric`` is one of :data:`METRICS`."""
+    if metric not in METRICS:
+        raise ConfigError(f"eval metric must be one of {', '.join(METRICS)}, got {metric!r}")
+
+
 def evaluate_dataset(dataset, predictions: Sequence[dict], metric: str = "coco", backend: str = "pycocotools",
                      confusion_score: float = 0.25) -> dict:
     """Score ``predictions`` (dicts with ``image_id`` and xyxy-pixel ``boxes``, ``scores``, ``labels``) on
@@ -71,8 +78,7 @@ def evaluate_dataset(dataset, predictions: Sequence[dict], metric: str = "coco",
     (:func:`~detkit.evaluation.voc.evaluate_voc` at IoU 0.5). Either way the metrics also hold
     ``confusion_matrix`` ((C + 1, C + 1) counts of detections scoring at least ``confusion_score``).
     """
-    if metric not in METRICS:
-        raise ValueError(f"eval metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    check_metric(metric)
     ground_truth = dataset_ground_truth(dataset)
     aligned = align_predictions(dataset, predictions)
     if metric == "coco":
