@@ -23,8 +23,8 @@ from detkit.app.evaluate import load_trained
 from detkit.app.train import train as train_run
 from detkit.compression.methods import METHODS, load_artifact, run_method
 from detkit.compression.slim import checkpoint_evaluator, describe, measure_latencies
+from detkit.utils.resolvers import config_dir
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_METHODS = tuple(METHODS)
 
 
@@ -38,7 +38,7 @@ def swap_config(base: DictConfig, model: str, epochs: int, overrides: Sequence[s
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its config path is configs/
         composed = compose(config_name="train", overrides=arguments)
     else:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             composed = compose(config_name="train", overrides=arguments)
     cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=True))
     cfg.model = OmegaConf.to_container(composed.model, resolve=False)

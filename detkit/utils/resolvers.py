@@ -1,8 +1,18 @@
-"""OmegaConf resolvers the configs use; registered when ``detkit`` is imported."""
+"""Where detkit's configs live, and the OmegaConf resolvers they use (registered when ``detkit`` is imported)."""
 
 from __future__ import annotations
 
+from importlib.resources import files
+from pathlib import Path
+
 from omegaconf import OmegaConf
+
+
+def config_dir() -> Path:
+    """The folder of detkit's Hydra configs (``train.yaml`` and the groups ``model/``, ``data/`` ...): the
+    repository's ``configs/``, installed as the package data ``detkit.configs`` (in an editable install, the
+    repository folder itself)."""
+    return Path(str(files("detkit.configs")))
 
 
 def scaled_size(size: int, factor: float, multiple: int = 32) -> int:
