@@ -28,7 +28,7 @@ def tiny_train_config(tiny_builtin):
     def make(*overrides: str):
         return compose_config("train", [
             f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24", "data.builtin.num_val=8",
-            "+data.builtin.min_size=96", "+data.builtin.max_size=128", "+data.builtin.workers=1",
+            "data.builtin.min_size=96", "data.builtin.max_size=128", "data.builtin.workers=1",
             "data.img_size=96", "data.batch_size=8", "data.eval_batch_size=8",
             "model.backbone.width=8", "model.backbone.depths=[1,1,1,1]",
             "trainer.epochs=2", "trainer.eval_every=1", "trainer.log_every=1", "trainer.threads=1",

@@ -70,7 +70,7 @@ def yolo(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # --quick: 16 small generated images in a temporary folder, 2 steps, 128 px: checks that it runs.
         quick = [f"data.builtin.root={tmp}", "data.builtin.num_train=16", "data.builtin.num_val=8",
-                 "+data.builtin.min_size=96", "+data.builtin.max_size=128", "+data.builtin.workers=1"]
+                 "data.builtin.min_size=96", "data.builtin.max_size=128", "data.builtin.workers=1"]
         size, steps = (128, 2) if args.quick else (args.size, args.steps)
         # The plain pipeline (no Mosaic) so that the budget is the same batches for every version.
         overrides = [*(quick if args.quick else []), f"data.img_size={size}", "data.mosaic.prob=0.0"]

@@ -31,7 +31,7 @@ def seed_everything(seed: int) -> None:
 
 def prepare_data(data_cfg: DictConfig) -> None:
     """Generate the built-in dataset on first use (a no-op for user datasets)."""
-    builtin = data_cfg.get("builtin")
+    builtin = data_cfg.builtin
     if builtin:
         from detkit.data.builtin import ensure_builtin
 
@@ -41,7 +41,7 @@ def prepare_data(data_cfg: DictConfig) -> None:
 def eval_img_size(data_cfg: DictConfig) -> int:
     """The square size images are letterboxed to for evaluation and inference: ``data.test_size``, or the
     training size ``data.img_size`` when it is unset (null)."""
-    return int(data_cfg.get("test_size") or data_cfg.img_size)
+    return int(data_cfg.test_size or data_cfg.img_size)
 
 
 def raw_dataset(data_cfg: DictConfig, split: str, transforms=None):
@@ -62,24 +62,23 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
     train = split == "train" if train is None else train
     size = data_cfg.img_size
     transforms = build_train_transform(data_cfg.augment, size, seed) if train else Letterbox(eval_img_size(data_cfg))
-    mosaic = dict(data_cfg.get("mosaic") or {}) if train else {}
-    use_mosaic = mosaic.get("prob", 0) > 0
+    use_mosaic = train and data_cfg.mosaic.prob > 0
     dataset = raw_dataset(data_cfg, split, transforms=None if use_mosaic else transforms)
     if use_mosaic:
         inner = build_train_transform(data_cfg.augment, size, seed, geometric=False)
-        dataset = Mosaic(dataset, inner, size, seed, plain_transforms=transforms, **mosaic)
+        dataset = Mosaic(dataset, inner, size, seed, plain_transforms=transforms, **data_cfg.mosaic)
     if train and _multiscale_sizes(data_cfg):
         dataset = MultiScaleDataset(dataset)
     return dataset
 
 
 def _multiscale_sizes(data_cfg: DictConfig) -> list[int]:
-    return list((data_cfg.get("multiscale") or {}).get("sizes") or [])
+    return list(data_cfg.multiscale.sizes)
 
 
 def build_data_loader(dataset, data_cfg: DictConfig, train: bool, seed: int = 0):
     """Training loaders are sharded over the data-parallel processes of :func:`distributed.current`."""
-    batch = data_cfg.batch_size if train else data_cfg.get("eval_batch_size", data_cfg.batch_size)
+    batch = data_cfg.batch_size if train else data_cfg.eval_batch_size
     world = distributed.current()
     sampler = None
     if train and _multiscale_sizes(data_cfg):

@@ -1,9 +1,10 @@
-"""Training augmentation presets built with albumentations, selected by ``data.augment.preset``:
+"""Training augmentation presets, the ``_target_`` of a configs/augment/ config (``data.augment``):
 
-- ``default``: :class:`detkit.data.transforms.TrainTransform`, the tuned pipeline of the default run (unchanged);
-- ``yolo``: letterbox, random affine scale/translate, HSV-style colour jitter, horizontal flip;
-- ``ssd``: photometric distortion, zoom-out ("expand"), min-IoU random crop, letterbox, horizontal flip;
-- ``none``: letterbox only.
+- ``default``: :class:`detkit.data.transforms.TrainTransform`, the tuned pipeline of the default run;
+- :class:`AugmentTransform` ``yolo``: letterbox, random affine scale/translate, HSV-style colour jitter, flip;
+- :class:`AugmentTransform` ``ssd``: photometric distortion, zoom-out ("expand"), min-IoU random crop, letterbox,
+  horizontal flip;
+- :class:`AugmentTransform` ``none``: letterbox only.
 
 Boxes enter and leave as xyxy absolute pixels (albumentations' ``pascal_voc`` format, which is 0-based edges
 despite its name). Every random choice is fixed by (seed, epoch, index), as for TrainTransform: each call seeds
@@ -19,11 +20,12 @@ import albumentations as A
 import cv2
 import numpy as np
 from albumentations.augmentations.crops.transforms import BaseCrop
+from hydra.utils import instantiate
 from torch import Tensor
 
-from detkit.data.transforms import PAD_VALUE, TrainTransform, letterbox_geometry, to_target
+from detkit.data.transforms import PAD_VALUE, letterbox_geometry, to_target
 
-PRESETS = ("default", "yolo", "ssd", "none")
+PRESETS = ("yolo", "ssd", "none")
 SSD_MIN_IOUS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)  # 0.0: any crop; SSD also keeps the whole image (None)
 
 
@@ -137,8 +139,8 @@ class AugmentTransform:
                  translate: float = 0.1, fliplr: float = 0.5, hue: float = 0.015, saturation: float = 0.7,
                  value: float = 0.4, expand: float = 4.0, geometric: bool = True, min_visibility: float = 0.3,
                  min_size: float = 2.0) -> None:
-        if preset not in PRESETS[1:]:
-            raise ValueError(f"augment preset must be one of {PRESETS}, got {preset!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"augment preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         self.preset, self.seed, self.epoch = preset, seed, 0
         self.scale, self.translate, self.fliplr, self.expand = tuple(scale), translate, fliplr, expand
         self.color = dict(brightness=value, contrast=0.0, saturation=saturation, hue=hue)
@@ -181,13 +183,7 @@ class AugmentTransform:
 
 
 def build_train_transform(augment: Mapping[str, Any], size: int, seed: int = 0, geometric: bool = True):
-    """The training transform of a ``data.augment`` config: its ``preset`` (``default`` when absent) with the
-    other keys as arguments. ``geometric=False`` (behind a Mosaic, which already zooms and shifts) removes the
-    preset's scale/translate/expand/crop."""
-    options = dict(augment)
-    preset = options.pop("preset", "default")
-    if preset == "default":
-        if not geometric:
-            options.update(scale=(1.0, 1.0), translate=0.0)
-        return TrainTransform(size, seed=seed, **options)
-    return AugmentTransform(size, preset, seed=seed, geometric=geometric, **options)
+    """The training transform of a ``data.augment`` config (a partial ``_target_``) at ``size`` with the run
+    ``seed``. ``geometric=False`` (behind a Mosaic, which already zooms and shifts) removes the preset's
+    scale/translate/expand/crop."""
+    return instantiate(augment)(size, seed=seed, geometric=geometric)

@@ -95,6 +95,8 @@ class TrainTransform:
         translate: largest shift of the image inside the canvas, as a fraction of ``size``.
         fliplr: probability of a horizontal flip (0 for classes that are not mirror-symmetric, e.g. digits).
         hue, saturation, value: colour jitter strengths (albumentations ``ColorJitter``).
+        min_visible, min_size: a box cut by the canvas keeps this fraction of its area and pixels a side.
+        geometric: False fixes ``scale`` to 1 and ``translate`` to 0 (inputs that are already mosaics).
     """
 
     def __init__(
@@ -109,7 +111,10 @@ class TrainTransform:
         value: float = 0.3,
         min_visible: float = 0.4,
         min_size: float = 2.0,
+        geometric: bool = True,
     ) -> None:
+        if not geometric:
+            scale, translate = (1.0, 1.0), 0.0
         self.size, self.seed, self.epoch = size, seed, 0
         self.scale, self.translate, self.fliplr = tuple(scale), translate, fliplr
         self.min_visible, self.min_size = min_visible, min_size

@@ -13,7 +13,7 @@ from detkit.utils.benchmark import train_config
 
 PIPELINES = {  # name -> config overrides; the first is the baseline
     "default (TrainTransform)": [],
-    "mosaic + yolo preset": ["data.augment.preset=yolo", "data.mosaic.prob=1.0"],
+    "mosaic + yolo preset": ["augment@data.augment=yolo", "data.mosaic.prob=1.0"],
 }
 
 

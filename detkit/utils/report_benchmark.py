@@ -141,7 +141,7 @@ def loader_and_eval(quick: bool) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         small = [f"data.builtin.root={tmp}", "data.builtin.num_train=16", "data.builtin.num_val=4",
-                 "+data.builtin.min_size=96", "+data.builtin.max_size=128", "+data.builtin.workers=1"]
+                 "data.builtin.min_size=96", "data.builtin.max_size=128", "data.builtin.workers=1"]
         loaders = loader_throughputs(128 if quick else 384, 0, 8, 2 if quick else 30, small if quick else [])
     _, evals = coco_eval_timings(20 if quick else 500, 10, repeats=1)
     return {"loader_img_s": {name: ips for name, ips in loaders},

@@ -12,7 +12,7 @@ from tests.conftest import compose_config
 def tiny_overrides(root: Path) -> list[str]:
     """Training overrides for a seconds-long yolov3_compact (width 8) run on the tiny built-in data."""
     return [f"data.builtin.root={root}", "data.builtin.num_train=24", "data.builtin.num_val=8",
-            "+data.builtin.min_size=96", "+data.builtin.max_size=128", "+data.builtin.workers=1",
+            "data.builtin.min_size=96", "data.builtin.max_size=128", "data.builtin.workers=1",
             "data.img_size=96", "data.batch_size=8", "data.eval_batch_size=8",
             "model.backbone.width=8", "model.backbone.depths=[1,1,1,1]", "trainer.epochs=1",
             "trainer.eval_every=1", "trainer.log_every=1", "trainer.threads=1", "eval.plots=false"]

@@ -10,6 +10,7 @@ import torch
 
 from detkit.data.augment import AugmentTransform, Expand, MinIoURandomCrop, build_train_transform, seed_pipeline
 from detkit.data.transforms import TrainTransform
+from tests.conftest import compose_config
 
 SIZE = 96
 # Boxes with distinct aspect ratios, so a label can be told by its box's shape.
@@ -123,14 +124,15 @@ def test_size_can_change_per_call():
 
 
 def test_default_preset_is_the_unchanged_train_transform():
-    options = {"preset": "default", "scale": [0.75, 1.25], "translate": 0.1, "fliplr": 0.0, "hue": 0.015,
-               "saturation": 0.5, "value": 0.3}
+    options = compose_config("train", []).data.augment  # configs/augment/default.yaml, fliplr 0 for digits
     built = build_train_transform(options, SIZE, seed=2)
     assert type(built) is TrainTransform
     reference = TrainTransform(SIZE, seed=2, scale=(0.75, 1.25), translate=0.1, fliplr=0.0)
     assert torch.equal(built(sample(), 4)[0], reference(sample(), 4)[0])
-    assert type(build_train_transform({k: v for k, v in options.items() if k != "preset"}, SIZE)) is TrainTransform
     flat = build_train_transform(options, SIZE, geometric=False)
     assert flat.scale == (1.0, 1.0) and flat.translate == 0.0
+    for preset in ("yolo", "ssd", "none"):
+        chosen = compose_config("train", [f"augment@data.augment={preset}"]).data.augment
+        assert build_train_transform(chosen, SIZE).preset == preset
     with pytest.raises(ValueError, match="augment preset must be one of"):
-        build_train_transform({"preset": "fancy"}, SIZE)
+        AugmentTransform(SIZE, "fancy")

@@ -78,3 +78,15 @@ def test_scaled_size_rounds_to_the_stride_and_rejects_nonsense():
     assert scaled_size(300, 1.0, 1) == 300
     with pytest.raises(ValueError, match="positive"):
         scaled_size(384, 0)
+
+
+@pytest.mark.parametrize("data", ["builtin", "coco", "voc", "yolo"])
+def test_every_data_config_composes_the_shared_augment_mosaic_and_multiscale_groups(data):
+    cfg = compose_config("train", [f"data={data}", "augment@data.augment=yolo", "data.mosaic.prob=0.25",
+                                   "data.multiscale.every=5"]).data
+    assert cfg.augment._target_ == "detkit.data.augment.AugmentTransform" and cfg.augment.preset == "yolo"
+    assert cfg.mosaic.prob == 0.25 and cfg.multiscale.every == 5 and list(cfg.multiscale.sizes) == []
+    assert cfg.augment.fliplr == (0.0 if data == "builtin" else 0.5)  # digits are not mirror-symmetric
+    plain = compose_config("train", [f"data={data}"]).data
+    assert plain.augment._target_ == "detkit.data.transforms.TrainTransform"
+    assert (plain.mosaic.prob, plain.mosaic.close_last) == ((0.5, 1) if data == "builtin" else (0.0, 0))

@@ -46,7 +46,7 @@ def test_multiscale_dataset_sets_the_size():
 
 
 def test_mosaic_yolo_multiscale_loader_from_config(tiny_train_config):
-    cfg = tiny_train_config("data.augment.preset=yolo", "data.mosaic.prob=0.5", "data.mosaic.close_last=1",
+    cfg = tiny_train_config("augment@data.augment=yolo", "data.mosaic.prob=0.5", "data.mosaic.close_last=1",
                             "data.multiscale.sizes=[64,96]", "data.multiscale.every=1", "data.batch_size=4")
     dataset = build_dataset(cfg.data, "train", seed=0)
     assert isinstance(dataset, MultiScaleDataset) and isinstance(dataset.dataset, Mosaic)
@@ -80,7 +80,7 @@ def test_training_with_mosaic_and_multiscale_resumes_exactly(tiny_train_config, 
         def after_step(self, trainer) -> None:
             trainer.stop_requested = trainer.global_step == 4
 
-    options = ("data.augment.preset=yolo", "data.mosaic.prob=0.5", "data.mosaic.mixup=0.5",
+    options = ("augment@data.augment=yolo", "data.mosaic.prob=0.5", "data.mosaic.mixup=0.5",
                "data.multiscale.sizes=[64,96]", "data.multiscale.every=1", "trainer.eval_every=2")
     train(tiny_train_config(*options), tmp_path / "full")
     train(tiny_train_config(*options, "trainer.checkpoint_every_steps=1"), tmp_path / "cut", extra_hooks=[StopAfter()])

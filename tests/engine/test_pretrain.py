@@ -13,7 +13,7 @@ from tests.conftest import compose_config
 def pretrained(tiny_builtin, tmp_path):
     cfg = compose_config("pretrain", [
         f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24", "data.builtin.num_val=8",
-        "+data.builtin.min_size=96", "+data.builtin.max_size=128", "+data.builtin.workers=1",
+        "data.builtin.min_size=96", "data.builtin.max_size=128", "data.builtin.workers=1",
         "model.backbone.width=8", "model.backbone.depths=[1,1,1,1]", "pretrain.size=48", "pretrain.epochs=12",
         "pretrain.batch_size=16", "pretrain.lr=0.005", "pretrain.threads=1",
     ])
@@ -52,8 +52,8 @@ def test_a_backbone_file_for_another_model_is_a_clear_error(pretrained, tmp_path
 @pytest.mark.parametrize("name", ["ssdlite", "fpn_rcnn_tiny", "yolov1_tiny"])
 def test_backbones_of_other_families_pretrain_and_load_back(name, tiny_builtin, tmp_path):
     overrides = [f"model={name}", f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24",
-                 "data.builtin.num_val=8", "+data.builtin.min_size=96", "+data.builtin.max_size=128",
-                 "+data.builtin.workers=1", "pretrain.size=64", "pretrain.epochs=1", "pretrain.batch_size=16",
+                 "data.builtin.num_val=8", "data.builtin.min_size=96", "data.builtin.max_size=128",
+                 "data.builtin.workers=1", "pretrain.size=64", "pretrain.epochs=1", "pretrain.batch_size=16",
                  "pretrain.threads=1"]
     summary = pretrain_backbone(compose_config("pretrain", overrides), tmp_path)
     detector = build_model(compose_config("train", [f"model={name}"]).model, 10)

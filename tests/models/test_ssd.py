@@ -136,9 +136,9 @@ def test_ssdlite_trains_and_evaluates_through_the_trainer(tiny_builtin, tmp_path
     # tiny_train_config's overrides are YOLO's (backbone depths); the same tiny run, for SSDLite.
     cfg = compose_config("train", [
         "model=ssdlite", "model.backbone.width=0.25", f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24",
-        "data.builtin.num_val=8", "+data.builtin.min_size=96", "+data.builtin.max_size=128",
-        "+data.builtin.workers=1", "data.img_size=96", "data.batch_size=8", "data.eval_batch_size=8",
-        "data.augment.preset=ssd", "trainer.epochs=1", "trainer.log_every=1", "trainer.threads=1",
+        "data.builtin.num_val=8", "data.builtin.min_size=96", "data.builtin.max_size=128",
+        "data.builtin.workers=1", "data.img_size=96", "data.batch_size=8", "data.eval_batch_size=8",
+        "augment@data.augment=ssd", "trainer.epochs=1", "trainer.log_every=1", "trainer.threads=1",
     ])
     metrics = train(cfg, tmp_path)
     assert 0 <= metrics["AP"] <= 1 and (tmp_path / "last.pt").is_file()

@@ -11,8 +11,8 @@ def test_anchors_tool_prints_groups_and_writes_nothing(tiny_builtin, tmp_path):
     before = sorted(tiny_builtin.rglob("*"))
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "anchors.py"), f"data.builtin.root={tiny_builtin}",
-         "data.builtin.num_train=24", "data.builtin.num_val=8", "+data.builtin.min_size=96",
-         "+data.builtin.max_size=128", "+data.builtin.workers=1", "data.img_size=96", "k=6", "num_scales=3"],
+         "data.builtin.num_train=24", "data.builtin.num_val=8", "data.builtin.min_size=96",
+         "data.builtin.max_size=128", "data.builtin.workers=1", "data.img_size=96", "k=6", "num_scales=3"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -18,8 +18,8 @@ def test_train_eval_predict_from_the_command_line(tiny_builtin, tmp_path):
     run_dir = tmp_path / "run"
     out = run(
         "tools/train.py", f"hydra.run.dir={run_dir}", f"data.builtin.root={tiny_builtin}",
-        "data.builtin.num_train=24", "data.builtin.num_val=8", "+data.builtin.min_size=96",
-        "+data.builtin.max_size=128", "+data.builtin.workers=1", "data.img_size=96", "data.batch_size=8",
+        "data.builtin.num_train=24", "data.builtin.num_val=8", "data.builtin.min_size=96",
+        "data.builtin.max_size=128", "data.builtin.workers=1", "data.img_size=96", "data.batch_size=8",
         "model.backbone.width=8", "trainer.epochs=1", "trainer.threads=1",
     )
     assert "mAP@[.5:.95]" in out and (run_dir / "last.pt").is_file()

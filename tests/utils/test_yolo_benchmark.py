@@ -5,7 +5,7 @@ from detkit.utils.yolo_benchmark import config_for, format_results, yolo_family
 
 def test_yolo_family_trains_evaluates_and_counts_each_config(tiny_builtin):
     data = [f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24", "data.builtin.num_val=8",
-            "+data.builtin.min_size=96", "+data.builtin.max_size=128", "+data.builtin.workers=1",
+            "data.builtin.min_size=96", "data.builtin.max_size=128", "data.builtin.workers=1",
             "data.img_size=128", "data.batch_size=4", "data.eval_batch_size=8"]
     assert config_for("yolov1_tiny", data).model.input_size == 128  # the FC head follows data.img_size
     rows = yolo_family(("yolov1_tiny", "yolov3_tiny"), steps=1, overrides=data)
