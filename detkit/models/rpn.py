@@ -23,15 +23,11 @@ from detkit.anchors import anchors_per_location, grid_anchors
 from detkit.boxes import DeltaCoder, clip_boxes, remove_small
 from detkit.losses.box import box_loss
 from detkit.matching import BACKGROUND, match_by_iou
+from detkit.models.detectors.common import check_targets, plain
 
 __all__ = ["RPNHead", "RegionProposalNetwork", "level_strides", "sample_anchors", "flatten_level"]
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
-
-
-def _plain(value):
-    # Hydra hands over ListConfig; plain tuples keep the anchor cache keys hashable.
-    return tuple(_plain(v) for v in value) if isinstance(value, Sequence) and not isinstance(value, str) else value
 
 
 def level_strides(image_size: Sequence[int], feature_sizes: Sequence[Sequence[int]]) -> list[int]:
@@ -112,7 +108,7 @@ class RegionProposalNetwork(nn.Module):
                  min_size: float = 1e-3, beta: float = 1 / 9, conv_depth: int = 1,
                  anchor_offset: float = 0.5) -> None:
         super().__init__()
-        self.sizes, self.ratios = _plain(sizes), _plain(ratios)
+        self.sizes, self.ratios = plain(sizes, tuple), plain(ratios, tuple)  # hashable cache keys
         counts = set(anchors_per_location(self.sizes, self.ratios))
         if len(counts) != 1:
             raise ValueError(f"a shared RPN head needs the same number of anchors on every level, got {counts}")
@@ -155,8 +151,7 @@ class RegionProposalNetwork(nn.Module):
         proposals = self.propose(objectness.detach(), deltas.detach(), anchors, image_size)
         losses = {}
         if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
+            check_targets(targets, len(objectness))
             losses = self.loss(objectness, deltas, torch.cat(anchors), targets)
         return proposals, losses
 

@@ -6,7 +6,7 @@ import torchvision
 from hydra.utils import instantiate
 
 from detkit.models.backbones.resnet import ResNet
-from detkit.models.detectors.fpn_rcnn import batch_images
+from detkit.models.detectors.common import batch_images
 from detkit.models.detectors.retinanet import RetinaNet, RetinaNetHead
 from tests.conftest import compose_config
 from tests.models.overfit import assert_finds_the_boxes, overfit

@@ -19,8 +19,15 @@ from torch import Tensor, nn
 from detkit.anchors import grid_anchors
 from detkit.boxes import clip_boxes
 from detkit.data.proposals import load_proposals, proposals_for
-from detkit.models.detectors.ssd import IMAGENET_MEAN, IMAGENET_STD, _plain
-from detkit.models.detectors.yolo import stack_images
+from detkit.models.detectors.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_targets,
+    normalize,
+    plain,
+    register_normalization,
+    stack_images,
+)
 from detkit.models.roi_heads import RoIBoxHead, SingleLevelPooler, roi_detections, roi_head_loss, sample_rois
 
 __all__ = ["DenseProposals", "RoIDetector", "FastRCNN"]
@@ -37,8 +44,8 @@ class DenseProposals:
 
     def __init__(self, stride: int | Sequence[int] = 32, sizes: Sequence[float] = (48, 96, 192, 384),
                  ratios: Sequence[float] = (0.5, 1.0, 2.0), min_size: float = 4.0) -> None:
-        self.sizes, self.ratios = tuple(_plain(sizes)), tuple(_plain(ratios))
-        stride = _plain(stride)
+        self.sizes, self.ratios = tuple(plain(sizes)), tuple(plain(ratios))
+        stride = plain(stride)
         if isinstance(stride, (int, float)):
             self.strides, self.level_sizes = [int(stride)], [self.sizes]
         elif len(stride) == len(self.sizes):
@@ -88,12 +95,11 @@ class RoIDetector(nn.Module):
         self.head = RoIBoxHead(roi_pooler, list(backbone.out_channels)[-1], pool_size, num_classes,
                                representation, dropout)
         self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det
-        self.register_buffer("image_mean", torch.tensor(_plain(image_mean)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(_plain(image_std)).view(1, 3, 1, 1), persistent=False)
+        register_normalization(self, image_mean, image_std)
 
     def features(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) 0–1 images → the backbone's last map (B, C, H/stride, W/stride), float32."""
-        return self.backbone((images - self.image_mean) / self.image_std)[-1].float()
+        return self.backbone(normalize(images, self.image_mean, self.image_std))[-1].float()
 
     def head_in_chunks(self, features: Tensor, rois: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
                        max_rois: int = 4096) -> tuple[Tensor, Tensor]:
@@ -111,14 +117,6 @@ class RoIDetector(nn.Module):
             deltas.append(out[1])
             start = end
         return torch.cat(logits), torch.cat(deltas)
-
-    @staticmethod
-    def check_targets(targets: Sequence[dict] | None, batch: int) -> Sequence[dict]:
-        if targets is None:
-            raise ValueError("targets are required in training mode")
-        if len(targets) != batch:
-            raise ValueError(f"got targets for {len(targets)} images but {batch} images")
-        return targets
 
     def detections(self, class_logits: Tensor, box_deltas: Tensor, rois: Sequence[Tensor],
                    image_size: Sequence[int]) -> list[dict]:
@@ -156,7 +154,7 @@ class FastRCNN(RoIDetector):
         self.proposals_file = proposals_file
         self.external = load_proposals(proposals_file) if proposals_file else None
         self.batch_per_image, self.fg_fraction = batch_per_image, fg_fraction
-        self.fg_iou, self.bg_iou = fg_iou, tuple(_plain(bg_iou))
+        self.fg_iou, self.bg_iou = fg_iou, tuple(plain(bg_iou))
 
     def region_proposals(self, images: Tensor, targets: Sequence[dict] | None = None,
                          image_ids: Sequence[int] | None = None) -> list[Tensor]:
@@ -188,7 +186,7 @@ class FastRCNN(RoIDetector):
         features = self.features(x)
         sizes = [tuple(x.shape[-2:])] * len(x)
         if self.training:
-            targets = self.check_targets(targets, len(x))
+            targets = check_targets(targets, len(x))
             rois, labels, regression = sample_rois(proposals, targets, self.batch_per_image, self.fg_fraction,
                                                    self.fg_iou, self.bg_iou, num_classes=self.num_classes)
             return roi_head_loss(*self.head(features, rois, sizes), labels, regression)

@@ -12,52 +12,21 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
+from detkit.models.detectors.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    batch_images,
+    check_targets,
+    register_normalization,
+)
 from detkit.models.necks.fpn import FPN
 from detkit.models.roi_heads import RoIBoxHead, roi_detections, roi_head_loss, sample_rois
 from detkit.models.rpn import RegionProposalNetwork
 
-__all__ = ["FPNRCNN", "batch_images", "IMAGENET_MEAN", "IMAGENET_STD"]
-
-# torchvision's detectors take 0–1 RGB and normalise inside the model; so do these (ImageNet statistics).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def batch_images(images: Tensor | Sequence[Tensor], mean: Tensor, std: Tensor, size_divisible: int) -> Tensor:
-    """0–1 RGB images, (B, 3, H, W) or a list of same-size (3, H, W) → normalised (B, 3, H', W'), zero-padded at
-    the bottom and right to multiples of ``size_divisible`` (so every pyramid level halves the previous one)."""
-    if not isinstance(images, Tensor):
-        images = list(images)
-        if len({tuple(i.shape) for i in images}) > 1:
-            raise ValueError(f"images of a batch must share one size, got {sorted({tuple(i.shape) for i in images})}")
-        images = torch.stack(images)
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    x = (images - mean) / std
-    h, w = x.shape[-2:]
-    pad_h, pad_w = -h % size_divisible, -w % size_divisible
-    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
-
-
-def check_targets(targets: Sequence[Mapping] | None, batch: int, num_classes: int) -> None:
-    """Clear errors for training targets that do not fit: one dict per image, ``boxes`` (N, 4) and ``labels``
-    (N,) in 0..K−1."""
-    if targets is None:
-        raise ValueError("targets are required in training mode")
-    if len(targets) != batch:
-        raise ValueError(f"got {len(targets)} targets for {batch} images")
-    for i, t in enumerate(targets):
-        boxes, labels = t["boxes"], t["labels"]
-        if boxes.dim() != 2 or boxes.shape[-1] != 4 or len(labels) != len(boxes):
-            raise ValueError(f"target {i}: boxes must be (N, 4) with N labels, got boxes {tuple(boxes.shape)} "
-                             f"and {len(labels)} labels")
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"target {i}: labels must be in 0..{num_classes - 1}, got {labels.tolist()}")
+__all__ = ["FPNRCNN"]
 
 
 class FPNRCNN(nn.Module):
@@ -109,8 +78,7 @@ class FPNRCNN(nn.Module):
         self.box_beta = box_beta
         self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det
         self.size_divisible = size_divisible
-        self.register_buffer("image_mean", torch.tensor(list(image_mean)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(list(image_std)).view(1, 3, 1, 1), persistent=False)
+        register_normalization(self, image_mean, image_std)
 
     def features(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """Normalised, padded (B, 3, H, W) → P2–P6 by name (``p2`` … ``p6``), (B, fpn_channels, H/s, W/s)."""

@@ -26,9 +26,8 @@ from torchvision.ops import box_iou
 
 from detkit.anchors import gcnn_grid
 from detkit.boxes import DeltaCoder
+from detkit.models.detectors.common import check_targets, plain, stack_images
 from detkit.models.detectors.fast_rcnn import RoIDetector
-from detkit.models.detectors.ssd import _plain
-from detkit.models.detectors.yolo import stack_images
 from detkit.models.roi_heads import FAST_RCNN_WEIGHTS, class_deltas, roi_head_loss
 from detkit.postprocess import postprocess_detections
 
@@ -87,7 +86,7 @@ class GCNN(RoIDetector):
         if train_steps < 1 or test_steps < 1:
             raise ValueError(f"train_steps and test_steps must be ≥ 1, got {train_steps}, {test_steps}")
         self.train_steps, self.test_steps = train_steps, test_steps
-        self.grid_scales, self.grid_overlap = tuple(_plain(grid_scales)), grid_overlap
+        self.grid_scales, self.grid_overlap = tuple(plain(grid_scales)), grid_overlap
         self.assign_iou, self.boxes_per_image = assign_iou, boxes_per_image
         self.coder = DeltaCoder(FAST_RCNN_WEIGHTS)
         self._grids: dict[tuple, Tensor] = {}
@@ -127,7 +126,7 @@ class GCNN(RoIDetector):
         grid = self.grid(size, x.device)
         if not self.training:
             return self._detect(features, grid, sizes)
-        targets = self.check_targets(targets, len(x))
+        targets = check_targets(targets, len(x))
         assigned = [self._subsample(*assign_grid(grid, t["boxes"], t["labels"], self.num_classes, self.assign_iou),
                                     grid) for t in targets]
         labels = torch.cat([a[0] for a in assigned])

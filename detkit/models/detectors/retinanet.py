@@ -23,7 +23,13 @@ from detkit.boxes import DeltaCoder
 from detkit.losses.box import box_loss
 from detkit.losses.focal import sigmoid_focal_loss
 from detkit.matching import IGNORE, match_by_iou
-from detkit.models.detectors.fpn_rcnn import IMAGENET_MEAN, IMAGENET_STD, batch_images, check_targets
+from detkit.models.detectors.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    batch_images,
+    check_targets,
+    register_normalization,
+)
 from detkit.models.necks.fpn import FPN
 from detkit.models.rpn import flatten_level
 from detkit.postprocess import postprocess_detections
@@ -137,8 +143,7 @@ class RetinaNet(nn.Module):
         self.nms_thresh, self.max_det = nms_thresh, max_det
         self.size_divisible = size_divisible
         self.coder = DeltaCoder((1.0, 1.0, 1.0, 1.0))
-        self.register_buffer("image_mean", torch.tensor(list(image_mean)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(list(image_std)).view(1, 3, 1, 1), persistent=False)
+        register_normalization(self, image_mean, image_std)
         self._anchors: dict[tuple, list[Tensor]] = {}
 
     def anchors(self, feature_sizes: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> list[Tensor]:

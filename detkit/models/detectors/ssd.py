@@ -16,19 +16,18 @@ from torch import Tensor, nn
 from detkit.anchors import SSD300, ssd_default_boxes, ssd_prior_config
 from detkit.losses.multibox import multibox_loss, ssd_coder
 from detkit.models.backbones.mobilenet import separable_conv
+from detkit.models.detectors.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_targets,
+    normalize,
+    plain,
+    register_normalization,
+    stack_images,
+)
 from detkit.postprocess import postprocess_detections
 
 __all__ = ["SSDHead", "SSD", "boxes_per_cell"]
-
-# torchvision's detectors take 0–1 RGB and normalise inside the model; so does SSD (ImageNet statistics).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _plain(value):
-    # Hydra hands over ListConfig; plain lists keep the cache keys and the default-box code simple.
-    return [_plain(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else value
-
 
 def boxes_per_cell(aspect_ratios: Sequence[Sequence[float]]) -> list[int]:
     """Default boxes per cell of each level: two squares plus two per ratio (4, 6, 6, 6, 4, 4 for SSD300)."""
@@ -101,7 +100,7 @@ class SSD(nn.Module):
                  image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.priors_config = {k: _plain(v) for k, v in dict(priors or SSD300).items()}
+        self.priors_config = {k: plain(v) for k, v in dict(priors or SSD300).items()}
         num_boxes = boxes_per_cell(self.priors_config["aspect_ratios"])
         if len(num_boxes) != len(backbone.out_channels):
             raise ValueError(f"backbone gives {len(backbone.out_channels)} maps but the priors configure "
@@ -113,8 +112,7 @@ class SSD(nn.Module):
         self.coder = ssd_coder(self.variances)
         self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det
         self.pre_nms_topk = pre_nms_topk or 400 * num_classes
-        self.register_buffer("image_mean", torch.tensor(_plain(image_mean)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(_plain(image_std)).view(1, 3, 1, 1), persistent=False)
+        register_normalization(self, image_mean, image_std)
         self._priors: dict[tuple, Tensor] = {}
 
     def default_boxes(self, image_size: Sequence[int], feature_sizes: Sequence[Sequence[int]],
@@ -129,7 +127,7 @@ class SSD(nn.Module):
 
     def raw_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, 3, H, W) 0–1 images → class logits (B, A, C + 1), offsets (B, A, 4), default boxes (A, 4)."""
-        maps = self.backbone((images - self.image_mean) / self.image_std)
+        maps = self.backbone(normalize(images, self.image_mean, self.image_std))
         # Prediction convs and all that follows stay float32 under autocast: offsets are scaled by 10 and 5.
         with torch.autocast(images.device.type, enabled=False):
             logits, deltas = self.head([m.float() for m in maps])
@@ -137,13 +135,10 @@ class SSD(nn.Module):
         return logits, deltas, priors
 
     def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None):
-        x = images if isinstance(images, Tensor) else torch.stack(list(images))
-        if x.dim() != 4:
-            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        x = stack_images(images)
         logits, deltas, priors = self.raw_outputs(x)
         if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
+            check_targets(targets, len(x))
             return multibox_loss(logits, deltas, priors, targets, self.iou_threshold, self.neg_pos_ratio,
                                  self.variances, self.box_weight)
         return self.postprocess(logits, deltas, priors, x.shape[-2:])

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from detkit.losses.yolo import YOLOLoss
+from detkit.models.detectors.common import check_targets, stack_images
 from detkit.models.layers import ConvBNAct, DropBlock2d, SpatialAttention
 from detkit.models.necks.spp import SPPBlock
 from detkit.models.necks.yolo_fpn import YOLOv3Neck
@@ -30,18 +31,6 @@ NMS_METHODS = ("nms", "diou")
 
 # e^t is clamped so that an untrained head cannot produce inf boxes: e^4 ≈ 55 × the anchor.
 _MAX_LOG_SCALE = 4.0
-
-
-def stack_images(images: Tensor | Sequence[Tensor]) -> Tensor:
-    """(B, 3, H, W) from a batch tensor or a list of same-size (3, H, W) tensors."""
-    if isinstance(images, Tensor):
-        if images.dim() != 4:
-            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        return images
-    sizes = {tuple(im.shape) for im in images}
-    if len(sizes) != 1:
-        raise ValueError(f"images in a batch must share one size (letterbox them first), got {sorted(sizes)}")
-    return torch.stack(list(images))
 
 
 class YOLOv3(nn.Module):
@@ -201,8 +190,7 @@ class YOLOv3(nn.Module):
         outputs = self.raw_outputs(x)
         boxes = self.decode(outputs)
         if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
+            check_targets(targets, len(x))
             return self.loss(outputs, boxes, targets, self.anchors, self.strides)
         return self.postprocess(outputs, boxes, x.shape[-2:])
 

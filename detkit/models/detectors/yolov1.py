@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from detkit.losses.yolov1 import YOLOv1Loss
-from detkit.models.detectors.yolo import NMS_METHODS, stack_images
+from detkit.models.detectors.common import check_targets, stack_images
+from detkit.models.detectors.yolo import NMS_METHODS
 from detkit.models.layers import ConvBNAct, activation
 from detkit.postprocess import postprocess_detections
 
@@ -145,8 +146,7 @@ class YOLOv1(nn.Module):
             )
         output = self.raw_outputs(x)
         if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
+            check_targets(targets, len(x))
             return self.loss(output, targets, x.shape[-2:])
         return self.postprocess(output, x.shape[-2:])
 
