@@ -9,9 +9,12 @@ a markdown table and JSON into ``--out``. Run it on an otherwise idle machine: i
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from detkit.utils.peer_benchmark import format_peer_table, run_detkit, run_ultralytics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks/ (not installed)
+
+from benchmarks.peer_benchmark import format_peer_table, run_detkit, run_ultralytics
 
 
 def main() -> None:

@@ -16,15 +16,19 @@ trust the ratios more than the absolute times.
 """
 
 import argparse
+import sys
 import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks/ (not installed)
 
 import torch
 
-from detkit.utils.benchmark import coco_eval_timings, format_table, postprocess_timings, ssd_timings
-from detkit.utils.loader_benchmark import format_throughputs, loader_throughputs
-from detkit.utils.report_benchmark import format_report, run_report
-from detkit.utils.twostage_benchmark import twostage_timings
-from detkit.utils.yolo_benchmark import format_results, yolo_family
+from benchmarks.benchmark import coco_eval_timings, format_table, postprocess_timings, ssd_timings
+from benchmarks.loader_benchmark import format_throughputs, loader_throughputs
+from benchmarks.report_benchmark import format_report, run_report
+from benchmarks.twostage_benchmark import twostage_timings
+from benchmarks.yolo_benchmark import format_results, yolo_family
 
 
 def postprocess(args: argparse.Namespace) -> None:

@@ -11,17 +11,18 @@ Scheme: activations per-tensor affine uint8 from min/max observers (``observer="
 ``"histogram"``, the quantizer's own choice, which clips outliers), weights per-output-channel symmetric int8
 (min/max). The converted graph holds quantize/dequantize pairs around float ops: in eager mode it is a
 simulation, slower than float; the int8 kernels come from ``torch.compile`` (inductor), see
-:func:`cpu_latency`. Graphs are exported with dynamic batch, height and width.
+:func:`compare_fp32_int8`. Graphs are exported with dynamic batch, height and width.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from detkit.utils.timing import median_ms
 
 DEFAULT_PARTS = ("backbone", "spp", "neck")
 OBSERVERS = ("minmax", "histogram")
@@ -172,19 +173,6 @@ def output_agreement(reference: Sequence[Tensor], other: Sequence[Tensor]) -> di
             "relative_rms": ((a - b).square().mean().sqrt() / a.square().mean().sqrt().clamp(min=1e-12)).item()}
 
 
-@torch.no_grad()
-def cpu_latency(run, images: Tensor, warmup: int = 3, runs: int = 20) -> float:
-    """Median seconds of ``run(images)`` over ``runs`` calls after ``warmup`` (compilation happens there)."""
-    for _ in range(warmup):
-        run(images)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(images)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def compare_fp32_int8(model: nn.Module, quantized: nn.Module, images: Tensor, compile: bool = True,
                       runs: int = 20) -> dict[str, float]:
     """CPU latency (median seconds per batch of ``images``) of the float and int8 models' raw outputs,
@@ -202,6 +190,8 @@ def compare_fp32_int8(model: nn.Module, quantized: nn.Module, images: Tensor, co
     # oneDNN int8 convolutions (without it the q/dq ops run decomposed, in float)
     from torch._inductor import config as inductor_config
 
-    with inductor_config.patch(freezing=True):
-        result = {f"{name}_latency_s": cpu_latency(run, images, runs=runs) for name, run in runners.items()}
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        # 3 warm-up calls: compilation happens there
+        result = {f"{name}_latency_s": median_ms(lambda run=run: run(images), runs, warmup=3) / 1000
+                  for name, run in runners.items()}
     return {**result, **agreement}

@@ -29,8 +29,8 @@ from detkit.compression.graph import example_images, trace_size
 from detkit.compression.pruning import PruningResult, prune_model
 from detkit.deploy.fuse import fuse_conv_bn
 from detkit.engine.checkpoint import save_checkpoint
-from detkit.utils.benchmark import median_ms
 from detkit.utils.complexity import complexity
+from detkit.utils.timing import median_ms
 
 PRUNE_KEYS = ("ratio", "threshold", "min_channels", "max_layer_ratio", "round_to", "compensate")
 SCHEDULE_KEYS = ("criterion", "calibration_batches", "steps")

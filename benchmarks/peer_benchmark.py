@@ -22,7 +22,7 @@ from detkit.app.evaluate import load_trained
 from detkit.evaluation.coco import evaluate_coco
 from detkit.utils.complexity import complexity
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository: run_detkit runs its tools/train.py
 
 
 def write_yolo_layout(ann_file: str | Path, image_dir: str | Path, out: str | Path, split: str) -> Path:

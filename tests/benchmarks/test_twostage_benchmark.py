@@ -1,15 +1,7 @@
 import math
 
-from detkit.utils.benchmark import format_table
-from detkit.utils.twostage_benchmark import interleaved_medians, twostage_timings
-
-
-def test_interleaved_medians_alternate_the_candidates():
-    calls = []
-    medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3,
-                                  warmup=1)
-    assert calls == ["a", "b"] * 4 and set(medians) == {"a", "b"}
-    assert all(math.isfinite(v) and v >= 0 for v in medians.values())
+from benchmarks.benchmark import format_table
+from benchmarks.twostage_benchmark import twostage_timings
 
 
 def test_quick_twostage_benchmark_times_both_detectors_against_torchvision():

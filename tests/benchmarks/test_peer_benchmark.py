@@ -5,9 +5,9 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
+from benchmarks.peer_benchmark import format_peer_table, peer_predictions_to_coco, write_yolo_layout
 from detkit.data.coco import CocoDetection
 from detkit.data.yolo_txt import YoloTxtDetection
-from detkit.utils.peer_benchmark import format_peer_table, peer_predictions_to_coco, write_yolo_layout
 
 
 def test_the_yolo_layout_holds_the_same_boxes_and_classes_as_the_coco_json(tiny_builtin, tmp_path):

@@ -7,9 +7,9 @@ import time
 
 from omegaconf import DictConfig
 
+from benchmarks.benchmark import train_config
 from detkit.app.build import build_dataset, prepare_data
 from detkit.data.loader import build_loader
-from detkit.utils.benchmark import train_config
 
 PIPELINES = {  # name -> config overrides; the first is the baseline
     "default (TrainTransform)": [],

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.benchmark import coco_eval_timings, inference_fn, synthetic_batch, train_config, train_step_fn
+from benchmarks.twostage_benchmark import twostage_models
 from detkit.app.build import build_model
 from detkit.engine.trainer import resolve_precision
-from detkit.utils.benchmark import coco_eval_timings, inference_fn, synthetic_batch, train_config, train_step_fn
 from detkit.utils.complexity import complexity
-from detkit.utils.twostage_benchmark import interleaved_medians, twostage_models
+from detkit.utils.timing import interleaved_medians
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
@@ -137,7 +138,7 @@ def pair_timings(pairs: dict, repeats: int, train_batch: int = 2, infer_batches:
 def loader_and_eval(quick: bool) -> dict:
     """Training-loader img/s of the default pipeline and the COCO evaluation time of 500 images x 10 classes
     (the built-in val split's shape)."""
-    from detkit.utils.loader_benchmark import loader_throughputs
+    from benchmarks.loader_benchmark import loader_throughputs
 
     with tempfile.TemporaryDirectory() as tmp:
         small = [f"data.builtin.root={tmp}", "data.builtin.num_train=16", "data.builtin.num_val=4",

@@ -1,7 +1,7 @@
-"""Timing helpers and synthetic detector outputs for ``tools/benchmark.py``.
+"""Synthetic detector outputs and the op, evaluation and SSD timings of ``tools/benchmark.py``.
 
-Every figure is a median over repeats of one call, next to a torchvision baseline timed in the same run, so
-ratios stay meaningful on a busy machine even when absolute times do not.
+Every figure is a median over repeats of one call (:mod:`detkit.utils.timing`), next to a torchvision baseline
+timed in the same run, so ratios stay meaningful on a busy machine even when absolute times do not.
 """
 
 from __future__ import annotations
@@ -9,11 +9,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,13 +21,13 @@ from torchvision.ops import batched_nms, box_iou
 
 from detkit.anchors import SSD300, ssd_default_boxes
 from detkit.postprocess import batched_diou_nms, batched_soft_nms, postprocess_detections
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from detkit.utils.resolvers import config_dir
+from detkit.utils.timing import median_ms
 
 
 def train_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The training config (configs/train.yaml: the main job's) with Hydra ``overrides``, outside a Hydra app."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
 
@@ -43,21 +40,6 @@ class Timing:
     @property
     def ratio(self) -> float:
         return self.median_ms / self.baseline_ms
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
-    """Median wall time of ``fn()`` in milliseconds; on CUDA the device is synchronised around each call."""
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def synthetic_ssd_outputs(batch: int = 8, num_classes: int = 21, objects: tuple[int, int] = (2, 8), seed: int = 0,

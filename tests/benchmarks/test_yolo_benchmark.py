@@ -1,6 +1,6 @@
 import math
 
-from detkit.utils.yolo_benchmark import config_for, format_results, yolo_family
+from benchmarks.yolo_benchmark import config_for, format_results, yolo_family
 
 
 def test_yolo_family_trains_evaluates_and_counts_each_config(tiny_builtin):

@@ -1,6 +1,6 @@
 """The loader benchmark's pieces on a tiny built-in dataset: both pipelines run and the table has a baseline."""
 
-from detkit.utils.loader_benchmark import PIPELINES, format_throughputs, loader_throughputs
+from benchmarks.loader_benchmark import PIPELINES, format_throughputs, loader_throughputs
 
 
 def test_loader_throughputs_on_tiny_data(tiny_builtin):

@@ -10,35 +10,13 @@ detections). RetinaNet takes P6 from P5 as torchvision's v1 does.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from detkit.utils.benchmark import Timing, inference_fn, synthetic_batch, train_step_fn
+from benchmarks.benchmark import Timing, inference_fn, synthetic_batch, train_step_fn
+from detkit.utils.timing import interleaved_medians
 
-__all__ = ["interleaved_medians", "twostage_models", "twostage_timings"]
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                        device: str = "cpu") -> dict[str, float]:
-    """Median wall time in milliseconds of each of ``fns``, called in turn within each repetition, so that a
-    slow spell of a shared machine hits every candidate alike. CUDA is synchronised around each call."""
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(t) for name, t in times.items()}
+__all__ = ["twostage_models", "twostage_timings"]
 
 
 def _torchvision_backbone(depth: int, retinanet: bool) -> nn.Module:

@@ -1,9 +1,9 @@
 import json
 
+from benchmarks import report_benchmark
+from benchmarks.benchmark import train_config
+from benchmarks.report_benchmark import format_report, matmul_gflops, run_report
 from detkit.app.build import build_model
-from detkit.utils import report_benchmark
-from detkit.utils.benchmark import train_config
-from detkit.utils.report_benchmark import format_report, matmul_gflops, run_report
 
 
 def tiny_yolo():

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, open_dict
 
+from benchmarks.benchmark import train_config
 from detkit.app.build import build_data_loader, build_dataset, build_model, prepare_data, seed_everything
 from detkit.evaluation.coco import predict
 from detkit.evaluation.dataset import evaluate_dataset
-from detkit.utils.benchmark import train_config
 from detkit.utils.complexity import complexity
 
 TINY_CONFIGS = ("yolov1_tiny", "yolov2_tiny", "yolov3_tiny", "yolov3_spp_tiny", "yolov4_tiny")
