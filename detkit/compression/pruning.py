@@ -1,25 +1,8 @@
 """Network Slimming's channel pruning (Liu et al., ICCV 2017), physical and dependency-aware.
 
-Each prunable channel group (:mod:`detkit.compression.graph`) scores its channels by the largest |γ| over the
-BatchNorms that normalise them: a channel coupled through a residual add or a concatenation is removed only
-when *every* layer writing it has a small γ. Under one global threshold this is the union of the per-layer
-keep masks, the conservative choice: removing a channel from a residual stream that one writer still relies
-on would change every later layer, while keeping one that all writers have silenced costs only its weights.
-
-The lowest-scoring channels over all groups are removed (at least ``ratio`` of all prunable channels where the
-limits allow it, or every channel with score ≤ ``threshold``), subject to per-group limits: at least
-``min_channels`` kept and at most ``max_layer_ratio`` of a group removed (no layer is emptied), and
-optionally the kept count rounded up to a multiple of ``round_to`` (8 suits SIMD/tensor-core kernels).
-
-A removed channel still emitted act(β) (its γ ≈ 0 leaves BN's β): before removal, that constant's
-contribution is folded into each reader — the reader's bias, or the running mean of the BatchNorm after it —
-so channels with γ = 0 are removed without changing the outputs. The fold is exact for 1×1 readers (and for
-k×k readers away from the zero-padded border, where the removed constant was partly padding); YOLO heads'
-1×1 prediction convs and the necks' 1×1 convs after upsampling/concatenation read exactly.
-
-Other rankings (``scores`` from :mod:`detkit.compression.criteria`: filter L1, Taylor, APoZ) go through the
-same groups, limits and fold; their removed channels need not have γ ≈ 0, so the fold then stands each one in
-by act(β), its output at the BatchNorm's mean input: an approximation that fine-tuning corrects.
+:func:`prune_model` removes, in place, the lowest-scoring channels over all dependency groups
+(:mod:`detkit.compression.graph`; ``ratio`` of them or those scoring ≤ ``threshold``) within per-group limits,
+folding each removed channel's constant output into its readers. The rule and its reasons: docs/pruning.md.
 """
 
 from __future__ import annotations
@@ -192,7 +175,7 @@ def compensate_removed_channels(model: nn.Module, readers: dict[str, list[int]],
 def prune_model(model: nn.Module, ratio: float = 0.5, threshold: float | None = None, min_channels: int = 8,
                 max_layer_ratio: float = 0.9, round_to: int = 1, compensate: bool = True,
                 images: Tensor | None = None, scores: Mapping[str, Tensor] | None = None) -> PruningResult:
-    """Physically remove channels from ``model`` in place (see the module doc for the rule); ``images``: the
+    """Physically remove channels from ``model`` in place (the rule: docs/pruning.md); ``images``: the
     (1, 3, H, W) trace input (default :func:`detkit.compression.graph.example_images`); ``scores``: per-BatchNorm
     channel scores to rank by instead of |γ| (see :func:`plan_pruning`). Returns what was removed, with the
     channel spec that rebuilds the slim architecture."""
