@@ -16,6 +16,7 @@ from detkit.data.augment import build_train_transform
 from detkit.data.loader import build_loader
 from detkit.data.mosaic import Mosaic
 from detkit.data.multiscale import MultiScaleDataset, MultiScaleSampler
+from detkit.data.proposals import WithProposals
 from detkit.data.transforms import Letterbox
 from detkit.data.validation import DatasetError
 from detkit.engine import distributed
@@ -57,13 +58,18 @@ def raw_dataset(data_cfg: DictConfig, split: str, transforms=None):
 
 def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool | None = None):
     """The ``split`` dataset (``data.<split>`` config) with training transforms at ``data.img_size`` or the
-    evaluation letterbox at :func:`eval_img_size`; a training set is wrapped in :class:`Mosaic` when
-    ``data.mosaic.prob > 0`` and in :class:`MultiScaleDataset` when ``data.multiscale.sizes`` is not empty."""
+    evaluation letterbox at :func:`eval_img_size`; wrapped in :class:`WithProposals` when
+    ``data.proposals_file`` is set; a training set is wrapped in :class:`Mosaic` when ``data.mosaic.prob > 0``
+    and in :class:`MultiScaleDataset` when ``data.multiscale.sizes`` is not empty."""
     train = split == "train" if train is None else train
     size = data_cfg.img_size
     transforms = build_train_transform(data_cfg.augment, size, seed) if train else Letterbox(eval_img_size(data_cfg))
     use_mosaic = train and data_cfg.mosaic.prob > 0
     dataset = raw_dataset(data_cfg, split, transforms=None if use_mosaic else transforms)
+    if data_cfg.get("proposals_file"):
+        if use_mosaic:
+            raise ValueError("data.proposals_file needs data.mosaic.prob=0: a mosaic of four images has no proposals")
+        dataset = WithProposals(dataset, data_cfg.proposals_file)
     if use_mosaic:
         inner = build_train_transform(data_cfg.augment, size, seed, geometric=False)
         dataset = Mosaic(dataset, inner, size, seed, plain_transforms=transforms, **data_cfg.mosaic)

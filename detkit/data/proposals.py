@@ -3,6 +3,10 @@
 The file is a list of ``{"image_id": int, "bbox": [x, y, w, h], "score": float (optional)}``, the format of
 COCO's detection results, boxes in pixels of the original image. Inside detkit proposals are xyxy tensors per
 image id; a proposal file that does not follow the format is rejected with its path and the offending entry.
+
+A dataset delivers them (``data.proposals_file``): :class:`WithProposals` puts each image's proposals in its
+:class:`~detkit.data.sample.Sample`, the transforms map them with the boxes into network-input pixels, and the
+target carries them as ``proposals``; the model never sees the file.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ProposalFileError", "load_proposals", "save_proposals", "proposals_for"]
+from detkit.data.sample import DatasetWrapper, Sample
+
+__all__ = ["ProposalFileError", "load_proposals", "save_proposals", "proposals_for", "WithProposals"]
 
 
 class ProposalFileError(ValueError):
@@ -89,3 +96,34 @@ def proposals_for(proposals: Mapping[int, Tensor], image_id: int, path: str | Pa
     if boxes is None or len(boxes) == 0:
         raise ProposalFileError(f"proposals file {str(path)!r} has no proposals for image_id {int(image_id)}")
     return boxes[:, :4]
+
+
+class WithProposals(DatasetWrapper):
+    """Dataset wrapper: each sample gets its image's proposals from the json at ``path`` (original image pixels,
+    found by ``image_id``), which the dataset's transforms map like its boxes (letterbox, scale, shift, flip:
+    :func:`~detkit.data.transforms.place_proposals`); ``dataset[i]`` is then ``(image, target)`` with
+    ``target["proposals"]`` (P, 4) float32 xyxy pixels of ``image``.
+
+    ``dataset`` is a reader (``get_sample(index)``, ``transforms``, ``image_ids``). An image of the dataset
+    without proposals in the file raises :class:`ProposalFileError` naming the file and the image id, here
+    rather than at its first batch.
+    """
+
+    def __init__(self, dataset, path: str | Path) -> None:
+        super().__init__(dataset)
+        self.path = str(path)
+        self.proposals = load_proposals(path)
+        missing = [i for i in dataset.image_ids if len(self.proposals.get(int(i), ())) == 0]
+        if missing:
+            more = f" (and {len(missing) - 1} other images of the dataset)" if len(missing) > 1 else ""
+            raise ProposalFileError(f"proposals file {self.path!r} has no proposals for image_id {missing[0]}{more}")
+
+    def get_sample(self, index: int) -> Sample:
+        sample = self.dataset.get_sample(index)
+        sample.proposals = proposals_for(self.proposals, sample.image_id, self.path).numpy()
+        return sample
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.get_sample(index)
+        transforms = self.dataset.transforms
+        return transforms(sample, index) if transforms else sample

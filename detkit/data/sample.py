@@ -23,6 +23,7 @@ class Sample:
     labels: np.ndarray  # (N,) int64, 0-based
     image_id: int
     orig_size: tuple[int, int]  # (height, width) of the file
+    proposals: np.ndarray | None = None  # (P, 4) float32 xyxy pixels of `image`: region proposals, if any
 
 
 def read_rgb(path: str | Path) -> np.ndarray | None:

@@ -56,7 +56,25 @@ def unletterbox(boxes: Tensor, ratio: float, pad: Sequence[float], orig_size: Se
     )
 
 
-def to_target(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sample, ratio: float, pad) -> tuple:
+def place_proposals(proposals: np.ndarray, ratio: float, left: int, top: int, size: int,
+                    flip: bool = False) -> np.ndarray:
+    """(P, 4) xyxy proposals in original image pixels → pixels of the ``size``² input: resized by ``ratio``,
+    shifted by (left, top) and mirrored if ``flip``, as the boxes are; clipped to the canvas, and those left
+    with no area dropped (unlike boxes, a proposal cut by the canvas is kept however little of it is left)."""
+    out = proposals.reshape(-1, 4) * ratio + np.array([left, top, left, top], dtype=np.float32)
+    if flip:
+        out = np.stack([size - out[:, 2], out[:, 1], size - out[:, 0], out[:, 3]], axis=1)
+    out = out.clip(0, size)
+    return out[(out[:, 2:] > out[:, :2]).all(axis=1)]
+
+
+def to_target(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sample, ratio: float, pad,
+              proposals: np.ndarray | None = None) -> tuple:
+    """(3, H, W) 0–1 float image and its target dict; ``proposals`` (P, 4) input pixels, given by the transforms
+    that map a sample's proposals (a transform that cannot would silently drop them: that is an error)."""
+    if proposals is None and getattr(sample, "proposals", None) is not None:
+        raise ValueError(f"{type(sample).__name__} of image_id {sample.image_id} carries proposals that this "
+                         "transform does not map: use augment@data.augment=default with data.proposals_file")
     tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
     target = {
         "boxes": torch.from_numpy(boxes.astype(np.float32)).reshape(-1, 4),
@@ -66,7 +84,14 @@ def to_target(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sample, 
         "ratio": float(ratio),
         "pad": (float(pad[0]), float(pad[1])),
     }
+    if proposals is not None:
+        target["proposals"] = torch.from_numpy(proposals.astype(np.float32)).reshape(-1, 4)
     return tensor, target
+
+
+def _proposals(sample, ratio: float, left: int, top: int, size: int, flip: bool = False) -> np.ndarray | None:
+    proposals = getattr(sample, "proposals", None)
+    return None if proposals is None else place_proposals(proposals, ratio, left, top, size, flip)
 
 
 class Letterbox:
@@ -80,7 +105,8 @@ class Letterbox:
         ratio, left, top = letterbox_geometry(h, w, self.size)
         image = warp(sample.image, ratio, left, top, self.size)
         boxes = sample.boxes * ratio + np.array([left, top, left, top], dtype=np.float32)
-        return to_target(image, boxes, sample.labels, sample, ratio, (left, top))
+        proposals = _proposals(sample, ratio, left, top, self.size)
+        return to_target(image, boxes, sample.labels, sample, ratio, (left, top), proposals)
 
 
 class TrainTransform:
@@ -135,13 +161,15 @@ class TrainTransform:
         image = warp(sample.image, ratio, left, top, self.size)
         boxes = sample.boxes * ratio + np.array([left, top, left, top], dtype=np.float32)
         labels = sample.labels
-        if rng.random() < self.fliplr:
+        flip = rng.random() < self.fliplr
+        if flip:
             image = np.ascontiguousarray(image[:, ::-1])
             boxes = np.stack([self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], axis=1)
         self.color.set_random_seed(int(rng.integers(2**31)))
         image = self.color(image=image)["image"]
         boxes, labels = clip_boxes(boxes.reshape(-1, 4), labels, self.size, self.min_visible, self.min_size)
-        return to_target(image, boxes, labels, sample, ratio, (left, top))
+        proposals = _proposals(sample, ratio, left, top, self.size, flip)
+        return to_target(image, boxes, labels, sample, ratio, (left, top), proposals)
 
 
 def clip_boxes(

@@ -23,12 +23,16 @@ BACKENDS = ("pycocotools", "faster_coco_eval")
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> list[dict]:
     """Run ``model`` in eval mode over a letterboxed loader; one dict per image with ``image_id`` and
-    ``boxes`` (xyxy, original image pixels), ``scores``, ``labels`` as CPU tensors."""
+    ``boxes`` (xyxy, original image pixels), ``scores``, ``labels`` as CPU tensors. A batch whose targets carry
+    ``proposals`` (a dataset with ``data.proposals_file``) hands them over as ``model(images, proposals=...)``."""
     was_training = model.training
     model.eval()
     out = []
     for images, targets in loader:
-        detections = model(images.to(device))
+        if all("proposals" in t for t in targets):
+            detections = model(images.to(device), proposals=[t["proposals"].to(device) for t in targets])
+        else:
+            detections = model(images.to(device))
         for det, target in zip(detections, targets):
             boxes = unletterbox(det["boxes"].cpu(), target["ratio"], target["pad"], target["orig_size"])
             out.append(

@@ -1,15 +1,18 @@
-"""Fast R-CNN: configs build, dense and external proposals (json round trip and clear errors), roi_pool vs
-roi_align, and the tiny config overfitting a 2-image batch."""
-
-import json
+"""Fast R-CNN: configs build, dense and external proposals (given in eval mode, from the targets in training,
+from a proposals file through the dataset and the evaluator), roi_pool vs roi_align, and the tiny config
+overfitting a 2-image batch."""
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from detkit.data.proposals import ProposalFileError, load_proposals, proposals_for, save_proposals
+from detkit.app.build import build_dataset
+from detkit.data.loader import build_loader
+from detkit.data.proposals import save_proposals
+from detkit.evaluation.coco import predict
 from detkit.models.detectors.fast_rcnn import DenseProposals
 from tests.conftest import compose_config
+from tests.data.conftest import write_coco
 from tests.models.overfit import assert_finds_the_boxes, overfit
 from tests.models.roi_common import SMALL_VGG, build, one_thread  # noqa: F401
 
@@ -49,56 +52,60 @@ def test_pooler_option_trains_and_detects(kind):
         DenseProposals(stride=[8, 16], sizes=[16, 32, 64])
 
 
-def test_proposals_json_round_trip(tmp_path):
-    proposals = {3: torch.tensor([[1.0, 2.0, 11.0, 22.0, 0.9], [0.0, 0.0, 5.0, 5.0, 0.1]]),
-                 8: torch.tensor([[4.0, 4.0, 8.0, 9.0, 0.5]])}
-    path = tmp_path / "proposals.json"
-    save_proposals(path, proposals)
-    assert json.loads(path.read_text())[0] == {"image_id": 3, "bbox": [1.0, 2.0, 10.0, 20.0],
-                                                 "score": pytest.approx(0.9)}
-    loaded = load_proposals(path, with_scores=True)
-    assert loaded.keys() == proposals.keys()
-    assert all(torch.allclose(loaded[k], proposals[k]) for k in proposals)
-    assert torch.allclose(load_proposals(path)[3], proposals[3][:, :4])
-
-
-@pytest.mark.parametrize("content,message", [
-    ("{not json", "is not valid JSON"),
-    ('{"image_id": 1}', "must hold a list"),
-    ('[{"image_id": 1, "bbox": [0, 0, 10, 10]}, {"image_id": 5, "bbox": [0, 0, -1, 4]}]',
-     r"entry 1 \(image_id 5\) has bbox \[0, 0, -1, 4\] with zero or negative width"),
-    ('[{"image_id": "a.jpg", "bbox": [0, 0, 1, 1]}]', "entry 0 has image_id 'a.jpg'; expected an integer"),
-    ('[{"image_id": 2, "bbox": [0, 0, 1]}]', r"entry 0 \(image_id 2\) has bbox \[0, 0, 1\]; expected \[x, y, w, h\]"),
-])
-def test_bad_proposals_file_names_the_file_and_the_entry(tmp_path, content, message):
-    path = tmp_path / "bad.json"
-    path.write_text(content)
-    with pytest.raises(ProposalFileError, match=message) as info:
-        load_proposals(path)
-    assert str(path) in str(info.value)
-    with pytest.raises(FileNotFoundError, match="missing.json"):
-        load_proposals(tmp_path / "missing.json")
-
-
-def test_model_uses_the_proposals_file_by_image_id(tmp_path):
-    path = tmp_path / "proposals.json"
-    boxes = {7: torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 10.0, 60.0, 70.0]]), 9: torch.tensor([[0.0, 0, 9, 9]])}
-    save_proposals(path, boxes)
-    model = build("fast_rcnn", *SMALL_VGG, f"model.proposals_file={path}").eval()
+def test_eval_mode_takes_proposals_without_targets():
+    model = build("fast_rcnn", *SMALL_VGG).eval()
     seen = []
     model.head.register_forward_hook(lambda _, args, __: seen.append(args[1]))
-    model(torch.rand(2, 3, 64, 64), image_ids=[9, 7])
-    assert torch.equal(seen[0][0], boxes[9]) and torch.equal(seen[0][1], boxes[7].clamp(max=64))
-    # From targets: original image pixels → letterboxed input pixels (× ratio, + pad).
+    given = [torch.tensor([[0.0, 0, 9, 9]]), torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 10.0, 60.0, 64.0]])]
+    dets = model(torch.rand(2, 3, 64, 64), proposals=given)
+    assert len(dets) == 2 and all(torch.equal(a, b) for a, b in zip(seen[0], given))
+    # Eval mode never reads targets: their proposals are not used, the dense ones are.
     seen.clear()
-    model(torch.rand(1, 3, 64, 64), [{"image_id": 7, "ratio": 0.5, "pad": (2.0, 6.0)}])
-    assert torch.equal(seen[0][0], boxes[7] * 0.5 + torch.tensor([2.0, 6.0, 2.0, 6.0]))
-    with pytest.raises(ValueError, match="image_ids=... or targets with 'image_id'"):
-        model(torch.rand(1, 3, 64, 64))
-    with pytest.raises(ProposalFileError, match=r"proposals.json' has no proposals for image_id 4"):
-        model(torch.rand(1, 3, 64, 64), image_ids=[4])
-    with pytest.raises(ProposalFileError, match="no proposals for image_id 4"):
-        proposals_for(load_proposals(path), 4, path)
+    model(torch.rand(1, 3, 64, 64), [{"proposals": given[0]}])
+    assert torch.equal(seen[0][0], model.dense((64, 64)))
+    with pytest.raises(ValueError, match="proposals for 1 images but 2 images"):
+        model(torch.rand(2, 3, 64, 64), proposals=given[:1])
+
+
+def test_training_takes_the_targets_proposals():
+    model = build("fast_rcnn", *SMALL_VGG)
+    x = torch.rand(2, 3, 64, 64)
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0]]), torch.tensor([[5.0, 5.0, 20.0, 20.0], [0, 0, 64, 64]])]
+    targets = [{"boxes": b[:1], "labels": torch.tensor([0]), "proposals": b} for b in boxes]
+    assert all(torch.equal(a, b) for a, b in zip(model.region_proposals(x, targets), boxes))
+    losses = model(x, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="1 of 2 targets carry 'proposals'"):
+        model(x, [targets[0], {"boxes": boxes[0], "labels": torch.tensor([0])}])
+    with pytest.raises(ValueError, match="targets are required in training mode"):
+        model(x)
+    with pytest.raises(Exception, match="set data.proposals_file=p.json"):  # Hydra's error around the ValueError
+        build("fast_rcnn", *SMALL_VGG, "+model.proposals_file=p.json")
+
+
+def test_a_proposals_file_reaches_the_model_through_the_dataset(tmp_path):
+    ann_file, image_dir = write_coco(tmp_path)  # images 0, 1, 2 of 40×30, 50×20, 32×32
+    path = tmp_path / "proposals.json"
+    original = {0: torch.tensor([[1.0, 2.0, 11.0, 7.0]]), 1: torch.tensor([[10.0, 4.0, 40.0, 16.0], [0, 0, 50, 20]]),
+                2: torch.tensor([[3.0, 3.0, 20.0, 30.0]])}
+    save_proposals(path, original)
+    data = compose_config("train", [
+        "data.img_size=64", "data.test_size=64", f"data.proposals_file={path}",
+        *(f"data.{split}.{key}={value}" for split in ("train", "val")
+          for key, value in (("ann_file", ann_file), ("image_dir", image_dir)))]).data
+    dataset = build_dataset(data, "val", train=False)
+    model = build("fast_rcnn", *SMALL_VGG)
+    seen = []
+    model.head.register_forward_hook(lambda _, args, __: seen.extend(args[1]))
+    predictions = predict(model, build_loader(dataset, 2, train=False))
+    assert [p["image_id"] for p in predictions] == [0, 1, 2] and len(seen) == 3
+    for image_id, boxes in enumerate(seen):  # the letterbox of the boxes: × ratio, + pad
+        target = dataset[image_id][1]
+        left, top = target["pad"]
+        assert torch.allclose(boxes, original[image_id] * target["ratio"] + torch.tensor([left, top, left, top]))
+    assert data.mosaic.prob > 0
+    with pytest.raises(ValueError, match="needs data.mosaic.prob=0"):
+        build_dataset(data, "train")
 
 
 def test_tiny_config_overfits_two_images(toy_batch, precise_batchnorm):

@@ -2,10 +2,12 @@
 its feature map and classified (softmax over K + 1) and refined (class-specific box regression) by
 :class:`~detkit.models.roi_heads.RoIBoxHead`.
 
-Proposals come, in this order of precedence, from ``model(images, targets, proposals=...)``, from a COCO-style
-proposals json (``proposals_file``, looked up by ``image_id``), or by default from :class:`DenseProposals`, a
-dense multi-scale sliding grid of the shared prior generator, so that the detector trains with no external
-file. :class:`RoIDetector` holds what Fast R-CNN shares with G-CNN (:mod:`detkit.models.detectors.gcnn`).
+Proposals come, in this order of precedence, from ``model(images, targets, proposals=...)``, from each training
+target's ``proposals`` entry, or by default from :class:`DenseProposals`, a dense multi-scale sliding grid of the
+shared prior generator, so that the detector trains with no external file. External proposals (a COCO-style
+json, ``data.proposals_file``) are the dataset's business: :class:`~detkit.data.proposals.WithProposals` maps
+them into input pixels with the boxes and puts them in the targets, and the evaluator passes them as
+``proposals=``. :class:`RoIDetector` holds what Fast R-CNN shares with G-CNN (:mod:`detkit.models.detectors.gcnn`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from torch import Tensor, nn
 
 from detkit.anchors import grid_anchors
 from detkit.boxes import clip_boxes
-from detkit.data.proposals import load_proposals, proposals_for
 from detkit.models.detectors.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -134,59 +135,59 @@ class FastRCNN(RoIDetector):
     :func:`~detkit.models.roi_heads.sample_rois` (ground truths appended to the proposals). Eval mode:
     ``model(images)`` → per image ``boxes`` (xyxy pixels), ``scores``, ``labels`` (0-based).
 
+    External proposals, per image (N_i, 4) xyxy pixels of ``images``: ``model(images, targets,
+    proposals=[...])`` in either mode, or in train mode a ``proposals`` entry in every target (what
+    :class:`~detkit.data.proposals.WithProposals` delivers). Eval mode never reads targets. Without them the
+    ``proposals`` generator gives every image the same dense boxes.
+
     Args:
         proposals: the default proposal generator (:class:`DenseProposals` if None).
-        proposals_file: a proposals json (:mod:`detkit.data.proposals`) in original image pixels, used instead
-            of the generator. Each image's boxes are found by the ``image_id`` of its target and mapped into the
-            network input with the target's letterbox ``ratio`` and ``pad`` (recorded by detkit's transforms;
-            no flip), so eval mode needs ``model(images, targets)`` too; or by ``image_ids=`` for boxes already
-            in input pixels.
+        proposals_file: moved to the data config (``data.proposals_file``); accepted as None so that the
+            configs stored in older checkpoints still build.
         batch_per_image, fg_fraction, fg_iou, bg_iou: RoI sampling (the paper: 64 per image, i.e. 128 per
             2-image batch, 25% foreground at IoU ≥ 0.5, background at IoU in [0.1, 0.5)).
         The other arguments: see :class:`RoIDetector`.
     """
 
     def __init__(self, num_classes: int, backbone: nn.Module, proposals: DenseProposals | None = None,
-                 proposals_file: str | None = None, batch_per_image: int = 128, fg_fraction: float = 0.25,
+                 proposals_file: None = None, batch_per_image: int = 128, fg_fraction: float = 0.25,
                  fg_iou: float = 0.5, bg_iou: Sequence[float] = (0.1, 0.5), **head_args) -> None:
+        if proposals_file is not None:
+            raise ValueError(f"proposals_file is a data setting now: set data.proposals_file={proposals_file} "
+                             "(the dataset maps the proposals with the boxes), not model.proposals_file")
         super().__init__(num_classes, backbone, **head_args)
         self.dense = proposals or DenseProposals()
-        self.proposals_file = proposals_file
-        self.external = load_proposals(proposals_file) if proposals_file else None
         self.batch_per_image, self.fg_fraction = batch_per_image, fg_fraction
         self.fg_iou, self.bg_iou = fg_iou, tuple(plain(bg_iou))
 
     def region_proposals(self, images: Tensor, targets: Sequence[dict] | None = None,
-                         image_ids: Sequence[int] | None = None) -> list[Tensor]:
-        """Per image (N_i, 4) xyxy boxes: from the proposals file when one is set, else dense."""
-        size = images.shape[-2:]
-        if self.external is None:
-            return [self.dense(size, images.device)] * len(images)
-        if image_ids is not None:
-            boxes = [proposals_for(self.external, i, self.proposals_file) for i in image_ids]
-        elif targets is None or any("image_id" not in t for t in targets):
-            raise ValueError(f"proposals_file {self.proposals_file!r} is looked up by image id: pass "
-                             "image_ids=... or targets with 'image_id'")
-        else:
-            boxes = []
-            for t in targets:
-                image_boxes = proposals_for(self.external, int(t["image_id"]), self.proposals_file)
-                left, top = t.get("pad", (0.0, 0.0))
-                boxes.append(image_boxes * float(t.get("ratio", 1.0)) + image_boxes.new_tensor([left, top] * 2))
-        return [clip_boxes(b.to(images.device), tuple(size)) for b in boxes]
+                         proposals: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """Per image (N_i, 4) float32 xyxy boxes on the device of ``images`` (B, 3, H, W): ``proposals`` if
+        given, else in training the targets' ``proposals`` when every target has them, else dense."""
+        batch = len(images)
+        if proposals is None and self.training and targets is not None:
+            carried = sum("proposals" in t for t in targets)
+            if carried and carried != len(targets):
+                raise ValueError(f"{carried} of {len(targets)} targets carry 'proposals': give every image its "
+                                 "proposals or none (mosaic samples have none)")
+            if carried:
+                proposals = [t["proposals"] for t in targets]
+        if proposals is None:
+            return [self.dense(images.shape[-2:], images.device)] * batch
+        if len(proposals) != batch:
+            raise ValueError(f"got proposals for {len(proposals)} images but {batch} images")
+        return [p.to(images.device, torch.float32) for p in proposals]
 
     def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None,
-                proposals: Sequence[Tensor] | None = None, image_ids: Sequence[int] | None = None):
+                proposals: Sequence[Tensor] | None = None):
+        """``proposals``: per image (N_i, 4) xyxy pixels of ``images``; see the class docstring."""
         x = stack_images(images)
-        if proposals is None:
-            proposals = self.region_proposals(x, targets, image_ids)
-        elif len(proposals) != len(x):
-            raise ValueError(f"got proposals for {len(proposals)} images but {len(x)} images")
-        proposals = [p.to(x.device, torch.float32) for p in proposals]
+        if self.training:
+            targets = check_targets(targets, len(x))
+        proposals = self.region_proposals(x, targets, proposals)
         features = self.features(x)
         sizes = [tuple(x.shape[-2:])] * len(x)
         if self.training:
-            targets = check_targets(targets, len(x))
             rois, labels, regression = sample_rois(proposals, targets, self.batch_per_image, self.fg_fraction,
                                                    self.fg_iou, self.bg_iou, num_classes=self.num_classes)
             return roi_head_loss(*self.head(features, rois, sizes), labels, regression)
