@@ -23,6 +23,7 @@ from detkit.app.evaluate import load_trained
 from detkit.app.train import train as train_run
 from detkit.compression.methods import METHODS, load_artifact, run_method
 from detkit.compression.slim import checkpoint_evaluator, describe, measure_latencies
+from detkit.errors import ConfigError
 from detkit.utils.resolvers import config_dir
 
 DEFAULT_METHODS = tuple(METHODS)
@@ -95,7 +96,7 @@ def compare_compression(checkpoint: str | Path, out_dir: str | Path, cfg: Mappin
     methods = list(cfg.get("methods") or DEFAULT_METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; expected some of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method(s) {unknown} in methods=; expected some of {', '.join(METHODS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     latency = dict(cfg.get("latency") or {})

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 
 from detkit.data.sample import DatasetWrapper, Sample
+from detkit.errors import UserError
 
 __all__ = ["ProposalFileError", "load_proposals", "save_proposals", "proposals_for", "WithProposals"]
 
 
-class ProposalFileError(ValueError):
+class ProposalFileError(UserError, ValueError):
     """A proposals json that cannot be used; the message names the file and the entry or image id."""
 
 
