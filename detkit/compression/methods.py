@@ -76,10 +76,9 @@ class _Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model, self.cfg, self.state = load_trained(checkpoint, device)
         self.evaluate = checkpoint_evaluator(self.cfg, self.out_dir, device)
-        report = dict(cfg.get("report") or {})
-        self.repeats, self.threads = int(report.get("latency_repeats", 0)), report.get("threads")
-        self.finetune = dict(cfg.get("finetune") or {})
-        self.epochs = int(self.finetune.get("epochs", 0))
+        self.repeats, self.threads = int(cfg["report"]["latency_repeats"]), cfg["report"]["threads"]
+        self.finetune = dict(cfg["finetune"])
+        self.epochs = int(self.finetune["epochs"])
         self.size = eval_img_size(self.cfg.data)
         self.rows: dict[str, dict] = {}
         self.add_row("original", self.model)
@@ -106,7 +105,7 @@ class _Run:
     def fine_tune(self, start: Path, epochs: int, hooks: list = (), overrides: Mapping | None = None):
         """Train ``epochs`` epochs from checkpoint ``start`` into ``out_dir/finetune`` with ``hooks``;
         returns (model from its last.pt, final metrics, last.pt)."""
-        merged = OmegaConf.merge(OmegaConf.create(dict(self.finetune.get("overrides") or {})),
+        merged = OmegaConf.merge(OmegaConf.create(dict(self.finetune["overrides"])),
                                  OmegaConf.create(dict(overrides or {})))
         cfg = finetune_config(load_checkpoint(start)["config"], start, epochs, merged, self.device)
         ft_dir = self.out_dir / "finetune"
@@ -130,7 +129,7 @@ class _Run:
 
 
 def _settings(cfg: Mapping, key: str) -> dict:
-    return dict(cfg.get(key) or {})
+    return dict(cfg[key])
 
 
 def _pruning(criterion: str | None) -> Callable[..., dict]:
@@ -138,7 +137,7 @@ def _pruning(criterion: str | None) -> Callable[..., dict]:
         prune = _settings(cfg, "prune")
         if criterion is not None:
             prune["criterion"] = criterion
-        summary = slim_checkpoint(checkpoint, out_dir, prune, cfg.get("finetune"), cfg.get("report"), device)
+        summary = slim_checkpoint(checkpoint, out_dir, prune, cfg["finetune"], cfg["report"], device)
         return {"method": criterion or "slim", **summary}
 
     run.__doc__ = f"Structured channel pruning by {criterion or 'prune.criterion (default bn_gamma)'}."
@@ -149,7 +148,7 @@ def run_magnitude(checkpoint: str | Path, out_dir: str | Path, cfg: Mapping, dev
     """Magnitude pruning to ``magnitude.sparsity`` (``scope``, ``exclude``), fine-tuned with the masks kept."""
     s = _settings(cfg, "magnitude")
     run = _Run("magnitude", checkpoint, out_dir, cfg, device)
-    sparsity, scope, exclude = float(s.get("sparsity", 0.5)), s.get("scope", "layer"), list(s.get("exclude") or [])
+    sparsity, scope, exclude = float(s["sparsity"]), s["scope"], list(s["exclude"])
     masks = prune_by_magnitude(run.model, sparsity, scope, exclude)
     run.add_row("pruned", run.model)
     model, artifact = run.model, run.save(run.model, "pruned.pt", magnitude=s)
@@ -163,7 +162,7 @@ def run_magnitude(checkpoint: str | Path, out_dir: str | Path, cfg: Mapping, dev
 
 
 def _dsd_epochs(s: Mapping, epochs: int) -> tuple[int, int]:
-    sparse, dense = s.get("sparse_epochs"), s.get("dense_epochs")
+    sparse, dense = s["sparse_epochs"], s["dense_epochs"]
     if sparse is None:
         sparse = max(math.ceil(epochs / 2), 1) if epochs > 0 else 0
     if dense is None:
@@ -177,7 +176,7 @@ def run_dsd(checkpoint: str | Path, out_dir: str | Path, cfg: Mapping, device: s
     halves, at least one each; 0 epochs: the pruned model only)."""
     s = _settings(cfg, "dsd")
     run = _Run("dsd", checkpoint, out_dir, cfg, device)
-    sparsity, scope, exclude = float(s.get("sparsity", 0.5)), s.get("scope", "layer"), list(s.get("exclude") or [])
+    sparsity, scope, exclude = float(s["sparsity"]), s["scope"], list(s["exclude"])
     sparse, dense = _dsd_epochs(s, run.epochs)
     if sparse + dense == 0:
         prune_by_magnitude(run.model, sparsity, scope, exclude)
@@ -195,7 +194,7 @@ def load_compressed_model(path: str | Path, device: str = "cpu") -> nn.Module:
     path = Path(path)
     meta = json.loads(path.with_suffix(".json").read_text())
     cfg = OmegaConf.create(meta["config"])
-    model = build_model(cfg.model, len(meta["class_names"]), cfg.get("channel_spec"))
+    model = build_model(cfg.model, len(meta["class_names"]), cfg.channel_spec)
     model.load_state_dict(dc.load_compressed(path))
     return model.to(device).eval()
 
@@ -205,9 +204,9 @@ def run_deep_compression(checkpoint: str | Path, out_dir: str | Path, cfg: Mappi
     centroids, write the Huffman-coded file and evaluate it reloaded; its row's MB is the file on disk."""
     s = _settings(cfg, "deep_compression")
     run = _Run("deep_compression", checkpoint, out_dir, cfg, device)
-    exclude = list(s.get("exclude") or [])
-    prune_by_magnitude(run.model, float(s.get("sparsity", 0.8)), "layer", exclude)
-    shared = dc.share_weights(run.model, s.get("bits"), exclude)
+    exclude = list(s["exclude"])
+    prune_by_magnitude(run.model, float(s["sparsity"]), "layer", exclude)
+    shared = dc.share_weights(run.model, s["bits"], exclude)
     run.add_row("pruned+shared", run.model)
     model = run.model
     if run.epochs > 0:
@@ -216,7 +215,7 @@ def run_deep_compression(checkpoint: str | Path, out_dir: str | Path, cfg: Mappi
                                     {"trainer": {"ema": {"enabled": False}}})
         dc.tie_weights(model, shared)  # centroids = the fine-tuned tied values
     artifact = run.out_dir / "compressed.dkc"
-    sizes = dc.save_compressed(model, shared, artifact, s.get("index_bits"))
+    sizes = dc.save_compressed(model, shared, artifact, s["index_bits"])
     artifact.with_suffix(".json").write_text(json.dumps({
         "config": run.config(), "class_names": list(run.state["class_names"]),
         "label_to_category_id": list(run.state.get("label_to_category_id", []))}))
@@ -231,13 +230,13 @@ def run_int8(checkpoint: str | Path, out_dir: str | Path, cfg: Mapping, device: 
     evaluated directly and persisted as ``int8_model/`` (see :func:`save_int8`). Params/GFLOPs are those of the
     float architecture; MB is the persisted folder; latency (``report.latency_repeats`` > 0) through
     ``torch.compile``, beside the float model's, also compiled."""
-    from detkit.compression.quantize import DEFAULT_PARTS, quantize_features
+    from detkit.compression.quantize import quantize_features
 
     s = _settings(cfg, "int8")
     run = _Run("int8", checkpoint, out_dir, cfg, "cpu")  # x86 int8 kernels: CPU only
-    parts = list(s.get("parts") or DEFAULT_PARTS)
-    batches = [images for images, _ in calibration_batches(run.cfg, int(s.get("calibration_batches", 8)))]
-    quantized = quantize_features(run.model, batches, parts, s.get("observer", "minmax"))
+    parts = list(s["parts"])
+    batches = [images for images, _ in calibration_batches(run.cfg, int(s["calibration_batches"]))]
+    quantized = quantize_features(run.model, batches, parts, s["observer"])
     artifact = save_int8(quantized, parts, example_images(64, batch=2), run.state, run.config(),
                          run.out_dir / "int8_model")
     row = describe(run.model, run.size, run.evaluate(quantized, "int8"), 0)
@@ -292,7 +291,7 @@ def load_int8(folder: str | Path, device: str = "cpu") -> nn.Module:
     folder = Path(folder)
     state = load_checkpoint(folder / "model.pt")
     cfg = OmegaConf.create(state["config"])
-    model = build_model(cfg.model, len(state["class_names"]), cfg.get("channel_spec"))
+    model = build_model(cfg.model, len(state["class_names"]), cfg.channel_spec)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     parts = list(state["int8_parts"])
     if unexpected or any(k.split(".")[0] not in parts for k in missing):
@@ -308,11 +307,11 @@ def run_lowrank(checkpoint: str | Path, out_dir: str | Path, cfg: Mapping, devic
     as factorised; the checkpoint's model config is :func:`lowrank_detector` around the original one."""
     s = _settings(cfg, "lowrank")
     run = _Run("lowrank", checkpoint, out_dir, cfg, device)
-    report = decompose_model(run.model, float(s.get("energy", 0.9)), list(s.get("exclude") or []))
+    report = decompose_model(run.model, float(s["energy"]), list(s["exclude"]))
     config = run.config()
     config["model"] = {"_target_": f"{__name__}.lowrank_detector", "_recursive_": False, "model": config["model"],
                        "ranks": [[name, ranks] for name, ranks in lowrank_spec(report).items()],
-                       "channel_spec": config.get("channel_spec")}
+                       "channel_spec": config["channel_spec"]}
     config["channel_spec"] = None
     run.add_row("factorised", run.model)
     artifact = run.save(run.model, "lowrank.pt", config)

@@ -147,8 +147,7 @@ def checkpoint_evaluator(cfg: DictConfig, out_dir: Path, device: str = "cpu"):
     prepare_data(cfg.data)
     dataset = build_dataset(cfg.data, "val", train=False)
     loader = build_data_loader(dataset, cfg.data, train=False)
-    metric = (cfg.get("eval") or {}).get("metric", "coco")
-    backend = (cfg.get("eval") or {}).get("backend", "pycocotools")
+    metric, backend = cfg.eval.metric, cfg.eval.backend
 
     def evaluate(net: nn.Module, name: str) -> dict:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
@@ -188,8 +187,8 @@ def _merge_spec(spec: list, new: list) -> list:
     return [[name, channels] for name, channels in merged.items()]
 
 
-def slim_checkpoint(checkpoint: str | Path, out_dir: str | Path, prune: Mapping, finetune: Mapping | None = None,
-                    report: Mapping | None = None, device: str = "cpu") -> dict:
+def slim_checkpoint(checkpoint: str | Path, out_dir: str | Path, prune: Mapping, finetune: Mapping,
+                    report: Mapping, device: str = "cpu") -> dict:
     """Prune ``checkpoint`` into ``out_dir/pruned.pt``, evaluate before and after, fine-tune
     ``finetune.epochs`` epochs (0: none) into ``out_dir/finetune/``, and write ``report.md`` / ``report.json``;
     returns the report (``final``: its last row, ``artifact``: the checkpoint of that row).
@@ -206,27 +205,26 @@ def slim_checkpoint(checkpoint: str | Path, out_dir: str | Path, prune: Mapping,
         raise ValueError(f"unknown prune setting(s) {sorted(unknown)}; expected some of "
                          f"{', '.join(PRUNE_KEYS + SCHEDULE_KEYS)}")
     settings = dict(prune)
-    criterion = settings.get("criterion") or "bn_gamma"
-    steps, calibration = int(settings.get("steps") or 1), int(settings.get("calibration_batches") or 4)
+    criterion = settings["criterion"]
+    steps, calibration = int(settings["steps"]), int(settings["calibration_batches"])
     if criterion not in CRITERIA:
         raise ValueError(f"prune.criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    if steps < 1 or (steps > 1 and settings.get("threshold") is not None):
+    if steps < 1 or (steps > 1 and settings["threshold"] is not None):
         raise ValueError(f"prune.steps must be >= 1, and 1 with prune.threshold (a ratio is split over the "
-                         f"rounds), got steps={steps}, threshold={settings.get('threshold')}")
+                         f"rounds), got steps={steps}, threshold={settings['threshold']}")
     prune_args = {k: v for k, v in settings.items() if k in PRUNE_KEYS}
-    finetune, report = dict(finetune or {}), dict(report or {})
-    epochs = int(finetune.get("epochs", 0))
-    repeats, threads = int(report.get("latency_repeats", 0)), report.get("threads")
+    epochs = int(finetune["epochs"])
+    repeats, threads = int(report["latency_repeats"]), report["threads"]
     model, cfg, state = load_trained(checkpoint, device)
     evaluate = checkpoint_evaluator(cfg, out_dir, device)
     size = eval_img_size(cfg.data)  # latency at the size the mAP is measured at
     rows = {"unpruned": describe(model, size, evaluate(model, "unpruned"), repeats, threads)}
-    spec, original, current, removed = list(cfg.get("channel_spec") or []), None, None, 0
+    spec, original, current, removed = list(cfg.channel_spec or []), None, None, 0
     # the same training batches score every round (fine-tuning changes the model, not the data)
     batches = calibration_batches(cfg, calibration, device) if criterion in ("taylor", "apoz") else []
     for step in range(1, steps + 1):
         last, tag = step == steps, ("" if steps == 1 else f" {step}/{steps}")
-        ratio = _round_ratio(float(prune_args.get("ratio", 0.5)), step, steps, original, current)
+        ratio = _round_ratio(float(prune_args["ratio"]), step, steps, original, current)
         scores = criterion_scores(model, criterion, batches)
         result = prune_model(model, images=example_images(trace_size(model)).to(device), scores=scores,
                              **{**prune_args, "ratio": ratio})
@@ -245,7 +243,7 @@ def slim_checkpoint(checkpoint: str | Path, out_dir: str | Path, prune: Mapping,
               f"--config-name pruned weights={pruned_path}")
         if epochs > 0:
             ft_dir = out_dir / ("finetune" if last else f"finetune_{step}")
-            ft_cfg = finetune_config(pruned["config"], pruned_path, epochs, finetune.get("overrides"), device)
+            ft_cfg = finetune_config(pruned["config"], pruned_path, epochs, finetune["overrides"], device)
             ft_dir.mkdir(exist_ok=True)
             OmegaConf.save(ft_cfg, ft_dir / "config.yaml")  # resume: --config-name config resume=...
             metrics = train_run(ft_cfg, ft_dir)

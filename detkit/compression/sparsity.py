@@ -106,8 +106,7 @@ def sparsity_hook(cfg: Mapping | None, out_dir: str | Path | None) -> list[Hook]
     """The hooks the training config's ``sparsity`` section asks for: ``[SparsityHook]`` when ``sparsity.s``
     is set, else ``[]``; histograms go to ``out_dir/tb`` (None: not logged, as on the other processes of a
     distributed run)."""
-    if not cfg or cfg.get("s") is None:
+    if not cfg or cfg["s"] is None:
         return []
     log_dir = None if out_dir is None else Path(out_dir) / "tb"
-    return [SparsityHook(cfg["s"], cfg.get("schedule", "constant"), cfg.get("final_factor", 0.0), log_dir,
-                         cfg.get("hist_every", 1), cfg.get("small", 1e-2))]
+    return [SparsityHook(cfg["s"], cfg["schedule"], cfg["final_factor"], log_dir, cfg["hist_every"], cfg["small"])]
