@@ -148,7 +148,7 @@ def run_detkit(out: str | Path, minutes: float, overrides: list[str] = ()) -> di
     images = state["global_step"] * cfg.data.batch_size
     train_images = len(COCO(str(ann.parent / "instances_train.json")).getImgIds())
     return {"name": f"detkit {cfg.model._target_.rsplit('.', 1)[-1]}", "epochs": images / train_images,
-            "wall_s": wall, "img_s": images / max(state["hooks"]["TimeBudgetHook"]["used"], 1e-9), "AP": metrics["AP"],
+            "wall_s": wall, "img_s": images / max(state["hooks"]["budget"]["used"], 1e-9), "AP": metrics["AP"],
             "AP50": metrics["AP50"], "params": c.params, "flops": c.flops}
 
 

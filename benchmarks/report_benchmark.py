@@ -21,7 +21,7 @@ from torch import nn
 from benchmarks.benchmark import coco_eval_timings, inference_fn, synthetic_batch, train_config, train_step_fn
 from benchmarks.twostage_benchmark import twostage_models
 from detkit.app.build import build_model
-from detkit.engine.trainer import resolve_precision
+from detkit.engine.amp import resolve_precision
 from detkit.utils.complexity import complexity
 from detkit.utils.timing import interleaved_medians
 

@@ -21,18 +21,23 @@ def compose_config(name: str = "train", overrides: list[str] = ()):
         return compose(config_name=name, overrides=list(overrides))
 
 
+@pytest.fixture(scope="session")
+def tiny_overrides(tiny_builtin) -> list[str]:
+    """Overrides of configs/train.yaml for a seconds-long run on ``tiny_builtin``."""
+    return [
+        f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24", "data.builtin.num_val=8",
+        "data.builtin.min_size=96", "data.builtin.max_size=128", "data.builtin.workers=1",
+        "data.img_size=96", "data.batch_size=8", "data.eval_batch_size=8",
+        "model.backbone.width=8", "model.backbone.depths=[1,1,1,1]",
+        "trainer.epochs=2", "trainer.eval_every=1", "trainer.log_every=1", "trainer.threads=1",
+    ]
+
+
 @pytest.fixture
-def tiny_train_config(tiny_builtin):
+def tiny_train_config(tiny_overrides):
     """Training config for a seconds-long run on ``tiny_builtin``."""
 
     def make(*overrides: str):
-        return compose_config("train", [
-            f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24", "data.builtin.num_val=8",
-            "data.builtin.min_size=96", "data.builtin.max_size=128", "data.builtin.workers=1",
-            "data.img_size=96", "data.batch_size=8", "data.eval_batch_size=8",
-            "model.backbone.width=8", "model.backbone.depths=[1,1,1,1]",
-            "trainer.epochs=2", "trainer.eval_every=1", "trainer.log_every=1", "trainer.threads=1",
-            *overrides,
-        ])
+        return compose_config("train", [*tiny_overrides, *overrides])
 
     return make

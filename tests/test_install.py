@@ -44,8 +44,9 @@ USER_SCRIPT = textwrap.dedent("""
 
     d = detkit.load(work / "tiny.pt")
     image = np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8)
-    result = d.predict(image)
-    assert isinstance(result, dict), type(result)
+    results = d.predict(image)
+    assert isinstance(results, list) and len(results) == 1, results  # one dict per image
+    result = results[0]
     n = len(result["boxes"])
     assert tuple(result["boxes"].shape) == (n, 4), result["boxes"].shape
     assert len(result["scores"]) == n and len(result["labels"]) == n

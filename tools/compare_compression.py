@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
         with user_errors():
             retime_comparison(cfg.retime, OmegaConf.to_container(cfg.latency, resolve=True))
         return
-    out = cfg.get("out") or HydraConfig.get().runtime.output_dir
+    out = cfg.out or HydraConfig.get().runtime.output_dir
     with user_errors():
         compare_compression(cfg.checkpoint, out, OmegaConf.to_container(cfg, resolve=True), cfg.device)
 

@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         if cfg.format not in FORMATS:
             raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
-        path, sidecar = export_checkpoint(cfg.checkpoint, cfg.get("out"), cfg.get("img_size"), cfg.opset)
+        path, sidecar = export_checkpoint(cfg.checkpoint, cfg.out, cfg.img_size, cfg.opset)
     print(f"wrote {path} and {path.with_suffix('.json')} (opset {sidecar['opset']}, input {sidecar['img_size']} px, "
           f"dynamic batch); onnxruntime vs PyTorch: max box diff {sidecar['max_box_diff']:.2e} px, "
           f"max score diff {sidecar['max_score_diff']:.2e}")

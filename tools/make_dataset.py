@@ -11,7 +11,7 @@ from detkit.app.build import prepare_data
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    if not cfg.data.get("builtin"):
+    if not cfg.data.builtin:
         raise SystemExit("the selected data config is not the built-in dataset; nothing to generate")
     prepare_data(cfg.data)
     print(f"built-in dataset ready in {cfg.data.builtin.root}")

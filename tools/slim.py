@@ -18,7 +18,7 @@ from detkit.compression.methods import run_method
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="slim")
 def main(cfg: DictConfig) -> None:
-    out = cfg.get("out") or HydraConfig.get().runtime.output_dir
+    out = cfg.out or HydraConfig.get().runtime.output_dir
     with user_errors():
         run_method(cfg.method, cfg.checkpoint, out, OmegaConf.to_container(cfg, resolve=True), cfg.device)
 

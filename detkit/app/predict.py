@@ -63,10 +63,20 @@ def draw(image: np.ndarray, det: dict, class_names: Sequence[str]) -> Image.Imag
     return canvas
 
 
-def _letterboxed(paths: Sequence[Path], img_size: int) -> tuple[list[np.ndarray], torch.Tensor, list[dict]]:
-    images = [read_rgb(path) for path in paths]
+@torch.no_grad()
+def detect(model: nn.Module, images: Sequence[np.ndarray], img_size: int, device: str | torch.device = "cpu",
+           score_thresh: float = 0.0) -> list[dict[str, torch.Tensor]]:
+    """Detections of ``model`` (eval mode) on RGB ``images`` (H×W×3 uint8 arrays of any sizes), each letterboxed
+    to ``img_size`` as in evaluation: per image ``boxes`` (N, 4) xyxy in the image's own pixels, ``scores``
+    (N,), ``labels`` (N,) 0-based class indices, on the CPU, scores ≥ ``score_thresh``."""
     pairs = [Letterbox(img_size)(_FileSample(image), 0) for image in images]
-    return images, torch.stack([tensor for tensor, _ in pairs]), [meta for _, meta in pairs]
+    batch = torch.stack([tensor for tensor, _ in pairs]).to(device)
+    results = []
+    for (_, meta), det in zip(pairs, model(batch)):
+        boxes = unletterbox(det["boxes"].cpu(), meta["ratio"], meta["pad"], meta["orig_size"])
+        keep = det["scores"].cpu() >= score_thresh
+        results.append({"boxes": boxes[keep], "scores": det["scores"].cpu()[keep], "labels": det["labels"].cpu()[keep]})
+    return results
 
 
 @torch.no_grad()
@@ -86,11 +96,8 @@ def predict_files(model: nn.Module, source: str | Path, out_dir: str | Path, img
     with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
         for start in range(0, len(files), max(batch_size, 1)):
             paths = files[start:start + max(batch_size, 1)]
-            images, batch, metas = _letterboxed(paths, img_size)
-            for path, image, meta, det in zip(paths, images, metas, model(batch.to(device))):
-                boxes = unletterbox(det["boxes"].cpu(), meta["ratio"], meta["pad"], meta["orig_size"])
-                keep = det["scores"].cpu() >= score_thresh
-                det = {"boxes": boxes[keep], "scores": det["scores"].cpu()[keep], "labels": det["labels"].cpu()[keep]}
+            images = [read_rgb(path) for path in paths]
+            for path, image, det in zip(paths, images, detect(model, images, img_size, device, score_thresh)):
                 if save_images:
                     draw(image, det, class_names).save(out_dir / f"{path.stem}.jpg", quality=92)
                 records.append({

@@ -22,9 +22,11 @@ from torch import Tensor, nn
 from detkit.app.build import build_model, prepare_data, raw_dataset, seed_everything
 from detkit.data.crops import ObjectCrops
 from detkit.data.loader import ResumableSampler
-from detkit.engine.checkpoint import save_checkpoint
+from detkit.engine.amp import AMPTrainer
+from detkit.engine.checkpoint import load_torch_file, save_checkpoint
+from detkit.engine.hooks import Hook, ScheduleHook
 from detkit.engine.optim import adamw, build_scheduler
-from detkit.engine.trainer import resolve_precision
+from detkit.errors import CheckpointError, ConfigError
 
 
 class BackboneClassifier(nn.Module):
@@ -56,9 +58,9 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone_weights: no such file {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "backbone file")
     if not isinstance(state, dict) or "backbone" not in state:
-        raise ValueError(f"{path} is not a backbone file written by tools/pretrain.py (no 'backbone' entry)")
+        raise CheckpointError(f"{path} is not a backbone file written by tools/pretrain.py (no 'backbone' entry)")
     if not hasattr(model, "backbone"):
         raise ValueError(f"{type(model).__name__} has no .backbone to load {path} into")
     source, own = state["backbone"], model.backbone.state_dict()
@@ -66,7 +68,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     shapes = [f"{k} {tuple(source[k].shape)} in the file, {tuple(v.shape)} in the model"
               for k, v in own.items() if k in source and source[k].shape != v.shape]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise ConfigError(
             f"{path} does not fit this {type(model).__name__}'s backbone (pre-trained with model "
             f"{state.get('model_target', '?')}): {len(missing)} missing entries {missing[:3]}, {len(unexpected)} "
             f"unexpected {unexpected[:3]}, {len(shapes)} of another shape {shapes[:3]}; pre-train it with the same "
@@ -75,7 +77,23 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     model.backbone.load_state_dict(source)
 
 
-def _accuracy(model: nn.Module, loader, dtype, device: torch.device) -> float:
+class CropClassifier(nn.Module):
+    """:class:`BackboneClassifier` in the trainer's interface: ``model(images, labels)`` → ``{"loss_cls"}``
+    (cross-entropy in float32); the step's correct predictions are kept in ``correct`` for the log."""
+
+    def __init__(self, classifier: BackboneClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.correct = torch.zeros(())
+
+    def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        logits = self.classifier(images)
+        self.correct = (logits.argmax(1) == labels).sum().detach()
+        return {"loss_cls": F.cross_entropy(logits.float(), labels)}
+
+
+def crop_accuracy(model: nn.Module, loader, dtype, device: torch.device) -> float:
+    """Fraction of ``loader``'s crops ``model`` (a :class:`BackboneClassifier`) classifies right."""
     model.eval()
     correct = total = 0
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -86,13 +104,42 @@ def _accuracy(model: nn.Module, loader, dtype, device: torch.device) -> float:
     return correct / max(total, 1)
 
 
+class CropAccuracyHook(Hook):
+    """Per epoch: mean loss, training and validation crop accuracy and speed, logged and kept in ``history``."""
+
+    def __init__(self, model: CropClassifier, val_loader, log=print) -> None:
+        self.model, self.val_loader, self.log = model, val_loader, log
+        self.history: list[dict] = []
+
+    def before_epoch(self, trainer) -> None:
+        self.start, self.seen, self.loss_sum, self.correct = time.perf_counter(), 0, 0.0, 0
+
+    def after_step(self, trainer) -> None:
+        n = trainer.state.batch_size
+        self.seen += n
+        self.loss_sum += trainer.state.losses["loss"] * n
+        self.correct += int(self.model.correct)  # one sync per step; fine at these sizes
+
+    def after_epoch(self, trainer) -> None:
+        seconds = time.perf_counter() - self.start
+        val = crop_accuracy(self.model.classifier, self.val_loader, trainer.autocast_dtype, trainer.device)
+        row = {"epoch": trainer.state.epoch + 1, "loss": self.loss_sum / max(self.seen, 1),
+               "train_accuracy": self.correct / max(self.seen, 1), "val_accuracy": val,
+               "img_s": self.seen / max(seconds, 1e-9)}
+        self.history.append(row)
+        self.log(f"epoch {row['epoch']}/{trainer.state.epochs}: loss={row['loss']:.4f} train acc="
+                 f"{row['train_accuracy']:.4f} val acc={row['val_accuracy']:.4f} {row['img_s']:.1f} img/s "
+                 f"{seconds:.0f}s")
+
+
 def pretrain_backbone(cfg: DictConfig, out_dir: str | Path) -> dict:
-    """Train ``cfg.model``'s backbone on crops of ``cfg.data`` (``cfg.pretrain`` settings); writes
-    ``backbone.pt`` (atomically) and ``pretrain.json`` into ``out_dir``; returns the summary."""
+    """Train ``cfg.model``'s backbone on crops of ``cfg.data`` (``cfg.pretrain`` settings) with the
+    training loop (:class:`~detkit.engine.amp.AMPTrainer`); writes ``backbone.pt`` (atomically) and
+    ``pretrain.json`` into ``out_dir``; returns the summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     p = cfg.pretrain
-    if p.get("threads"):
+    if p.threads:
         torch.set_num_threads(int(p.threads))
     prepare_data(cfg.data)
     seed_everything(cfg.seed)
@@ -101,52 +148,27 @@ def pretrain_backbone(cfg: DictConfig, out_dir: str | Path) -> dict:
     train_set = ObjectCrops(train_raw, seed=cfg.seed, train=True, **crops)
     val_set = ObjectCrops(val_raw, seed=cfg.seed, train=False, **crops)
     classes = train_raw.num_classes
-    model = BackboneClassifier(build_model(cfg.model, classes).backbone, classes + 1, int(p.size))
-    device = torch.device(cfg.get("device", "cpu"))
-    model = model.to(device)
-    channels_last = bool(p.get("channels_last", True))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    classifier = BackboneClassifier(build_model(cfg.model, classes).backbone, classes + 1, int(p.size))
+    device = torch.device(cfg.device)
+    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
+    model = CropClassifier(classifier).to(device, memory_format=memory_format)
     sampler = ResumableSampler(len(train_set), cfg.seed, shuffle=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=int(p.batch_size), sampler=sampler, drop_last=True,
-                                         num_workers=int(p.get("num_workers", 0)))
+                                         num_workers=int(p.num_workers))
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=int(p.batch_size) * 2)
     # the trainer's AdamW (no decay on norms and biases) and warmup + cosine schedule, over 5% warmup steps
     optimizer = adamw(model, float(p.lr), float(p.weight_decay), momentum=0.9)
     total = max(1, int(p.epochs) * len(loader))
     scheduler = build_scheduler(optimizer, total, max(1, round(0.05 * total)), final_factor=0.05)
-    precision, dtype = resolve_precision(str(p.get("precision", "auto")), device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
-    print(f"pre-training {type(model.backbone).__name__} of {cfg.model._target_} on {len(train_set)} crops "
-          f"({classes} classes + background) at {p.size} px, {p.epochs} epochs, {precision}; "
+    log = CropAccuracyHook(model, val_loader)
+    trainer = AMPTrainer(model, optimizer, loader, int(p.epochs), [ScheduleHook(scheduler), log], device=device,
+                         channels_last=bool(p.channels_last), precision=str(p.precision))
+    print(f"pre-training {type(classifier.backbone).__name__} of {cfg.model._target_} on {len(train_set)} crops "
+          f"({classes} classes + background) at {p.size} px, {p.epochs} epochs, {trainer.precision}; "
           f"val {len(val_set)} crops")
-    history = []
-    for epoch in range(int(p.epochs)):
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            seen += len(labels)
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())  # one sync per step; fine at these sizes
-        seconds = time.perf_counter() - start
-        row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-               "val_accuracy": _accuracy(model, val_loader, dtype, device), "img_s": seen / max(seconds, 1e-9)}
-        history.append(row)
-        print(f"epoch {row['epoch']}/{p.epochs}: loss={row['loss']:.4f} train acc={row['train_accuracy']:.4f} "
-              f"val acc={row['val_accuracy']:.4f} {row['img_s']:.1f} img/s {seconds:.0f}s", flush=True)
-    backbone = model.backbone.to("cpu", memory_format=torch.contiguous_format)
+    trainer.train()
+    history = log.history
+    backbone = classifier.backbone.to("cpu", memory_format=torch.contiguous_format)
     state = {"backbone": backbone.state_dict(),
              "model_target": str(cfg.model._target_),
              "model": OmegaConf.to_container(cfg.model, resolve=True), "class_names": list(train_raw.class_names),

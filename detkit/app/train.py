@@ -1,14 +1,19 @@
-"""The training application: build data, model, optimization and hooks from a config and run the Trainer."""
+"""The training application: build data, model, optimization and hooks from a config and run the trainer."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from detkit.app.build import (
     build_data_loader,
@@ -19,33 +24,106 @@ from detkit.app.build import (
     prepare_data,
     seed_everything,
 )
+from detkit.app.errors import check_input_size
 from detkit.app.evaluate import make_evaluator
 from detkit.app.pretrain import load_backbone_weights
 from detkit.compression.sparsity import sparsity_hook
+from detkit.data.mosaic import Mosaic
 from detkit.engine import distributed
-from detkit.engine.budget import TimeBudgetHook
+from detkit.engine.amp import AMPTrainer
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.ema import EMAHook
-from detkit.engine.hooks import CheckpointHook, EvalHook, PlotHook, ProgressHook, TensorBoardHook
-from detkit.engine.trainer import Hook, Trainer
+from detkit.engine.hooks import Hook
+from detkit.errors import CheckpointError, ConfigError
 from detkit.evaluation.dataset import format_metrics, headline, main_metric
 from detkit.utils.complexity import complexity
 
 
-def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) -> dict:
+def build_hooks(hooks_cfg: Mapping, run: Mapping, main_process: bool = True) -> list[Hook]:
+    """The hooks a ``hooks`` config names: each entry is instantiated from its ``_target_``; a partial (an
+    entry with ``_partial_: true``) is then called with the objects of ``run`` its constructor names. The
+    entry's name becomes the hook's ``name`` (its key in checkpoints); null entries are left out, and so are
+    ``main_process_only`` hooks when ``main_process`` is False."""
+    hooks = []
+    for name, entry in hooks_cfg.items():
+        if entry is None:
+            continue
+        hook = instantiate(entry)
+        if callable(hook) and not isinstance(hook, Hook):  # a partial: the run supplies what it needs
+            if getattr(hook.func, "main_process_only", False) and not main_process:
+                continue
+            wanted = inspect.signature(hook.func).parameters
+            hook = hook(**{k: v for k, v in run.items() if k in wanted and k not in hook.keywords})
+        if not isinstance(hook, Hook):
+            raise TypeError(f"hooks.{name}: {entry['_target_']} built a {type(hook).__name__}, not a Hook")
+        if hook.main_process_only and not main_process:
+            continue
+        hook.name = str(name)
+        hooks.append(hook)
+    return hooks
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_size: int, img_size: int, accumulate: int, device: torch.device):
+    """Turns an out-of-memory error of training into one that says what to change."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        text = str(error)
+        if not isinstance(error, torch.OutOfMemoryError) and "out of memory" not in text \
+                and "can't allocate memory" not in text:
+            raise
+        raise MemoryError(
+            f"out of memory in a training step on {device} with a batch of {batch_size} images of "
+            f"{img_size}x{img_size}: lower data.batch_size (e.g. data.batch_size={max(batch_size // 2, 1)}) and "
+            f"raise trainer.accumulate (now {accumulate}) to keep the same images per optimizer step, or lower "
+            f"data.img_size ({text.splitlines()[0][:200]})") from None
+
+
+def training_forward(model: nn.Module, device: torch.device, compile: bool | str) -> nn.Module:
+    """The module the training forward pass runs through: ``model`` wrapped in DistributedDataParallel in a
+    data-parallel run, then ``torch.compile``d when asked (True, or a backend name)."""
+    forward = model
+    if distributed.current().size > 1:
+        forward = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+    if compile:
+        forward = torch.compile(forward, **({"backend": compile} if isinstance(compile, str) else {}))
+    return forward
+
+
+def find_mosaic(dataset) -> Mosaic | None:
+    """The :class:`Mosaic` stage of a training dataset (possibly inside a multi-scale wrapper), or None."""
+    while dataset is not None and not isinstance(dataset, Mosaic):
+        dataset = vars(dataset).get("dataset")  # (a wrapper's own attribute, not one it forwards)
+    return dataset
+
+
+def stored_config(cfg: DictConfig) -> dict:
+    """The config a checkpoint keeps: resolved, except the hook list, whose entries keep their references to
+    ``trainer.*`` so a run started from the checkpoint (fine-tuning, compression) follows its own settings."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if "hooks" in cfg:
+        config["hooks"] = OmegaConf.to_container(cfg.hooks, resolve=False)
+    return config
+
+
+def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: Iterable[Hook] = ()) -> dict:
     """Train ``cfg`` into ``out_dir`` (checkpoints, TensorBoard, metrics, predictions); returns the final
-    validation metrics. ``cfg.resume`` continues from a checkpoint exactly."""
+    validation metrics. ``cfg.resume`` continues from a checkpoint exactly. ``extra_hooks`` join the hooks
+    ``cfg.hooks`` names (compression uses them)."""
     world, device = distributed.init_from_env(cfg.device)
+    # checkpoints are read before anything is built, so a bad file is reported at once
+    resumed = load_checkpoint(cfg.resume) if cfg.resume else None
+    start_weights = load_checkpoint(cfg.weights) if cfg.weights else None
     out_dir = Path(out_dir)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.get("threads"):
+    if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     if world.is_main:  # one process generates the built-in data; the others wait for it
         prepare_data(cfg.data)
     distributed.barrier()
     started = time.perf_counter()  # a time budget counts from here: data generation is a one-time cost
-    if cfg.trainer.get("deterministic"):
+    if cfg.trainer.deterministic:
         # Deterministic kernels only (an op without one raises, naming itself); cuBLAS needs this workspace.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -54,17 +132,21 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
     val_set = build_dataset(cfg.data, "val", cfg.seed)
     train_loader = build_data_loader(train_set, cfg.data, train=True, seed=cfg.seed)
     val_loader = build_data_loader(val_set, cfg.data, train=False)
-    model = build_model(cfg.model, train_set.num_classes, cfg.get("channel_spec"))
-    if cfg.get("backbone_weights") and not cfg.get("resume"):
+    model = build_model(cfg.model, train_set.num_classes, cfg.channel_spec)
+    if cfg.backbone_weights and not cfg.resume:
         load_backbone_weights(model, cfg.backbone_weights)
-    if cfg.get("weights"):
-        load_weights(model, cfg.weights)
-    if cfg.trainer.get("sync_bn") and world.size > 1:
+    check_input_size(model, cfg.data.img_size, "data.img_size")
+    check_input_size(model, eval_img_size(cfg.data), "data.test_size")
+    for size in cfg.data.multiscale.sizes or []:
+        check_input_size(model, size, "data.multiscale.sizes")
+    if start_weights is not None:
+        load_weights(model, start_weights, cfg.weights)
+    if cfg.trainer.sync_bn and world.size > 1:
         if device.type != "cuda":
             raise ValueError("trainer.sync_bn=true needs CUDA devices: SyncBatchNorm has no CPU kernel (CPU/gloo "
                              "runs normalise each process's share of the batch on its own)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the whole batch
-    accumulate = int(cfg.trainer.get("accumulate", 1))
+    accumulate = int(cfg.trainer.accumulate)
     steps_per_epoch = train_loader.sampler.num_samples // (cfg.data.batch_size * accumulate)
     optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, world.size * accumulate)
     say = print if world.is_main else (lambda *args, **kwargs: None)
@@ -76,59 +158,54 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) ->
         say(complexity(model, (1, 3, cfg.data.img_size, cfg.data.img_size)).format())
         if eval_img_size(cfg.data) != cfg.data.img_size:
             say(f"training at {cfg.data.img_size} px, evaluating at {eval_img_size(cfg.data)} px (data.test_size)")
-    extra = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
+    metric = cfg.eval.metric
+    run = {
+        "scheduler": scheduler,
+        "evaluate": make_evaluator(val_set, val_loader, out_dir, device, metric, cfg.eval.backend),
+        "key": main_metric(metric),
+        "out_dir": out_dir,
+        "log_dir": out_dir / "tb",
+        "extra": {"config": stored_config(cfg), "class_names": list(train_set.class_names),
+                  "label_to_category_id": list(train_set.label_to_category_id)},
         "class_names": list(train_set.class_names),
-        "label_to_category_id": list(train_set.label_to_category_id),
-    }
-    eval_cfg = cfg.get("eval") or {}
-    metric = eval_cfg.get("metric", "coco")
-    hooks = list(extra_hooks) + sparsity_hook(cfg.get("sparsity"), out_dir if world.is_main else None)
-    if world.is_main:  # logging, evaluation and checkpoints happen once, on rank 0
-        evaluate = make_evaluator(val_set, val_loader, out_dir, device, metric,
-                                  eval_cfg.get("backend", "pycocotools"))
-        hooks = [
-            ProgressHook(),
-            EvalHook(evaluate, every=cfg.trainer.eval_every, key=main_metric(metric)),
-            *([PlotHook(out_dir, train_set.class_names)] if eval_cfg.get("plots", True) else []),
-            CheckpointHook(out_dir, extra, every_steps=cfg.trainer.checkpoint_every_steps),
-            TensorBoardHook(out_dir / "tb", every=cfg.trainer.log_every),
-            *hooks,
-        ]
-    if cfg.trainer.get("max_minutes"):  # in every process: they must agree on the plan
+        "mosaic": find_mosaic(train_set),
+        "started": started,
         # the first estimate of an evaluation's time counts val images at the training size's cost
-        eval_images = round(len(val_set) * (eval_img_size(cfg.data) / cfg.data.img_size) ** 2)
-        hooks.insert(0, TimeBudgetHook(cfg.trainer.max_minutes, started, eval_images, cfg.trainer.eval_every,
-                                       log=say))
-    if world.is_main and cfg.trainer.ema.enabled:
-        hooks.insert(0, EMAHook(cfg.trainer.ema.decay, cfg.trainer.ema.tau))
-    trainer = Trainer(model, optimizer, scheduler, train_loader, cfg.trainer.epochs, hooks, device,
-                      cfg.trainer.grad_clip_norm, cfg.trainer.channels_last,
-                      cfg.trainer.get("precision", "fp32"), cfg.trainer.get("max_nonfinite", 1), accumulate,
-                      cfg.trainer.get("compile", False))
-    say(f"precision {trainer.precision}" + (" (auto)" if cfg.trainer.get("precision") == "auto" else ""))
-    if cfg.get("resume"):
-        trainer.load_state_dict(load_checkpoint(cfg.resume))
-        say(f"resumed from {cfg.resume} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
+        "eval_images": round(len(val_set) * (eval_img_size(cfg.data) / cfg.data.img_size) ** 2),
+        "log": say,
+    }
+    hooks = build_hooks(cfg.hooks, run, world.is_main) + list(extra_hooks)
+    hooks += sparsity_hook(cfg.sparsity, out_dir if world.is_main else None)
+    model.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format)
+    trainer = AMPTrainer(model, optimizer, train_loader, cfg.trainer.epochs, hooks, device=device,
+                         accumulate=accumulate, channels_last=cfg.trainer.channels_last,
+                         forward=training_forward(model, device, cfg.trainer.compile),
+                         precision=cfg.trainer.precision)
+    say(f"precision {trainer.precision}" + (" (auto)" if cfg.trainer.precision == "auto" else ""))
+    if resumed is not None:
+        trainer.load_state_dict(resumed)
+        say(f"resumed from {cfg.resume} at epoch {trainer.state.epoch + 1}, step {trainer.state.step_in_epoch}")
     start = time.perf_counter()
-    trainer.train()
-    if trainer.stop_requested or not world.is_main:
+    with out_of_memory_hint(cfg.data.batch_size, cfg.data.img_size, accumulate, device):
+        trainer.train()
+    state = trainer.state
+    if state.stop_requested or not world.is_main:
         return {}
-    print(f"trained in {time.perf_counter() - start:.0f}s\n{format_metrics(trainer.metrics)}")
-    print(headline(trainer.metrics))
-    return trainer.metrics
+    print(f"trained in {time.perf_counter() - start:.0f}s\n{format_metrics(state.metrics)}")
+    print(headline(state.metrics))
+    return state.metrics
 
 
-def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """Start from a checkpoint's weights (its EMA weights when it has them) with a fresh optimizer and schedule:
-    fine-tuning, as opposed to ``resume``. The architectures must match exactly."""
-    state = load_checkpoint(checkpoint)
+def load_weights(model: nn.Module, state: dict, checkpoint: str | Path) -> None:
+    """Start from a checkpoint's weights (its EMA weights when it has them; ``state`` is the checkpoint read
+    from ``checkpoint``) with a fresh optimizer and schedule: fine-tuning, as opposed to ``resume``. The
+    architectures must match exactly."""
     weights = state.get("weights", state.get("model"))
     if weights is None:
-        raise ValueError(f"{checkpoint} holds no model weights (keys: {', '.join(state)})")
+        raise CheckpointError(f"{checkpoint} holds no model weights (keys: {', '.join(state)})")
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
         first = str(error).splitlines()[1:3]
-        raise ValueError(f"the weights in {checkpoint} do not fit model {type(model).__name__} (a different "
+        raise ConfigError(f"the weights in {checkpoint} do not fit model {type(model).__name__} (a different "
                          f"model config or channel_spec?): {' '.join(line.strip() for line in first)}") from None

@@ -43,7 +43,7 @@ def swap_config(base: DictConfig, model: str, epochs: int, overrides: Sequence[s
             composed = compose(config_name="train", overrides=arguments)
     cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=True))
     cfg.model = OmegaConf.to_container(composed.model, resolve=False)
-    cfg.pop("sparsity", None)
+    cfg.sparsity = None
     cfg.weights, cfg.resume, cfg.channel_spec = None, None, None
     cfg.trainer.epochs = int(epochs)
     return cfg

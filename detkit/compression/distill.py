@@ -33,7 +33,8 @@ from detkit.compression.distill_losses import (
     logit_kd_loss,
 )
 from detkit.engine import distributed
-from detkit.engine.trainer import Hook, Trainer
+from detkit.engine.hooks import Hook
+from detkit.engine.trainer import Trainer
 
 __all__ = ["DistillHook", "adaptation_layers", "distill"]
 
@@ -64,6 +65,7 @@ class DistillHook(Hook):
             (:func:`~detkit.compression.distill_losses.bounded_regression_loss`).
         imitation_weight, psi: feature imitation (:func:`~detkit.compression.distill_losses.imitation_mask`).
         class_names: the teacher's classes; checked against the training set's when both are known.
+        grad_clip_norm: clips the adaptation convs' gradient norm (the trainer's ``trainer.grad_clip_norm``).
 
     The adaptation convs train with an optimizer of their own, of the trainer's optimizer's class and
     settings at the trainer's current learning rate (no weight decay); they are not added to the trainer's
@@ -74,7 +76,8 @@ class DistillHook(Hook):
 
     def __init__(self, teacher: nn.Module, kd_weight: float = 0.0, temperature: float = 2.0,
                  box_weight: float = 0.0, margin: float = 0.0, box_iou_threshold: float = 0.5,
-                 imitation_weight: float = 0.005, psi: float = 0.5, class_names: list[str] | None = None) -> None:
+                 imitation_weight: float = 0.005, psi: float = 0.5, class_names: list[str] | None = None,
+                 grad_clip_norm: float | None = None) -> None:
         weights = {"kd_weight": kd_weight, "box_weight": box_weight, "imitation_weight": imitation_weight}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise DistillationError(f"distillation weights must be ≥ 0 with at least one > 0, got {weights}")
@@ -83,6 +86,7 @@ class DistillHook(Hook):
         self.box_weight, self.margin, self.box_iou_threshold = box_weight, margin, box_iou_threshold
         self.imitation_weight, self.psi = imitation_weight, psi
         self.class_names = list(class_names) if class_names is not None else None
+        self.grad_clip_norm = grad_clip_norm
         self.student_view: DenseAdapter | None = None
         self.teacher_view: DenseAdapter | None = None
         self.adaptation: nn.ModuleList | None = None
@@ -161,8 +165,8 @@ class DistillHook(Hook):
             for p in params:
                 dist.all_reduce(p.grad)
                 p.grad /= world
-        if trainer.grad_clip_norm:
-            nn.utils.clip_grad_norm_(params, trainer.grad_clip_norm)
+        if self.grad_clip_norm:
+            nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = trainer.lr
         self.optimizer.step()
@@ -191,5 +195,6 @@ def distill(cfg: DictConfig, out_dir: str | Path, extra_hooks: list[Hook] = ()) 
     teacher, _, state = load_trained(cfg.teacher, cfg.device)
     print(f"teacher {cfg.teacher}: {type(teacher).__name__}, "
           f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters")
-    hook = DistillHook(teacher, **cfg.distill, class_names=state["class_names"])
+    hook = DistillHook(teacher, **cfg.distill, class_names=state["class_names"],
+                       grad_clip_norm=cfg.trainer.grad_clip_norm)
     return train(cfg, out_dir, extra_hooks=[hook, *extra_hooks])

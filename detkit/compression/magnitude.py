@@ -19,7 +19,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from detkit.engine.trainer import Hook, Trainer
+from detkit.engine.hooks import Hook
+from detkit.engine.trainer import Trainer
 
 SCOPES = ("layer", "global")
 
@@ -121,8 +122,8 @@ def sparsity_table(model: nn.Module, exclude: Iterable[str] = ()) -> str:
 
 class MagnitudePruningHook(Hook):
     """Prune by magnitude at the start of epoch ``start_epoch`` and keep the pruned weights at zero after
-    every optimizer step until epoch ``end_epoch`` (None: to the end of the run); the trainer's EMA copy, if any,
-    is masked too.
+    every optimizer step until epoch ``end_epoch`` (None: to the end of the run); ``state.eval_model`` (the
+    EMA copy), if any, is masked too.
 
     ``start_epoch=0, end_epoch=None`` is prune-then-fine-tune; ``start_epoch=d, end_epoch=d + s`` is DSD
     (see :func:`dsd_hook`). Args as :func:`magnitude_masks`; ``masks``: keep-masks already computed (e.g. by
@@ -146,7 +147,7 @@ class MagnitudePruningHook(Hook):
         self.before_epoch(trainer)
 
     def before_epoch(self, trainer: Trainer) -> None:
-        if not self.sparse_phase(trainer.epoch):
+        if not self.sparse_phase(trainer.state.epoch):
             self.masks = None  # DSD's final dense phase: the pruned weights train again from zero
             return
         if self.masks is None:
@@ -158,9 +159,9 @@ class MagnitudePruningHook(Hook):
         if self.masks is not None:
             apply_masks(trainer.model, self.masks)
             # the EMA weights are what evaluation and checkpoints use: their pruned entries must be exact zeros
-            ema = getattr(trainer, "ema", None)
-            if ema is not None:
-                apply_masks(ema.module, self.masks)
+            eval_model = trainer.state.eval_model
+            if eval_model is not None and eval_model is not trainer.model:
+                apply_masks(eval_model, self.masks)
 
     def state_dict(self) -> dict:
         return {"masks": self.masks}

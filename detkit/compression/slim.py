@@ -29,6 +29,7 @@ from detkit.compression.graph import example_images, trace_size
 from detkit.compression.pruning import PruningResult, prune_model
 from detkit.deploy.fuse import fuse_conv_bn
 from detkit.engine.checkpoint import save_checkpoint
+from detkit.errors import ConfigError
 from detkit.utils.complexity import complexity
 from detkit.utils.timing import median_ms
 
@@ -136,7 +137,7 @@ def finetune_config(pruned_cfg: Mapping, pruned_checkpoint: Path, epochs: int, o
     """The training config that fine-tunes a pruned checkpoint: its own config with ``weights`` = the pruned
     checkpoint, ``trainer.epochs`` = ``epochs``, ``device``, no ``sparsity`` penalty, then ``overrides``."""
     cfg = OmegaConf.create(dict(pruned_cfg))
-    cfg.pop("sparsity", None)
+    cfg.sparsity = None
     cfg.weights, cfg.resume, cfg.device = str(pruned_checkpoint), None, device
     cfg.trainer.epochs = int(epochs)
     return OmegaConf.merge(cfg, OmegaConf.create(dict(overrides or {})))
@@ -202,15 +203,15 @@ def slim_checkpoint(checkpoint: str | Path, out_dir: str | Path, prune: Mapping,
     out_dir.mkdir(parents=True, exist_ok=True)
     unknown = set(prune) - set(PRUNE_KEYS) - set(SCHEDULE_KEYS)
     if unknown:
-        raise ValueError(f"unknown prune setting(s) {sorted(unknown)}; expected some of "
+        raise ConfigError(f"unknown prune setting(s) {sorted(unknown)}; expected some of "
                          f"{', '.join(PRUNE_KEYS + SCHEDULE_KEYS)}")
     settings = dict(prune)
     criterion = settings["criterion"]
     steps, calibration = int(settings["steps"]), int(settings["calibration_batches"])
     if criterion not in CRITERIA:
-        raise ValueError(f"prune.criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+        raise ConfigError(f"prune.criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if steps < 1 or (steps > 1 and settings["threshold"] is not None):
-        raise ValueError(f"prune.steps must be >= 1, and 1 with prune.threshold (a ratio is split over the "
+        raise ConfigError(f"prune.steps must be >= 1, and 1 with prune.threshold (a ratio is split over the "
                          f"rounds), got steps={steps}, threshold={settings['threshold']}")
     prune_args = {k: v for k, v in settings.items() if k in PRUNE_KEYS}
     epochs = int(finetune["epochs"])

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from detkit.engine.trainer import Hook, Trainer
+from detkit.engine.hooks import Hook
+from detkit.engine.trainer import Trainer
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -46,6 +47,8 @@ class SparsityHook(Hook):
         batchnorms: the BatchNorms to penalise (default: found by tracing the model in ``before_train``).
     """
 
+    priority = 60  # after the other hooks' gradients, before clipping
+
     def __init__(self, s: float, schedule: str = "constant", final_factor: float = 0.0,
                  log_dir: str | Path | None = None, hist_every: int = 1, small: float = 1e-2,
                  batchnorms: list[nn.Module] | None = None) -> None:
@@ -71,7 +74,8 @@ class SparsityHook(Hook):
             self._log(trainer)
 
     def current_s(self, trainer: Trainer) -> float:
-        return self.s * sparsity_factor(trainer.global_step / max(trainer.total_steps, 1), self.schedule,
+        progress = trainer.state.global_step / max(trainer.state.total_steps, 1)
+        return self.s * sparsity_factor(progress, self.schedule,
                                         self.final_factor)
 
     @torch.no_grad()
@@ -87,14 +91,14 @@ class SparsityHook(Hook):
 
     def _log(self, trainer: Trainer) -> None:
         gammas = self.gammas()
-        self.writer.add_histogram("sparsity/gamma", gammas, trainer.global_step)
+        self.writer.add_histogram("sparsity/gamma", gammas, trainer.state.global_step)
         self.writer.add_scalar("sparsity/fraction_small", (gammas < self.small).float().mean().item(),
-                               trainer.global_step)
-        self.writer.add_scalar("sparsity/s", self.current_s(trainer), trainer.global_step)
+                               trainer.state.global_step)
+        self.writer.add_scalar("sparsity/s", self.current_s(trainer), trainer.state.global_step)
         self.writer.flush()
 
     def after_epoch(self, trainer: Trainer) -> None:
-        if self.writer is not None and (trainer.epoch + 1) % self.hist_every == 0:
+        if self.writer is not None and (trainer.state.epoch + 1) % self.hist_every == 0:
             self._log(trainer)
 
     def after_train(self, trainer: Trainer) -> None:

@@ -17,7 +17,7 @@ from detkit.compression.distill import DistillHook, distill
 from detkit.compression.distill_adapters import DistillationError, dense_adapter
 from detkit.compression.distill_losses import bounded_regression_loss, imitation_mask, logit_kd_loss
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.trainer import Hook
+from detkit.engine.hooks import Hook
 from detkit.models.backbones.darknet import Darknet
 from detkit.models.backbones.mobilenet import MobileNetV2SSD
 from detkit.models.detectors.ssd import SSD
@@ -201,7 +201,7 @@ class LoggedLosses(Hook):
         self.names: set[str] = set()
 
     def after_step(self, trainer) -> None:
-        self.names |= set(trainer.losses)
+        self.names |= set(trainer.state.losses)
 
 
 def distill_config(tiny_train_config, teacher, *overrides: str):
@@ -234,11 +234,11 @@ def test_narrower_student_distills_end_to_end_and_resumes_exactly(tiny_train_con
     for key in ("model", "weights"):
         for name, tensor in full[key].items():
             assert torch.equal(tensor, resumed[key][name]), (key, name)
-    adaptation = full["hooks"]["DistillHook"]["adaptation"]
+    adaptation = full["hooks"]["distill_hook"]["adaptation"]
     student_teacher = [tuple(w.shape[:2]) for k, w in adaptation.items() if k.endswith("weight")]
     assert len(student_teacher) == 3 and all(c_t == c_s * 3 // 2 for c_t, c_s in student_teacher)
     for name, tensor in adaptation.items():
-        assert torch.equal(tensor, resumed["hooks"]["DistillHook"]["adaptation"][name]), name
+        assert torch.equal(tensor, resumed["hooks"]["distill_hook"]["adaptation"][name]), name
 
 
 def test_distill_names_a_missing_teacher(tiny_train_config, tmp_path):

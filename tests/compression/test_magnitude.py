@@ -14,7 +14,7 @@ from detkit.compression.magnitude import (
     magnitude_masks,
     sparsity_table,
 )
-from detkit.engine.ema import ModelEMA
+from detkit.engine.hooks.ema import ModelEMA
 
 
 def small_net() -> nn.Module:
@@ -23,7 +23,11 @@ def small_net() -> nn.Module:
                          nn.Linear(4 * 6 * 6, 5))
 
 
-def train_steps(trainer, hook, steps: int) -> None:
+def fake_trainer(model: nn.Module, eval_model: nn.Module | None = None) -> SimpleNamespace:
+    return SimpleNamespace(model=model, state=SimpleNamespace(epoch=0, eval_model=eval_model or model))
+
+
+def train_steps(trainer, hook, steps: int, ema: ModelEMA | None = None) -> None:
     optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     for _ in range(steps):
         loss = trainer.model(torch.randn(4, 3, 6, 6)).square().mean()
@@ -31,20 +35,20 @@ def train_steps(trainer, hook, steps: int) -> None:
         loss.backward()
         optimizer.step()
         hook.after_step(trainer)
-        if getattr(trainer, "ema", None) is not None:
-            trainer.ema.update(trainer.model)  # (the EMA hook may run after the pruning hook)
+        if trainer.state.eval_model is not trainer.model:
+            ema.update(trainer.model)  # (the EMA hook may run after the pruning hook)
 
 
 def test_layer_scope_prunes_each_layer_to_its_fraction_and_masks_survive_fine_tuning():
     model = small_net()
     hook = MagnitudePruningHook(0.5)
     ema = ModelEMA(model, decay=0.5, tau=1.0)  # started before pruning: dense
-    trainer = SimpleNamespace(model=model, epoch=0, ema=ema)
+    trainer = fake_trainer(model, ema.module)
     hook.before_train(trainer)
     masks = {name: mask.clone() for name, mask in hook.masks.items()}
     for name, (zeros, total) in layer_sparsity(model).items():
         assert zeros == round(0.5 * total), name
-    train_steps(trainer, hook, 5)
+    train_steps(trainer, hook, 5, ema)
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         weight = modules[name].weight
@@ -57,16 +61,16 @@ def test_layer_scope_prunes_each_layer_to_its_fraction_and_masks_survive_fine_tu
 def test_dsd_releases_the_masks_in_its_final_dense_phase():
     model = small_net()
     hook = dsd_hook(0.7, dense_epochs=1, sparse_epochs=1)
-    trainer = SimpleNamespace(model=model, epoch=0)
+    trainer = fake_trainer(model)
     hook.before_train(trainer)
     assert hook.masks is None and sum(z for z, _ in layer_sparsity(model).values()) == 0
-    trainer.epoch = 1
+    trainer.state.epoch = 1
     hook.before_epoch(trainer)
     train_steps(trainer, hook, 3)
     zeros = sum(z for z, _ in layer_sparsity(model).values())
     total = sum(t for _, t in layer_sparsity(model).values())
     assert zeros == pytest.approx(0.7 * total, abs=3)
-    trainer.epoch = 2
+    trainer.state.epoch = 2
     hook.before_epoch(trainer)
     assert hook.masks is None
     train_steps(trainer, hook, 3)
@@ -85,7 +89,7 @@ def test_global_scope_uses_one_threshold_and_checkpoints_load_weights_only(tmp_p
     small_net().load_state_dict(state["model"])  # a plain model: no parametrisation keys
     hook = MagnitudePruningHook(0.3, scope="global")
     hook.load_state_dict(state["hook"])
-    hook.before_epoch(SimpleNamespace(model=model, epoch=0))
+    hook.before_epoch(fake_trainer(model))
     assert (model[0].weight == 0).all()
 
 

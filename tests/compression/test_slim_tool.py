@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class _Trainer:  # what SparsityHook reads from a Trainer
     def __init__(self, model, step=0, total=10):
-        self.model, self.global_step, self.total_steps = model, step, total
+        self.model, self.state = model, SimpleNamespace(global_step=step, total_steps=total)
 
 
 def test_the_sparsity_hook_adds_s_sign_gamma_to_the_prunable_gammas_only():

@@ -74,11 +74,11 @@ def _sizes(loader, epoch):
 def test_training_with_mosaic_and_multiscale_resumes_exactly(tiny_train_config, tmp_path):
     from detkit.app.train import train
     from detkit.engine.checkpoint import load_checkpoint
-    from detkit.engine.trainer import Hook
+    from detkit.engine.hooks import Hook
 
     class StopAfter(Hook):
         def after_step(self, trainer) -> None:
-            trainer.stop_requested = trainer.global_step == 4
+            trainer.state.stop_requested = trainer.state.global_step == 4
 
     options = ("augment@data.augment=yolo", "data.mosaic.prob=0.5", "data.mosaic.mixup=0.5",
                "data.multiscale.sizes=[64,96]", "data.multiscale.every=1", "trainer.eval_every=2")

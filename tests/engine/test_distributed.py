@@ -7,9 +7,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from detkit.app.build import scaled_lr
+from detkit.app.train import training_forward
 from detkit.data.loader import ResumableSampler, build_loader
 from detkit.engine import distributed
-from detkit.engine.trainer import Hook, Trainer
+from detkit.engine.hooks import Hook, NonFiniteGuard, ScheduleHook
+from detkit.engine.trainer import Trainer
 
 
 class ToyDetector(nn.Module):
@@ -41,13 +43,13 @@ def run(batch_size: int, steps: int, rank: int = 0, world: int = 1, accumulate: 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loader = build_loader(ToyData(), batch_size, train=True, seed=3, rank=rank, world=world)
-    trainer = Trainer(model, optimizer, scheduler, loader, epochs=1, accumulate=accumulate)
 
     class Stop(Hook):
         def after_step(self, t):
-            t.stop_requested = t.global_step == steps
+            t.state.stop_requested = t.state.global_step == steps
 
-    trainer.hooks.append(Stop())
+    trainer = Trainer(model, optimizer, loader, epochs=1, hooks=[ScheduleHook(scheduler), Stop()],
+                      accumulate=accumulate, forward=training_forward(model, torch.device("cpu"), compile=False))
     trainer.train()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -113,31 +115,31 @@ class NaNOnSteps(ToyDetector):
         return {k: v * float("nan") for k, v in losses.items()} if self.calls in self.bad_steps else losses
 
 
-def toy_trainer(model, max_nonfinite: int) -> Trainer:
+def toy_trainer(model, max_nonfinite: int, *hooks: Hook) -> Trainer:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loader = build_loader(ToyData(), 4, train=True)
-    return Trainer(model, optimizer, scheduler, loader, epochs=1, max_nonfinite=max_nonfinite)
+    return Trainer(model, optimizer, loader, epochs=1,
+                   hooks=[ScheduleHook(scheduler), NonFiniteGuard(max_nonfinite), *hooks])
 
 
 def test_a_nonfinite_loss_skips_the_step_naming_terms_and_images():
     model = NaNOnSteps({2})
-    trainer = toy_trainer(model, max_nonfinite=3)
     before = {}
 
     class Snapshot(Hook):
         def before_step(self, t):
-            if t.global_step == 1:
+            if t.state.global_step == 1:
                 before.update({k: v.clone() for k, v in model.state_dict().items()})
 
         def after_step(self, t):
-            if t.global_step == 2:
+            if t.state.global_step == 2:
                 assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
-    trainer.hooks.append(Snapshot())
+    trainer = toy_trainer(model, 3, Snapshot())
     with pytest.warns(RuntimeWarning, match=r"non-finite loss .* loss_toy=nan; image ids \[.*\]; step skipped"):
         trainer.train()
-    assert trainer.skipped_steps == 1 and trainer.global_step == trainer.steps_per_epoch
+    assert trainer.state.skipped_steps == 1 and trainer.state.global_step == trainer.state.steps_per_epoch
 
 
 def test_consecutive_nonfinite_losses_stop_the_run():

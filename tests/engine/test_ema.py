@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from detkit.engine.ema import ModelEMA
+from detkit.engine.hooks.ema import ModelEMA
 
 
 def test_ema_tracks_a_moving_average_with_ramped_decay():

@@ -3,7 +3,7 @@ import torch
 
 from detkit.app.train import train
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.trainer import Hook
+from detkit.engine.hooks import Hook
 
 
 class PullWeightsToZero(Hook):

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from detkit.app.train import train
+from detkit.app.train import out_of_memory_hint, train
+from detkit.engine.amp import AMPTrainer
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.trainer import Hook, Trainer
+from detkit.engine.hooks import Hook
 
 
 class RecordLosses(Hook):
@@ -14,7 +15,7 @@ class RecordLosses(Hook):
         self.dtypes |= {p.grad.dtype for p in trainer.model.parameters() if p.grad is not None}
 
     def after_step(self, trainer) -> None:
-        self.losses.append(trainer.losses["loss"])
+        self.losses.append(trainer.state.losses["loss"])
 
 
 def test_bf16_autocast_trains_float32_weights_and_stays_close_to_fp32(tiny_train_config, tmp_path):
@@ -35,16 +36,16 @@ def test_bf16_autocast_trains_float32_weights_and_stays_close_to_fp32(tiny_train
 def test_unknown_precision_is_refused():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, auto"):
-        Trainer(model, torch.optim.SGD(model.parameters(), 0.1), None, None, 1, precision="fp8")
+        AMPTrainer(model, torch.optim.SGD(model.parameters(), 0.1), None, 1, precision="fp8")
 
 
 def test_auto_precision_is_bf16_exactly_where_the_device_computes_it_natively(monkeypatch):
-    import detkit.engine.trainer as trainer_module
+    import detkit.engine.amp as amp_module
 
     model = torch.nn.Linear(2, 2)
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(trainer_module, "native_bf16", lambda device, native=native: native)
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.1), None, None, 1, precision="auto")
+        monkeypatch.setattr(amp_module, "native_bf16", lambda device, native=native: native)
+        trainer = AMPTrainer(model, torch.optim.SGD(model.parameters(), 0.1), None, 1, precision="auto")
         assert trainer.precision == expected
 
 
@@ -70,17 +71,13 @@ def test_the_scaler_hands_hooks_true_gradients():
     for precision in ("fp32", "fp16"):
         with torch.no_grad():
             model.weight.fill_(0.5), model.bias.zero_()
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.0), _Constant(), None, 1,
-                          hooks=[Grab()], precision=precision)
-        trainer._forward = lambda images, targets: {"loss": model(images).float().sum()}
+        trainer = AMPTrainer(model, torch.optim.SGD(model.parameters(), 0.0), None, 1, hooks=[Grab()],
+                             precision=precision,
+                             forward=lambda images, targets: {"loss": model(images).float().sum()})
         if precision == "fp16":  # a scale whose products stay inside float16's range in this tiny case
             trainer.scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
         trainer.run_step([(x, [{}] * 4)])
     assert torch.allclose(grads["fp16"], grads["fp32"], rtol=1e-3)
-
-
-class _Constant:
-    def step(self) -> None: ...
 
 
 def test_compile_wraps_the_training_forward_only(tiny_train_config, tmp_path):
@@ -90,15 +87,15 @@ def test_compile_wraps_the_training_forward_only(tiny_train_config, tmp_path):
     assert weights and not any(k.startswith("_orig_mod") for k in weights)  # the plain module was saved
 
 
-def test_out_of_memory_in_a_step_says_to_lower_the_batch():
-    model = torch.nn.Linear(3, 1)
-
-    def forward(images, targets):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
-                           "you tried to allocate 99999999999 bytes")
-
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.1), _Constant(), None, 1, accumulate=2)
-    trainer._forward = forward
+def test_out_of_memory_in_training_says_to_lower_the_batch():
     with pytest.raises(MemoryError, match=r"batch of 4 images of 8x8: lower data.batch_size \(e.g. "
                                           r"data.batch_size=2\) and raise trainer.accumulate \(now 2\)"):
-        trainer.run_step([(torch.zeros(4, 3, 8, 8), [{}] * 4)])
+        with out_of_memory_hint(4, 8, accumulate=2, device=torch.device("cpu")):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 99999999999 bytes")
+
+
+def test_other_runtime_errors_keep_their_own_message():
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with out_of_memory_hint(4, 8, accumulate=1, device=torch.device("cpu")):
+            raise RuntimeError("shape mismatch")

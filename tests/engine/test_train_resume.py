@@ -7,7 +7,7 @@ from pycocotools.cocoeval import COCOeval
 from detkit.app.evaluate import evaluate_checkpoint
 from detkit.app.train import train
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.trainer import Hook
+from detkit.engine.hooks import Hook
 
 
 class StopAfter(Hook):
@@ -17,8 +17,8 @@ class StopAfter(Hook):
         self.n = n
 
     def after_step(self, trainer) -> None:
-        if trainer.global_step == self.n:
-            trainer.stop_requested = True
+        if trainer.state.global_step == self.n:
+            trainer.state.stop_requested = True
 
 
 def test_resume_mid_epoch_reproduces_uninterrupted_weights(tiny_train_config, tmp_path):

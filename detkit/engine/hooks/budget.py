@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from detkit.engine import distributed
-from detkit.engine.trainer import Hook, Trainer
+from detkit.engine.hooks.base import Hook
 
 # Fractions of the plan at which it is measured again and corrected; none late in the run, where moving the
 # end would bend the tail of the schedule.
@@ -28,8 +28,9 @@ class TimeBudgetHook(Hook):
     """Plans ``trainer`` to end, final evaluation included, within ``max_minutes`` of ``started``.
 
     Args:
-        max_minutes: the budget, counted from ``started`` (a ``time.perf_counter()`` value: the launch of the
-            run, so building data and model counts too) plus the time earlier sessions of a resumed run used.
+        max_minutes: the budget (None: no budget, the hook does nothing), counted from ``started`` (a ``clock``
+            value: the launch of the run, so building data and model counts too) plus the time earlier
+            sessions of a resumed run used.
         eval_images: images of the validation set, for the estimate of an evaluation's time before one has
             been measured (assumed half a training image's cost each, plus ``fixed_eval_seconds``).
         eval_every: epochs between evaluations (the last epoch is always evaluated), to reserve their time.
@@ -37,18 +38,24 @@ class TimeBudgetHook(Hook):
         measure_steps: steps measured before the first plan.
         final_seconds: reserve for what follows the last evaluation (checkpoints, plots).
         fixed_eval_seconds: an evaluation's cost besides inference (COCO evaluation, writing results).
+        clock: seconds, monotonic (``time.perf_counter``; tests pass a fake one).
 
-    Must come before the evaluation and checkpoint hooks (``after_epoch`` notes when an epoch's evaluation
-    and checkpointing start; the next ``before_epoch`` or ``after_train`` measures them).
+    Runs before the evaluation and checkpoint hooks (``after_epoch`` notes when an epoch's evaluation and
+    checkpointing start; the next ``before_epoch`` or ``after_train`` measures them). The plan reaches the
+    schedule, the EMA and Mosaic through :meth:`Trainer.plan` and their ``after_plan``.
     """
 
-    def __init__(self, max_minutes: float, started: float | None = None, eval_images: int = 0, eval_every: int = 1,
-                 skip_steps: int = 3, measure_steps: int = 10, final_seconds: float = 2.0,
-                 fixed_eval_seconds: float = 2.0, log: Callable[[str], None] = print) -> None:
-        if max_minutes <= 0:
+    priority = 20
+
+    def __init__(self, max_minutes: float | None, started: float | None = None, eval_images: int = 0,
+                 eval_every: int = 1, skip_steps: int = 3, measure_steps: int = 10, final_seconds: float = 2.0,
+                 fixed_eval_seconds: float = 2.0, log: Callable[[str], None] = print,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if max_minutes is not None and max_minutes <= 0:
             raise ValueError(f"trainer.max_minutes must be positive, got {max_minutes}")
-        self.budget = 60.0 * max_minutes
-        self.started = time.perf_counter() if started is None else started
+        self.clock = clock
+        self.budget = None if max_minutes is None else 60.0 * max_minutes
+        self.started = self.clock() if started is None else started
         self.eval_images, self.eval_every = eval_images, max(int(eval_every), 1)
         self.skip_steps, self.measure_steps = skip_steps, measure_steps
         self.final_seconds, self.fixed_eval_seconds, self.log = final_seconds, fixed_eval_seconds, log
@@ -62,31 +69,33 @@ class TimeBudgetHook(Hook):
         self._replans = list(REPLAN_AT)
 
     def elapsed(self) -> float:
-        return self.used_before + time.perf_counter() - self.started
+        return self.used_before + self.clock() - self.started
 
-    def before_train(self, trainer: Trainer) -> None:
+    def before_train(self, trainer) -> None:
+        if self.budget is None:
+            return
         if self.planned is not None:  # resumed: the earlier plan stands until measured again
             trainer.plan(self.planned)
 
-    def _seconds_per_step(self, trainer: Trainer) -> float | None:
-        if self._mark is None or trainer.global_step <= self._mark[1]:
+    def _seconds_per_step(self, trainer) -> float | None:
+        if self._mark is None or trainer.state.global_step <= self._mark[1]:
             return None
-        return (time.perf_counter() - self._mark[0] - self._pause) / (trainer.global_step - self._mark[1])
+        return (self.clock() - self._mark[0] - self._pause) / (trainer.state.global_step - self._mark[1])
 
     def _evaluation_seconds(self, seconds_per_step: float, batch: int) -> float:
         if self.eval_seconds is not None:
             return self.eval_seconds
         return self.fixed_eval_seconds + self.eval_images * seconds_per_step / max(batch, 1) / 2.0
 
-    def _steps_that_fit(self, trainer: Trainer, seconds_per_step: float) -> int:
+    def _steps_that_fit(self, trainer, seconds_per_step: float) -> int:
         """The total steps such that training, the evaluations due on the way and the final one fit."""
         left = self.budget - self.elapsed() - self.final_seconds
-        evaluation = self._evaluation_seconds(seconds_per_step, trainer.batch_size)
-        per_epoch, now = max(trainer.steps_per_epoch, 1), trainer.global_step
+        evaluation = self._evaluation_seconds(seconds_per_step, trainer.state.batch_size)
+        per_epoch, now = max(trainer.state.steps_per_epoch, 1), trainer.state.global_step
 
         def cost(steps: int) -> float:  # seconds from now to the end of the final evaluation
             epochs = math.ceil(steps / per_epoch)
-            between = sum(1 for e in range(trainer.epoch + 1, epochs) if e % self.eval_every == 0)
+            between = sum(1 for e in range(trainer.state.epoch + 1, epochs) if e % self.eval_every == 0)
             return (steps - now) * seconds_per_step + (between + 1) * evaluation
 
         low, high = now + 1, now + max(int(left / seconds_per_step), 1)  # cost() grows with steps: bisect
@@ -103,51 +112,60 @@ class TimeBudgetHook(Hook):
         dist.broadcast(tensor, src=0)
         return int(tensor.item())
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, trainer) -> None:
+        if self.budget is None:
+            return
         self._session_steps += 1
         if self._session_steps == self.skip_steps:
-            self._mark, self._pause = (time.perf_counter(), trainer.global_step), 0.0
+            self._mark, self._pause = (self.clock(), trainer.state.global_step), 0.0
         seconds = self._seconds_per_step(trainer)
         if seconds is not None and self._session_steps >= self.skip_steps + self.measure_steps:
             first = self._session_steps == self.skip_steps + self.measure_steps
-            due = self._replans and trainer.global_step >= self._replans[0] * (self.planned or 1)
+            due = self._replans and trainer.state.global_step >= self._replans[0] * (self.planned or 1)
             if first or due:
-                while self._replans and trainer.global_step >= self._replans[0] * (self.planned or 1):
+                while self._replans and trainer.state.global_step >= self._replans[0] * (self.planned or 1):
                     self._replans.pop(0)
                 self.planned = self._agree(self._steps_that_fit(trainer, seconds))
                 trainer.plan(self.planned)
                 if first:
+                    epochs = self.planned / max(trainer.state.steps_per_epoch, 1)
                     self.log(f"time budget {self.budget / 60:.1f} min: {1 / seconds:.2f} steps/s measured -> "
-                             f"{self.planned} steps ({self.planned / max(trainer.steps_per_epoch, 1):.2f} epochs);"
+                             f"{self.planned} steps ({epochs:.2f} epochs);"
                              f" lr schedule, Mosaic close-out and EMA planned for them, final evaluation included")
         # Out of time (a budget shorter than the measurement, or another job slowed the machine down): end
         # now, with the final evaluation.
-        step = seconds if seconds is not None else trainer.step_time
-        over = self.elapsed() + step + self._evaluation_seconds(step, trainer.batch_size) + self.final_seconds
-        if self._agree(int(over >= self.budget)) and trainer.global_step < trainer.total_steps:
-            self.planned = trainer.global_step
+        step = seconds if seconds is not None else trainer.state.step_time
+        over = self.elapsed() + step + self._evaluation_seconds(step, trainer.state.batch_size) + self.final_seconds
+        if self._agree(int(over >= self.budget)) and trainer.state.global_step < trainer.state.total_steps:
+            self.planned = trainer.state.global_step
             trainer.plan(self.planned)
-            self.log(f"time budget: ending at step {trainer.global_step} to evaluate within the budget")
+            self.log(f"time budget: ending at step {trainer.state.global_step} to evaluate within the budget")
 
-    def after_epoch(self, trainer: Trainer) -> None:
-        self._epoch_end = time.perf_counter()
+    def after_epoch(self, trainer) -> None:
+        if self.budget is None:
+            return
+        self._epoch_end = self.clock()
 
-    def _pause_ended(self, trainer: Trainer) -> None:
+    def _pause_ended(self, trainer) -> None:
         if self._epoch_end is None:
             return
-        if trainer.metrics.get("epoch") == trainer.epoch:  # that epoch was evaluated: budgeted on its own
-            self.eval_seconds = time.perf_counter() - self._epoch_end
+        if trainer.state.metrics.get("epoch") == trainer.state.epoch:  # that epoch was evaluated: budgeted on its own
+            self.eval_seconds = self.clock() - self._epoch_end
             self._pause += self.eval_seconds if self._mark is not None else 0.0
         # (other epoch ends, checkpoints alone, stay in the measured time per step: amortised over the epoch)
         self._epoch_end = None
 
-    def before_epoch(self, trainer: Trainer) -> None:
+    def before_epoch(self, trainer) -> None:
+        if self.budget is None:
+            return
         self._pause_ended(trainer)
 
-    def after_train(self, trainer: Trainer) -> None:
+    def after_train(self, trainer) -> None:
+        if self.budget is None:
+            return
         self._pause_ended(trainer)
         self.log(f"time budget {self.budget / 60:.1f} min: used {self.elapsed() / 60:.2f} min "
-                 f"({trainer.global_step} steps)")
+                 f"({trainer.state.global_step} steps)")
 
     def state_dict(self) -> dict:
         return {"used": self.elapsed(), "planned": self.planned, "eval_seconds": self.eval_seconds}

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from detkit.engine.trainer import Hook, Trainer
+from detkit.engine.hooks.base import Hook
 
 
 class ModelEMA:
@@ -46,25 +46,42 @@ class ModelEMA:
 
 
 class EMAHook(Hook):
-    """Keeps ``trainer.ema`` (a :class:`ModelEMA`) up to date; evaluation and checkpoints use it when set."""
+    """Keeps a :class:`ModelEMA` of ``trainer.model`` up to date and makes it ``state.eval_model`` (what
+    evaluation and checkpoints use). A re-planned run (:meth:`Trainer.plan`) ramps the decay up over
+    ``tau`` scaled by planned / configured steps, so a shorter run averages proportionally sooner.
+    ``enabled=False``: the hook does nothing."""
 
-    def __init__(self, decay: float = 0.9998, tau: float = 2000.0) -> None:
-        self.decay, self.tau = decay, tau
+    priority = 10
+    main_process_only = True
+
+    def __init__(self, decay: float, tau: float, enabled: bool = True) -> None:
+        self.decay, self.tau, self.enabled = decay, tau, enabled
+        self.planned_tau = tau
         self.ema: ModelEMA | None = None
         self._pending: dict | None = None
 
-    def before_train(self, trainer: Trainer) -> None:
+    def before_train(self, trainer) -> None:
+        if not self.enabled:
+            return
         if self.ema is None:
             self.ema = ModelEMA(trainer.model, self.decay, self.tau)
             if self._pending is not None:
                 self.ema.load_state_dict(self._pending)
-        trainer.ema = self.ema
+        self.ema.tau = self.planned_tau
+        trainer.state.eval_model = self.ema.module
 
-    def after_step(self, trainer: Trainer) -> None:
-        self.ema.update(trainer.model)
+    def after_plan(self, trainer) -> None:
+        state = trainer.state
+        self.planned_tau = self.tau * min(1.0, state.total_steps / max(state.configured_steps, 1))
+        if self.ema is not None:
+            self.ema.tau = self.planned_tau
+
+    def after_step(self, trainer) -> None:
+        if self.ema is not None:
+            self.ema.update(trainer.model)
 
     def state_dict(self) -> dict:
         return self.ema.state_dict() if self.ema else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self._pending = state
+        self._pending = state or None
