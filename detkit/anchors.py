@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["SSD300", "ssd_default_boxes", "ssd_prior_config", "grid_anchors", "anchors_per_location", "gcnn_grid",
-           "gcnn_grid_count", "shape_iou", "kmeans_anchors"]
+           "gcnn_grid_count", "shape_iou", "kmeans_anchors", "ratio_recall", "iou_recall", "ssd_box_shapes",
+           "grid_anchor_shapes"]
 
 SSD300 = dict(
     image_size=300,
@@ -222,3 +223,42 @@ def kmeans_anchors(wh: Tensor, k: int = 9, iters: int = 300, seed: int = 0) -> t
     centers = centers[centers.prod(dim=1).argsort()]
     mean_iou = shape_iou(wh, centers).amax(dim=1).mean().item()
     return centers.float(), mean_iou
+
+
+def ratio_recall(wh: Tensor, anchors: Tensor, thresh: float = 4.0) -> float:
+    """Best possible recall of YOLOv5's shape-ratio rule: the fraction of box shapes ``wh`` (N, 2) for which
+    some anchor of ``anchors`` (A, 2) has max(w/aw, aw/w, h/ah, ah/h) < ``thresh``; 0 without boxes."""
+    if not len(wh):
+        return 0.0
+    ratio = wh[:, None].to(torch.float64) / anchors[None].to(torch.float64)
+    worst = torch.max(ratio, 1 / ratio).amax(dim=2)
+    return (worst.amin(dim=1) < thresh).double().mean().item()
+
+
+def iou_recall(wh: Tensor, shapes: Tensor, thresh: float = 0.5) -> float:
+    """Best possible recall of IoU matching: the fraction of box shapes ``wh`` (N, 2) whose best
+    :func:`shape_iou` with a prior shape of ``shapes`` (A, 2), both centred, is at least ``thresh`` (an upper
+    bound: a prior off the box's centre overlaps it less); 0 without boxes."""
+    if not len(wh):
+        return 0.0
+    return (shape_iou(wh.to(torch.float64), shapes.to(torch.float64)).amax(dim=1) >= thresh).double().mean().item()
+
+
+def ssd_box_shapes(min_sizes: Sequence[float], max_sizes: Sequence[float],
+                   aspect_ratios: Sequence[Sequence[float]]) -> Tensor:
+    """(A, 2) (w, h) of every default-box shape of :func:`ssd_default_boxes`, level by level."""
+    shapes = []
+    for s_min, s_max, ratios in zip(min_sizes, max_sizes, aspect_ratios):
+        shapes += [(s_min, s_min), (math.sqrt(s_min * s_max),) * 2]
+        for r in ratios:
+            shapes += [(s_min * math.sqrt(r), s_min / math.sqrt(r)), (s_min / math.sqrt(r), s_min * math.sqrt(r))]
+    return torch.tensor(shapes, dtype=torch.float32)
+
+
+def grid_anchor_shapes(sizes: Sequence[Sequence[float]],
+                       ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0)) -> Tensor:
+    """(A, 2) (w, h) of every anchor shape of :func:`grid_anchors`, level by level."""
+    shapes = [(s / math.sqrt(r), s * math.sqrt(r))
+              for level_sizes, level_ratios in zip(sizes, _per_level(ratios, len(sizes)))
+              for s in level_sizes for r in level_ratios]
+    return torch.tensor(shapes, dtype=torch.float32)

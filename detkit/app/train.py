@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from detkit.app.auto import apply_auto
 from detkit.app.build import (
     build_data_loader,
     build_dataset,
@@ -22,6 +23,7 @@ from detkit.app.build import (
     build_optimization,
     eval_img_size,
     prepare_data,
+    raw_dataset,
     seed_everything,
 )
 from detkit.app.errors import check_input_size
@@ -127,6 +129,8 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: Iterable[Hook] = ()
         # Deterministic kernels only (an op without one raises, naming itself); cuBLAS needs this workspace.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    # sizes the datasets are built at and priors the model is built with, chosen from the data (cfg.auto)
+    apply_auto(cfg, lambda: raw_dataset(cfg.data, "train"), print if world.is_main else lambda text: None)
     seed_everything(cfg.seed)
     train_set = build_dataset(cfg.data, "train", cfg.seed)
     val_set = build_dataset(cfg.data, "val", cfg.seed)

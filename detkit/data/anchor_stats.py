@@ -75,3 +75,37 @@ def fit_anchors(dataset, img_size: int, k: int = 9, iters: int = 300, seed: int 
         raise ValueError(f"only {len(wh)} boxes of at least {min_size} px; cannot fit {k} anchors")
     anchors, mean_iou = kmeans_anchors(wh, k, iters=iters, seed=seed)
     return AnchorFit(anchors, mean_iou, len(wh))
+
+
+@dataclass
+class SizeStats:
+    """Image and box sizes of a dataset in original pixels: ``image_hw`` (I, 2) heights and widths,
+    ``box_wh`` (N, 2) box widths and heights, ``box_image`` (N,) the index into ``image_hw`` of each box's image."""
+
+    image_hw: np.ndarray
+    box_wh: np.ndarray
+    box_image: np.ndarray
+
+    def median_long_side(self) -> float:
+        """The median over images of the longer side, in pixels."""
+        return float(np.median(self.image_hw.max(axis=1))) if len(self.image_hw) else 0.0
+
+    def letterboxed(self, img_size: int, min_size: float = 2.0) -> Tensor:
+        """(M, 2) box widths and heights in pixels of the ``img_size``² letterboxed input (the same geometry as
+        :func:`letterboxed_box_sizes`), boxes under ``min_size`` on a side there left out."""
+        ratio = img_size / self.image_hw.max(axis=1).clip(min=1)
+        wh = torch.from_numpy(self.box_wh * ratio[self.box_image, None])
+        return wh[(wh >= min_size).all(dim=1)]
+
+
+def size_stats(dataset) -> SizeStats:
+    """:class:`SizeStats` of ``dataset`` (read from the annotation index where the dataset has one)."""
+    image_hw, box_wh, box_image = [], [], []
+    for index, (boxes, height, width) in enumerate(_boxes_and_sizes(dataset)):
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        image_hw.append((height, width))
+        box_wh.append(boxes[:, 2:] - boxes[:, :2])
+        box_image.append(np.full(len(boxes), index))
+    return SizeStats(np.asarray(image_hw, dtype=np.float64).reshape(-1, 2),
+                     np.concatenate(box_wh) if box_wh else np.zeros((0, 2)),
+                     np.concatenate(box_image).astype(np.int64) if box_image else np.zeros(0, np.int64))

@@ -1,0 +1,296 @@
+"""Data-adaptive defaults, applied to a training config before the model is built (``auto`` in train.yaml).
+
+- Sizes: for a user dataset (``data.builtin`` null), a ``data.img_size`` left null becomes the median image's
+  longer side rounded to a multiple of 32 and clamped to ``auto.size_range``; a ``data.test_size`` left null
+  becomes ``auto.test_scale`` × the training size when small objects (< 32 px at the training size) are more
+  than ``auto.small_fraction`` of the boxes, the training size otherwise.
+- Priors, as YOLOv5's autoanchor: the best possible recall (BPR) of the configured priors over the training
+  boxes letterboxed to the training size is computed; below ``auto.bpr_threshold`` new priors are fitted (YOLO
+  anchors by k-means with 1 − IoU, SSD min/max sizes spread over the box-size range, RetinaNet/RPN anchor sizes
+  rescaled) and kept only if their BPR is higher. The built-in data keeps the configs' priors unless
+  ``auto.builtin`` (the main job's anchors reach a BPR of 0.9998 there anyway).
+
+Chosen values are written into the config, so the checkpoint's stored config (and eval, predict, export,
+``detkit.load``) rebuilds the same model. A value the user set is never replaced: through ``tools/train.py``, a
+key named on the command line is the user's; a prior is replaced only when it equals the value some
+``configs/model/*.yaml`` gives it (so one set from Python, e.g. ``detkit.train(["model.anchors=…"])``, is kept).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from detkit.anchors import grid_anchor_shapes, iou_recall, kmeans_anchors, ratio_recall, ssd_box_shapes
+from detkit.data.anchor_stats import SizeStats
+from detkit.utils.resolvers import config_dir, scaled_size
+
+SMALL = 32.0      # a box under this side (√(w·h), input pixels) is small, as COCO's area < 32²
+MULTIPLE = 32     # chosen sizes are multiples of the largest stride of the zoo's detectors
+
+
+def command_line_keys() -> list[str]:
+    """The config keys set on the command line of a Hydra app (``tools/train.py``); none outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task if "=" in o]
+    return [k for k in keys if "." in k and "@" not in k]  # group choices (model=…) set no value
+
+
+def named(key: str, keys: Sequence[str]) -> bool:
+    """Whether ``key`` (``model.anchors``) or a key inside or around it is among ``keys``."""
+    return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in keys)
+
+
+def file_values(group: str, key: str) -> list:
+    """The values ``configs/<group>/*.yaml`` give ``key`` (a dotted path inside the group), as written."""
+    values = []
+    for path in sorted((config_dir() / group).glob("*.yaml")):
+        value = OmegaConf.select(OmegaConf.load(path), key, default=None)
+        if value is not None:
+            values.append(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+    return values
+
+
+def _get(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _with(tree: dict, values: dict) -> dict:
+    """A copy of the nested dict ``tree`` with ``values`` at their dotted keys."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return tree
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def replaceable(model_cfg: dict, keys: Sequence[str], cli_keys: Sequence[str]) -> bool:
+    """Whether the priors at ``keys`` of ``model_cfg`` are a config file's, not the user's."""
+    for key in keys:
+        if named(f"model.{key}", cli_keys):
+            return False
+        try:
+            value = _get(model_cfg, key)
+        except (KeyError, TypeError):  # a config without this key (priors: null) has nothing to replace
+            return False
+        if not any(_close(value, v) for v in file_values("model", key)):
+            return False
+    return True
+
+
+# --- priors of each detector family: their keys, their shapes at the training size, their BPR and their fit ---
+
+@dataclass(frozen=True)
+class Family:
+    """How one detector family takes its priors: the ``keys`` of its config that hold them, the (A, 2) prior
+    shapes in input pixels a config gives at a training size, the BPR of box shapes ``wh`` for those shapes,
+    and the new values of ``keys`` fitted to ``wh``."""
+
+    keys: tuple[str, ...]
+    shapes: Callable[[dict, int], Tensor]
+    recall: Callable[[Tensor, Tensor, dict], float]
+    fit: Callable[[Tensor, dict, int, int], dict]
+
+
+def _yolo_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
+    levels, per_level = len(model["anchors"]), len(model["anchors"][0])
+    if len(wh) < levels * per_level:
+        return {}
+    anchors, _ = kmeans_anchors(wh, levels * per_level, seed=seed)
+    rounded = [[round(v, 1) for v in shape] for shape in anchors.tolist()]
+    return {"anchors": [rounded[i:i + per_level] for i in range(0, len(rounded), per_level)]}
+
+
+def _yolo_ratio(model: dict) -> float:
+    return model["ratio_thresh"] if model["ratio_thresh"] > 1 else 4.0
+
+
+YOLO = Family(
+    keys=("anchors",),
+    shapes=lambda model, size: torch.tensor(model["anchors"], dtype=torch.float32).reshape(-1, 2),
+    # a ratio_thresh of 1 or less gives each box its best anchor only (YOLOv2/v3): BPR at YOLOv5's 4 then
+    recall=lambda wh, shapes, model: ratio_recall(wh, shapes, _yolo_ratio(model)),
+    fit=_yolo_fit,
+)
+
+
+def _ssd_scale(model: dict, img_size: int) -> float:
+    """Default-box sizes are stated at ``priors.image_size`` and scale with the input (ssd_prior_config)."""
+    reference = model["priors"]["image_size"]
+    ref_h, ref_w = (reference, reference) if isinstance(reference, (int, float)) else reference
+    return img_size / math.sqrt(ref_h * ref_w)
+
+
+def _ssd_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
+    # SSD's rule (min sizes linear over the levels) over the box sides present, 2nd to 98th percentile
+    side = wh.prod(dim=1).sqrt()
+    if not len(side):
+        return {}
+    low, high = (torch.quantile(side, q).item() for q in (0.02, 0.98))
+    levels = len(model["priors"]["min_sizes"])
+    step = (high - low) / max(levels - 1, 1) or low / 2
+    scale = _ssd_scale(model, img_size)
+    mins = [round((low + k * step) / scale, 1) for k in range(levels)]
+    return {"priors.min_sizes": mins, "priors.max_sizes": [round(m + step / scale, 1) for m in mins]}
+
+
+SSD = Family(
+    keys=("priors.min_sizes", "priors.max_sizes"),
+    shapes=lambda model, size: ssd_box_shapes(
+        [s * _ssd_scale(model, size) for s in model["priors"]["min_sizes"]],
+        [s * _ssd_scale(model, size) for s in model["priors"]["max_sizes"]], model["priors"]["aspect_ratios"]),
+    recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["iou_threshold"]),
+    fit=_ssd_fit,
+)
+
+
+def _rescaled_fit(key: str, family: Callable[[], Family]) -> Callable[[Tensor, dict, int, int], dict]:
+    """Fit of grid anchors: every size times one factor 2^(j/4), |j| ≤ 16, the one of highest BPR (the
+    smallest change among equals), so levels keep their spacing and their order."""
+
+    def fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
+        sizes = _get(model, key)
+        best, best_recall = {}, -1.0
+        for j in sorted(range(-16, 17), key=abs):
+            scaled = _scale_nested(sizes, 2 ** (j / 4))
+            trial = _with(model, {key: scaled})
+            recall = family().recall(wh, family().shapes(trial, img_size), trial)
+            if recall > best_recall:
+                best, best_recall = {key: scaled}, recall
+        return best
+
+    return fit
+
+
+def _scale_nested(sizes, factor: float):
+    if isinstance(sizes, (list, tuple)):
+        return [_scale_nested(s, factor) for s in sizes]
+    return round(sizes * factor, 1)
+
+
+RETINANET = Family(
+    keys=("anchor_sizes",),
+    shapes=lambda model, size: grid_anchor_shapes(
+        [[b * s for s in model["anchor_scales"]] for b in model["anchor_sizes"]], model["ratios"]),
+    recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["fg_iou"]),
+    fit=_rescaled_fit("anchor_sizes", lambda: RETINANET),
+)
+RPN = Family(
+    keys=("rpn.sizes",),
+    shapes=lambda model, size: grid_anchor_shapes(model["rpn"]["sizes"], model["rpn"]["ratios"]),
+    recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["rpn"]["fg_iou"]),
+    fit=_rescaled_fit("rpn.sizes", lambda: RPN),
+)
+
+
+def prior_family(model_cfg: DictConfig) -> Family | None:
+    """The :class:`Family` of the detector ``model_cfg`` builds; None for one without priors to fit."""
+    from detkit.models.detectors.fpn_rcnn import FPNRCNN
+    from detkit.models.detectors.retinanet import RetinaNet
+    from detkit.models.detectors.ssd import SSD as SSDDetector
+    from detkit.models.detectors.yolo import YOLOv3
+
+    cls = get_class(model_cfg._target_)
+    for base, family in ((YOLOv3, YOLO), (SSDDetector, SSD), (RetinaNet, RETINANET), (FPNRCNN, RPN)):
+        if issubclass(cls, base):
+            return family
+    return None
+
+
+# --- sizes ---
+
+def choose_sizes(stats: SizeStats, img_size: int | None, test_size: int | None, size_range: Sequence[int],
+                 small_fraction: float, test_scale: float) -> tuple[int, int]:
+    """(training size, test size): those given, the unset (None) ones chosen from ``stats`` as the module says."""
+    if img_size is None:
+        low, high = size_range
+        img_size = min(max(round(stats.median_long_side() / MULTIPLE) * MULTIPLE, low), high)
+    if test_size is None:
+        side = stats.letterboxed(img_size, min_size=0.0).prod(dim=1).sqrt()
+        small = (side < SMALL).double().mean().item() if len(side) else 0.0
+        test_size = scaled_size(img_size, test_scale, MULTIPLE) if small > small_fraction else img_size
+    return int(img_size), int(test_size)
+
+
+def fit_priors(family: Family, model: dict, wh: Tensor, img_size: int, threshold: float, seed: int
+               ) -> tuple[dict, float, float]:
+    """(new prior values, or {} to keep the configured ones; BPR before; BPR after) for box shapes ``wh``."""
+    before = family.recall(wh, family.shapes(model, img_size), model)
+    if before >= threshold:
+        return {}, before, before
+    values = family.fit(wh, model, img_size, seed)
+    fitted = _with(model, values)
+    after = family.recall(wh, family.shapes(fitted, img_size), fitted)
+    return (values, before, after) if values and after > before else ({}, before, before)
+
+
+def apply_auto(cfg: DictConfig, read_train: Callable[[], object], log: Callable[[str], None] = print) -> dict:
+    """Write the data-adaptive sizes and priors into ``cfg`` (``cfg.auto`` says which; absent: none);
+    ``read_train()`` gives the untransformed training reader, read only when something is to be chosen.
+    Returns the {key: value} it set."""
+    auto = cfg.get("auto")
+    if not auto:
+        return {}
+    cli_keys = command_line_keys()
+    size_keys = [k for k in ("img_size", "test_size")
+                 if auto.sizes and not cfg.data.get("builtin") and cfg.data.get(k) is None
+                 and not named(f"data.{k}", cli_keys)]
+    family = prior_family(cfg.model) if auto.priors and (auto.builtin or not cfg.data.get("builtin")) else None
+    model = OmegaConf.to_container(cfg.model, resolve=False)
+    if family is not None and not replaceable(model, family.keys, cli_keys):
+        family = None
+    if not size_keys and family is None:
+        return {}
+    from detkit.data.anchor_stats import size_stats
+
+    stats = size_stats(read_train())
+    changed = {}
+    if size_keys:
+        sizes = choose_sizes(stats, cfg.data.img_size, cfg.data.test_size, auto.size_range, auto.small_fraction,
+                             auto.test_scale)
+        for key, value in zip(("img_size", "test_size"), sizes):
+            if key in size_keys:
+                cfg.data[key] = changed[f"data.{key}"] = value
+        log(f"auto sizes: training at {sizes[0]} px, testing at {sizes[1]} px (median image side "
+            f"{stats.median_long_side():.0f} px; auto.sizes=false or data.img_size/test_size=N to choose)")
+    if family is not None:
+        img_size = int(cfg.data.img_size)
+        values, before, after = fit_priors(family, model, stats.letterboxed(img_size), img_size,
+                                           auto.bpr_threshold, cfg.seed)
+        keys = ", ".join(f"model.{k}" for k in family.keys)
+        if values:
+            for key, value in values.items():
+                OmegaConf.update(cfg.model, key, value, merge=False)
+                changed[f"model.{key}"] = value
+            shown = "; ".join(f"model.{k}={v}" for k, v in values.items())
+            log(f"auto priors: best possible recall {before:.4f} < {auto.bpr_threshold} at {img_size} px; "
+                f"fitted {keys}: recall {after:.4f}: {shown}")
+        elif before < auto.bpr_threshold:
+            log(f"auto priors: best possible recall {before:.4f} < {auto.bpr_threshold} at {img_size} px, but no "
+                f"fit of {keys} does better; kept")
+        else:
+            log(f"auto priors: best possible recall of {keys} {before:.4f} at {img_size} px")
+    return changed

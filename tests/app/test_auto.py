@@ -1,0 +1,131 @@
+"""Data-adaptive defaults (detkit/app/auto.py): sizes and priors follow the data, are stored in the checkpoint,
+never replace a value the user set, and leave the built-in main job as it is."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+import detkit
+from detkit.anchors import iou_recall, ratio_recall
+from detkit.app import auto
+from detkit.app.auto import apply_auto, named
+from detkit.app.build import raw_dataset
+from detkit.app.train import train
+from tests.conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPACT_ANCHORS = [[[10, 13], [14, 20], [20, 29]], [[29, 40], [40, 55], [55, 74]], [[77, 101], [106, 138], [149, 192]]]
+
+
+def write_coco(root: Path, count: int, size: tuple[int, int], sides: tuple[float, float], seed: int = 0) -> list[str]:
+    """``count`` noise images of ``size`` (h, w) with three square boxes each of side uniform in ``sides``;
+    returns the data=coco overrides reading them (train and val the same files)."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(count):
+        h, w = size
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        for j in range(3):
+            side = float(rng.uniform(*sides))
+            x, y = float(rng.uniform(0, w - side)), float(rng.uniform(0, h - side))
+            annotations.append({"id": 3 * i + j + 1, "image_id": i + 1, "category_id": 1 + j % 2,
+                                "bbox": [x, y, side, side], "area": side * side, "iscrowd": 0})
+    ann = root / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations,
+                               "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return ["data=coco", f"data.train_json={ann}", f"data.train_images={root / 'img'}", f"data.val_json={ann}",
+            f"data.val_images={root / 'img'}", "data.num_workers=0"]
+
+
+def run_auto(cfg):
+    lines = []
+    changed = apply_auto(cfg, lambda: raw_dataset(cfg.data, "train"), lines.append)
+    return changed, "\n".join(lines)
+
+
+def test_recall_measures():
+    wh = torch.tensor([[10.0, 10.0], [100.0, 10.0]])
+    assert ratio_recall(wh, torch.tensor([[10.0, 10.0]])) == 0.5  # 100/10 is past the ratio 4
+    assert ratio_recall(wh, torch.tensor([[30.0, 10.0]])) == 1.0
+    assert iou_recall(wh, torch.tensor([[10.0, 10.0]]), 0.5) == 0.5
+    assert named("model.anchors", ["model.anchors"]) and named("model.priors.min_sizes", ["model.priors"])
+    assert not named("model.anchors", ["model.anchor_sizes", "data.img_size"])
+
+
+def test_tiny_objects_get_small_priors_and_a_larger_test_size(tmp_path):
+    tiny = compose_config("train", [*write_coco(tmp_path / "tiny", 12, (300, 340), (2.5, 3.5)), "data.img_size=null"])
+    changed, log = run_auto(tiny)
+    assert tiny.data.img_size == 352 and tiny.data.test_size == 448  # 340 to a multiple of 32; 1.25x (small)
+    anchors = torch.tensor(OmegaConf.to_container(tiny.model.anchors))
+    assert anchors.shape == (3, 3, 2) and anchors.max() < 5 and changed["model.anchors"] == tiny.model.anchors
+    assert re.search(r"best possible recall 0\.\d+ < 0\.98 at 352 px; fitted model\.anchors: recall 1\.0000", log)
+    large = compose_config("train", [*write_coco(tmp_path / "large", 12, (300, 340), (60, 120)), "data.img_size=null"])
+    changed, log = run_auto(large)
+    assert large.data.img_size == large.data.test_size == 352
+    assert OmegaConf.to_container(large.model.anchors) == COMPACT_ANCHORS and "model.anchors" not in changed
+    # SSD's sizes and RetinaNet's follow the data too
+    for model, key in (("ssdlite", "priors.min_sizes"), ("retinanet_tiny", "anchor_sizes")):
+        cfg = compose_config("train", [*write_coco(tmp_path / model, 12, (300, 340), (4, 6)), f"model={model}"])
+        before = OmegaConf.to_container(OmegaConf.select(cfg.model, key))
+        changed, _ = run_auto(cfg)
+        assert changed[f"model.{key}"][0] < before[0] / 2
+
+
+def test_fitted_priors_and_sizes_are_stored_and_reused_from_the_checkpoint(tmp_path):
+    cfg = compose_config("train", [
+        *write_coco(tmp_path / "data", 12, (96, 96), (2.5, 3.5)), "data.img_size=96", "data.batch_size=4",
+        "data.eval_batch_size=4", "model.backbone.width=8", "model.backbone.depths=[1,1,1,1]", "trainer.epochs=1",
+        "trainer.threads=1", "eval.plots=false"])
+    train(cfg, tmp_path / "run")
+    detector = detkit.load(tmp_path / "run" / "last.pt")
+    stored = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["config"]
+    assert stored["data"]["img_size"] == 96 and stored["data"]["test_size"] == detector.img_size == 128
+    assert stored["model"]["anchors"] != COMPACT_ANCHORS
+    assert torch.equal(detector.model.anchors, torch.tensor(stored["model"]["anchors"]))
+    assert detector.model.anchors.max() < 5
+
+
+def test_a_value_the_user_set_is_never_replaced(tmp_path, monkeypatch):
+    overrides = write_coco(tmp_path / "tiny", 12, (300, 340), (2.5, 3.5))
+    own = [[[40, 40], [50, 50], [60, 60]]] * 3  # fits the tiny boxes badly, but it is the user's
+    cfg = compose_config("train", [*overrides, f"model.anchors={own}", "data.test_size=352"])
+    changed, log = run_auto(cfg)
+    assert changed == {} and OmegaConf.to_container(cfg.model.anchors) == own and cfg.data.test_size == 352
+    assert cfg.data.img_size == 416  # the config file's explicit size
+    # through tools/train.py a key on the command line is the user's, even at the config file's value
+    monkeypatch.setattr(auto, "command_line_keys", lambda: ["model.anchors", "data.test_size"])
+    cfg = compose_config("train", [*overrides, "data.test_size=null"])
+    changed, _ = run_auto(cfg)
+    assert changed == {} and cfg.data.test_size is None and OmegaConf.to_container(cfg.model.anchors) == COMPACT_ANCHORS
+    off = compose_config("train", [*overrides, "auto.priors=false", "auto.sizes=false"])
+    assert run_auto(off) == ({}, "")
+
+
+def builtin_unchanged(cfg):
+    before = OmegaConf.to_container(cfg)
+    changed, log = run_auto(cfg)
+    assert changed == {} and OmegaConf.to_container(cfg) == before
+    return log
+
+
+def test_the_builtin_main_job_is_left_as_it_is(tiny_builtin, tiny_overrides):
+    # the default config on the built-in data: off for the built-in data, and its anchors fit even when on
+    data_keys = [o for o in tiny_overrides if o.startswith("data.builtin.")]
+    assert builtin_unchanged(compose_config("train", data_keys)) == ""
+    log = builtin_unchanged(compose_config("train", [*data_keys, "auto.builtin=true"]))
+    assert "auto priors: best possible recall of model.anchors 1.0000 at 384 px" in log
+
+
+@pytest.mark.skipif(not (ROOT / "data/builtin/annotations/instances_train.json").exists(),
+                    reason="the built-in data is generated by the main job")
+def test_the_full_builtin_data_keeps_the_main_jobs_anchors():
+    cfg = compose_config("train", [f"data.builtin.root={ROOT / 'data/builtin'}", "auto.builtin=true"])
+    assert "best possible recall of model.anchors 0.9998 at 384 px" in builtin_unchanged(cfg)
