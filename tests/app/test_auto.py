@@ -129,3 +129,20 @@ def test_the_builtin_main_job_is_left_as_it_is(tiny_builtin, tiny_overrides):
 def test_the_full_builtin_data_keeps_the_main_jobs_anchors():
     cfg = compose_config("train", [f"data.builtin.root={ROOT / 'data/builtin'}", "auto.builtin=true"])
     assert "best possible recall of model.anchors 0.9998 at 384 px" in builtin_unchanged(cfg)
+
+
+def test_command_line_keys_are_hydras_value_overrides():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from tests.conftest import CONFIGS
+
+    assert auto.command_line_keys() == []  # outside a Hydra app: none
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", ["data=coco", "augment@data.augment=yolo", "model.anchors=[[[4,4]]]",
+                                "+auto.extra=1"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert auto.command_line_keys() == ["model.anchors", "auto.extra"]
+    finally:
+        HydraConfig.instance().cfg = None
