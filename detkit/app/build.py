@@ -31,12 +31,18 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_data(data_cfg: DictConfig) -> None:
-    """Generate the built-in dataset on first use (a no-op for user datasets)."""
+    """Generate a synthetic dataset on first use: the built-in one from ``data.builtin`` (the options of
+    :func:`~detkit.data.builtin.ensure_builtin`), any other from ``data.generate`` (a ``_target_`` that
+    generates into a folder unless it is complete, e.g. :func:`~detkit.data.suite.ensure_suite`, and its
+    arguments). A no-op for user datasets, where both are null or absent."""
     builtin = data_cfg.builtin
     if builtin:
         from detkit.data.builtin import ensure_builtin
 
         ensure_builtin(**builtin)
+    generate = data_cfg.get("generate")
+    if generate:
+        instantiate(generate)
 
 
 def eval_img_size(data_cfg: DictConfig) -> int:

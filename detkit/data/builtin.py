@@ -16,18 +16,16 @@ Layout written under ``root``::
 from __future__ import annotations
 
 import io
-import json
 import math
-import multiprocessing
 import os
-import shutil
-import time
 from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from detkit.data.generated import ensure_complete, write_atomically, write_coco_split
 
 CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 # Deliberately non-contiguous, like COCO's, so the label <-> category id mapping is exercised by default.
@@ -57,7 +55,7 @@ def _digits() -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 @lru_cache(maxsize=1)
-def _photos() -> tuple[np.ndarray, ...]:
+def background_photos() -> tuple[np.ndarray, ...]:
     """RGB uint8 (H, W, 3) background photos from scikit-image's data folder and scikit-learn's samples.
 
     Files are read directly from disk (never through ``skimage.data``'s fetchers, which may download).
@@ -78,9 +76,9 @@ def _photos() -> tuple[np.ndarray, ...]:
     return tuple(photos)
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """A jittered random crop of a random photo: float32 (height, width, 3) RGB in [0, 255]."""
-    photos = _photos()
+    photos = background_photos()
     photo = photos[rng.integers(len(photos))]
     ph, pw = photo.shape[:2]
     aspect = width / height * rng.uniform(0.85, 1.15)
@@ -99,7 +97,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return np.clip(image * gain.astype(np.float32), 0, 255)
 
 
-def _draw_clutter(rng: np.random.Generator, image: np.ndarray, count: int) -> None:
+def draw_clutter(rng: np.random.Generator, image: np.ndarray, count: int) -> None:
     """Draw ``count`` unannotated distractors in place on float32 (H, W, 3) ``image``.
 
     Blobs, rings, wide ellipses, squat rectangles, fat triangles and long curves: nothing is a short
@@ -219,7 +217,17 @@ def _digit_fill(rng: np.random.Generator, region: np.ndarray, mask: np.ndarray) 
     return first * (1 - t) + second * t
 
 
-def _overlaps_too_much(box: np.ndarray, placed: list[np.ndarray]) -> bool:
+def paste(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, x0: int, y0: int) -> None:
+    """Blend a contrasting fill (:func:`_digit_fill`) through alpha ``mask`` (h, w) into float32 (H, W, 3)
+    ``image`` in place, the mask's top-left corner at pixel (x0, y0), at a random opacity of 0.85–1."""
+    mh, mw = mask.shape
+    region = image[y0 : y0 + mh, x0 : x0 + mw]
+    fill = _digit_fill(rng, region, mask)
+    opacity = (mask * np.float32(rng.uniform(0.85, 1.0)))[..., None]
+    region[:] = region * (1 - opacity) + fill * opacity
+
+
+def overlaps_too_much(box: np.ndarray, placed: list[np.ndarray]) -> bool:
     """True if xyxy ``box`` has IoU > 0.25 with, or covers > 35% of, any earlier box in ``placed``."""
     area = (box[2] - box[0]) * (box[3] - box[1])
     for other in placed:
@@ -234,6 +242,23 @@ def _overlaps_too_much(box: np.ndarray, placed: list[np.ndarray]) -> bool:
     return False
 
 
+def place(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, tight: np.ndarray,
+          placed: list[np.ndarray]) -> np.ndarray | None:
+    """Try alpha ``mask`` (h, w; no larger than ``image``) at a random position of float32 (H, W, 3) ``image``:
+    refused if its ``tight`` xyxy box (mask pixels) would overlap too much a box in ``placed``
+    (:func:`overlaps_too_much`), else pasted (:func:`paste`). Returns the box in image pixels, also appended
+    to ``placed``, or None when refused."""
+    mh, mw = mask.shape
+    height, width = image.shape[:2]
+    x0, y0 = int(rng.integers(0, width - mw + 1)), int(rng.integers(0, height - mh + 1))
+    box = tight + np.array([x0, y0, x0, y0])
+    if overlaps_too_much(box, placed):
+        return None
+    paste(rng, image, mask, x0, y0)
+    placed.append(box)
+    return box
+
+
 def render_image(seed: int, split: int, index: int, min_size: int = 256, max_size: int = 320
                  ) -> tuple[bytes, int, int, list[tuple[np.ndarray, int]]]:
     """Draw image ``index`` of split number ``split`` (0 train, 1 val) for ``seed``.
@@ -243,8 +268,8 @@ def render_image(seed: int, split: int, index: int, min_size: int = 256, max_siz
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, split, index]))
     width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-    image = np.ascontiguousarray(_background(rng, width, height))
-    _draw_clutter(rng, image, int(rng.integers(0, 7)))
+    image = np.ascontiguousarray(background(rng, width, height))
+    draw_clutter(rng, image, int(rng.integers(0, 7)))
     glyphs, by_class = _digits()
     count = 0 if rng.random() < _EMPTY_FRACTION else int(rng.integers(1, _MAX_OBJECTS + 1))
     log_range = (math.log(_MIN_DIGIT_HEIGHT), math.log(min(width, height) / 3))
@@ -258,58 +283,41 @@ def render_image(seed: int, split: int, index: int, min_size: int = 256, max_siz
             alpha = _glyph_alpha(glyph, max(int(round(h * rng.uniform(0.65, 1.0))), 4), h)
             if alpha is None:
                 break
-            mask, tight = alpha
-            mh, mw = mask.shape
-            x0, y0 = int(rng.integers(0, width - mw + 1)), int(rng.integers(0, height - mh + 1))
-            box = tight + np.array([x0, y0, x0, y0])
-            if _overlaps_too_much(box, placed):
+            box = place(rng, image, *alpha, placed)
+            if box is None:
                 continue
-            region = image[y0 : y0 + mh, x0 : x0 + mw]
-            fill = _digit_fill(rng, region, mask)
-            opacity = (mask * np.float32(rng.uniform(0.85, 1.0)))[..., None]
-            region[:] = region * (1 - opacity) + fill * opacity
-            placed.append(box)
             objects.append((box, label))
             break
+    return encode_jpeg(rng, image), width, height, objects
+
+
+def encode_jpeg(rng: np.random.Generator, image: np.ndarray) -> bytes:
+    """Float32 (H, W, 3) RGB ``image`` in [0, 255] with random sensor noise (σ uniform in 0–5), as JPEG bytes
+    (quality 90)."""
     noise = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(0, 5))
     pixels = np.clip(image + noise + 0.5, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue(), width, height, objects
+    return buffer.getvalue()
 
 
 def _render_task(args: tuple[int, int, int, int, int]) -> tuple[bytes, int, int, list]:
     return render_image(*args)
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # the pool already uses every core
-    _digits(), _photos()
+def _preload() -> None:
+    _digits(), background_photos()
 
 
 def _write_split(root: Path, split: int, count: int, seed: int, min_size: int, max_size: int, pool) -> None:
     name = SPLITS[split]
-    image_dir = root / "images" / name
-    image_dir.mkdir(parents=True)
     tasks = [(seed, split, i, min_size, max_size) for i in range(count)]
     results = pool.imap(_render_task, tasks, chunksize=8) if pool else map(_render_task, tasks)
-    images, annotations = [], []
-    for i, (jpeg, width, height, objects) in enumerate(results):
-        file_name = f"{i:06d}.jpg"
-        (image_dir / file_name).write_bytes(jpeg)
-        images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
-        for box, label in objects:
-            x1, y1, x2, y2 = (float(v) for v in box)
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                "category_id": CATEGORY_IDS[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     categories = [{"id": c, "name": n, "supercategory": "digit"}
                   for c, n in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)]
     info = {"description": f"detkit built-in dataset (handwritten digits on photos), {name} split",
             "version": str(GENERATOR_VERSION), "seed": seed}
-    coco = {"info": info, "images": images, "annotations": annotations, "categories": categories}
-    (root / "annotations").mkdir(exist_ok=True)
-    (root / "annotations" / f"instances_{name}.json").write_text(json.dumps(coco))
+    write_coco_split(root, name, results, categories, info)
 
 
 def _fingerprint(num_train: int, num_val: int, seed: int, min_size: int, max_size: int) -> dict:
@@ -317,59 +325,24 @@ def _fingerprint(num_train: int, num_val: int, seed: int, min_size: int, max_siz
             "min_size": min_size, "max_size": max_size}
 
 
-def _remove_stale_partials(root: Path) -> None:
-    """Delete ``ROOT.tmp-<pid>`` folders left by interrupted runs whose process no longer exists."""
-    for tmp in root.parent.glob(f"{root.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:  # alive, owned by someone else
-            pass
-
-
 def generate_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500, seed: int = 0,
                      min_size: int = 256, max_size: int = 320, workers: int = 2) -> Path:
     """Write the dataset to ``root``, replacing whatever is there, and return ``root``.
 
-    Images are ``width × height`` with both independently uniform in [min_size, max_size]. The output is
-    written into ``ROOT.tmp-<pid>`` and renamed onto ``root`` at the end, so an interrupted run never
-    leaves a folder that looks complete. The bytes depend only on the parameters, not on ``workers``.
+    Images are ``width × height`` with both independently uniform in [min_size, max_size]. Written by
+    :func:`write_atomically`; the bytes depend only on the parameters, not on ``workers``.
     """
     if not 32 <= min_size <= max_size:
         raise ValueError(f"need 32 <= min_size <= max_size, got {min_size}, {max_size}")
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got {num_train}, {num_val}")
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(root)
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    pool = None
-    if workers > 1 and num_train + num_val > 1:
-        # spawn, not fork: a child forked from a process whose OpenCV (or OpenMP) threads ever ran can deadlock
-        # on a lock copied mid-use; each worker decodes the photos and digits once instead.
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
-    else:
-        _digits(), _photos()
-    try:
+
+    def write(folder: Path, pool) -> None:
         for split, count in enumerate((num_train, num_val)):
-            _write_split(tmp, split, count, seed, min_size, max_size, pool)
-        (tmp / ".complete").write_text(json.dumps(_fingerprint(num_train, num_val, seed, min_size, max_size)))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if pool:
-            pool.terminate()
-            pool.join()
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
-    return root
+            _write_split(folder, split, count, seed, min_size, max_size, pool)
+
+    return write_atomically(root, write, _fingerprint(num_train, num_val, seed, min_size, max_size), _preload,
+                            workers if num_train + num_val > 1 else 1)
 
 
 def ensure_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500, seed: int = 0,
@@ -378,16 +351,7 @@ def ensure_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500, 
 
     ``workers`` does not change the output, so it is not part of the fingerprint. Returns ``root``.
     """
-    root = Path(root)
-    wanted = _fingerprint(num_train, num_val, seed, min_size, max_size)
-    try:
-        if json.loads((root / ".complete").read_text()) == wanted:
-            return root
-    except (OSError, ValueError):
-        pass
-    print(f"generating the built-in dataset into {root} ({num_train} train / {num_val} val images, "
-          f"seed {seed}) ...", end=" ", flush=True)
-    start = time.perf_counter()
-    generate_builtin(root, num_train, num_val, seed, min_size, max_size, workers)
-    print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
-    return root
+    return ensure_complete(
+        root, _fingerprint(num_train, num_val, seed, min_size, max_size),
+        lambda: generate_builtin(root, num_train, num_val, seed, min_size, max_size, workers),
+        f"generating the built-in dataset into {root} ({num_train} train / {num_val} val images, seed {seed})")
