@@ -100,7 +100,7 @@ def compare_compression(checkpoint: str | Path, out_dir: str | Path, cfg: Mappin
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     latency = dict(cfg.get("latency") or {})
-    run_cfg = {**cfg, "report": {"latency_repeats": 0}}  # no timing while anything trains
+    run_cfg = {**cfg, "report": {"latency_repeats": 0, "threads": None}}  # no timing while anything trains
     base_model, base_cfg, _ = load_trained(checkpoint, device)
     size = eval_img_size(base_cfg.data)
     rows = {"baseline": describe(base_model, size, checkpoint_evaluator(base_cfg, out_dir, device)(
