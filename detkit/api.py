@@ -42,7 +42,7 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Detector
     return Detector(model, state["class_names"], eval_img_size(cfg.data), checkpoint, device)
 
 
-def _as_rgb(image) -> np.ndarray:
+def _as_rgb(image, index: int) -> np.ndarray:
     from PIL import Image
 
     from detkit.app.predict import read_rgb
@@ -53,7 +53,8 @@ def _as_rgb(image) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"an image must be an H x W x 3 uint8 RGB array, got shape {array.shape} {array.dtype}")
+        raise ValueError(f"image {index}: an image must be an H x W x 3 uint8 RGB array (or a path or PIL image), "
+                         f"got shape {array.shape} {array.dtype}")
     return array
 
 
@@ -74,7 +75,7 @@ class Detector:
         from detkit.app.predict import detect
 
         single = isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "convert")
-        arrays = [_as_rgb(image) for image in ([images] if single else list(images))]
+        arrays = [_as_rgb(image, i) for i, image in enumerate([images] if single else list(images))]
         results = []
         for start in range(0, len(arrays), max(int(batch_size), 1)):
             chunk = arrays[start:start + max(int(batch_size), 1)]

@@ -49,5 +49,8 @@ def test_export_writes_an_onnx_graph_beside_a_sidecar(trained, tmp_path):
 
 def test_predict_refuses_what_is_not_an_image(trained):
     out, _ = trained
-    with pytest.raises(ValueError, match="H x W x 3 uint8 RGB"):
-        detkit.load(out / "last.pt").predict(np.zeros((4, 4), np.float32))
+    detector = detkit.load(out / "last.pt")
+    with pytest.raises(ValueError, match="image 0: .*H x W x 3 uint8 RGB"):
+        detector.predict(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"image 1: .*got shape \(4, 4\)"):  # the list position is named
+        detector.predict([np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4), np.uint8)])

@@ -51,8 +51,6 @@ def build_hooks(hooks_cfg: Mapping, run: Mapping, main_process: bool = True) -> 
             continue
         hook = instantiate(entry)
         if callable(hook) and not isinstance(hook, Hook):  # a partial: the run supplies what it needs
-            if getattr(hook.func, "main_process_only", False) and not main_process:
-                continue
             wanted = inspect.signature(hook.func).parameters
             hook = hook(**{k: v for k, v in run.items() if k in wanted and k not in hook.keywords})
         if not isinstance(hook, Hook):

@@ -159,9 +159,8 @@ class MagnitudePruningHook(Hook):
         if self.masks is not None:
             apply_masks(trainer.model, self.masks)
             # the EMA weights are what evaluation and checkpoints use: their pruned entries must be exact zeros
-            eval_model = trainer.state.eval_model
-            if eval_model is not None and eval_model is not trainer.model:
-                apply_masks(eval_model, self.masks)
+            if trainer.state.eval_model is not trainer.model:
+                apply_masks(trainer.state.eval_model, self.masks)
 
     def state_dict(self) -> dict:
         return {"masks": self.masks}
