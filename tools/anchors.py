@@ -8,7 +8,8 @@ training).
 import hydra
 from omegaconf import DictConfig
 
-from detkit.app.build import build_dataset, prepare_data
+from detkit.app.auto import fill_sizes
+from detkit.app.build import build_dataset, prepare_data, raw_dataset
 from detkit.app.errors import user_errors
 from detkit.data.anchor_stats import fit_anchors
 
@@ -17,6 +18,7 @@ from detkit.data.anchor_stats import fit_anchors
 def main(cfg: DictConfig) -> None:
     with user_errors():
         prepare_data(cfg.data)
+        fill_sizes(cfg.data, lambda: raw_dataset(cfg.data, "train"))  # a user dataset's null sizes, as training
         dataset = build_dataset(cfg.data, cfg.split, cfg.seed, train=False)
         fit = fit_anchors(dataset, cfg.data.img_size, cfg.k, cfg.iters, cfg.seed, cfg.min_size)
     print(fit.format(cfg.num_scales))

@@ -8,7 +8,8 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
-from detkit.app.build import build_dataset, prepare_data
+from detkit.app.auto import fill_sizes
+from detkit.app.build import build_dataset, prepare_data, raw_dataset
 from detkit.app.errors import user_errors
 from detkit.data.browse import sample_grid
 from detkit.data.loader import ResumableSampler
@@ -19,6 +20,7 @@ from detkit.data.multiscale import MultiScaleDataset
 def main(cfg: DictConfig) -> None:
     with user_errors():
         prepare_data(cfg.data)
+        fill_sizes(cfg.data, lambda: raw_dataset(cfg.data, "train"))  # a user dataset's null sizes, as training
         dataset = build_dataset(cfg.data, cfg.split, cfg.seed, train=cfg.augment)
     if isinstance(dataset, MultiScaleDataset):  # browse at data.img_size
         dataset = dataset.dataset

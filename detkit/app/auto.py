@@ -235,6 +235,30 @@ def choose_sizes(stats: SizeStats, img_size: int | None, test_size: int | None, 
     return int(img_size), int(test_size)
 
 
+def fill_sizes(data_cfg: DictConfig, read_train: Callable[[], object], auto: DictConfig | dict | None = None,
+               log: Callable[[str], None] = print) -> dict:
+    """For the tools that read a dataset without training it (check_dataset, anchors, browse_dataset): set the
+    sizes a user dataset leaves null the way training would (:func:`choose_sizes` with ``auto``'s settings,
+    train.yaml's ``auto`` block when None). Returns the {key: value} it set."""
+    keys = [k for k in ("img_size", "test_size") if data_cfg.get(k) is None]
+    if not keys or data_cfg.get("builtin"):
+        return {}
+    if auto is None:
+        auto = OmegaConf.load(config_dir() / "train.yaml").auto
+    from detkit.data.anchor_stats import size_stats
+
+    stats = size_stats(read_train())
+    sizes = choose_sizes(stats, data_cfg.get("img_size"), data_cfg.get("test_size"), auto["size_range"],
+                         auto["small_fraction"], auto["test_scale"])
+    changed = {}
+    for key, value in zip(("img_size", "test_size"), sizes):
+        if key in keys:
+            data_cfg[key] = changed[f"data.{key}"] = value
+    log(f"sizes chosen from the training images as training would: data.img_size={sizes[0]}, "
+        f"data.test_size={sizes[1]} (set them to choose)")
+    return changed
+
+
 def fit_priors(family: Family, model: dict, wh: Tensor, img_size: int, threshold: float, seed: int
                ) -> tuple[dict, float, float]:
     """(new prior values, or {} to keep the configured ones; BPR before; BPR after) for box shapes ``wh``."""

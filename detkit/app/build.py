@@ -21,6 +21,7 @@ from detkit.data.transforms import Letterbox
 from detkit.data.validation import DatasetError
 from detkit.engine import distributed
 from detkit.engine.optim import build_scheduler
+from detkit.errors import ConfigError
 
 
 def seed_everything(seed: int) -> None:
@@ -45,10 +46,17 @@ def prepare_data(data_cfg: DictConfig) -> None:
         instantiate(generate)
 
 
+_UNSIZED = ("data.img_size is null: training chooses it from the data (auto.sizes; detkit.app.auto.fill_sizes "
+            "outside training); set data.img_size=N to choose it")
+
+
 def eval_img_size(data_cfg: DictConfig) -> int:
     """The square size images are letterboxed to for evaluation and inference: ``data.test_size``, or the
     training size ``data.img_size`` when it is unset (null)."""
-    return int(data_cfg.test_size or data_cfg.img_size)
+    size = data_cfg.test_size or data_cfg.img_size
+    if size is None:
+        raise ConfigError(_UNSIZED)
+    return int(size)
 
 
 def raw_dataset(data_cfg: DictConfig, split: str, transforms=None):
@@ -69,6 +77,8 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
     and in :class:`MultiScaleDataset` when ``data.multiscale.sizes`` is not empty."""
     train = split == "train" if train is None else train
     size = data_cfg.img_size
+    if size is None:
+        raise ConfigError(_UNSIZED)
     transforms = build_train_transform(data_cfg.augment, size, seed) if train else Letterbox(eval_img_size(data_cfg))
     use_mosaic = train and data_cfg.mosaic.prob > 0
     dataset = raw_dataset(data_cfg, split, transforms=None if use_mosaic else transforms)
@@ -141,7 +151,7 @@ def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int, 
               f"total batch {cfg.data.batch_size} x {world_size} (processes x accumulation) = {total_batch}")
     optimizer = instantiate(optim)(model)
     sched = dict(cfg.schedule)
-    warmup_steps = round(sched.pop("warmup_epochs") * steps_per_epoch)
+    warmup_steps = sched.pop("warmup_steps")
     total = cfg.trainer.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, total, min(warmup_steps, total), schedule=instantiate(sched))
     return optimizer, scheduler

@@ -143,6 +143,11 @@ def check_dataset(data_cfg: DictConfig, splits: list[str]) -> tuple[str, bool]:
     """(report of every split in ``splits``, whether training could start): a problem fails the check unless
     ``data.on_invalid`` is ``drop``, and an unreadable split always does."""
     checks = [load_split(data_cfg[split], split) for split in splits]
+    readable = {split: c.dataset for split, c in zip(splits, checks) if c.dataset is not None}
+    if data_cfg.get("img_size") is None and readable:  # a user dataset's sizes, chosen as training would
+        from detkit.app.auto import fill_sizes
+
+        fill_sizes(data_cfg, lambda: readable.get("train", next(iter(readable.values()))))
     text = "\n\n".join(format_check(c, data_cfg.img_size) for c in checks)
     drop = data_cfg.get("on_invalid", "error") == "drop"
     ok = all(c.dataset is not None and (drop or not c.problems) for c in checks)

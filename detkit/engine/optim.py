@@ -34,16 +34,30 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, momentum: float) -> 
 
 class LRSchedule:
     """A LambdaLR lambda: multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``, a linear
-    warmup from 0.1% over ``warmup_steps`` and then :meth:`decay`. ``total_steps`` may be re-planned during the
-    run (a time budget); LambdaLR saves a callable object's attributes in its state dict, so a resumed run gets
-    them back."""
+    warmup from 0.1% over :attr:`warmup` steps and then :meth:`decay`. ``total_steps`` may be re-planned during
+    the run (a time budget); LambdaLR saves a callable object's attributes in its state dict, so a resumed run
+    gets them back.
 
-    def __init__(self, total_steps: int, warmup_steps: int) -> None:
+    The warmup is counted in optimizer steps, not epochs (as detectron2's and mmdetection's): ``warmup_steps``,
+    but at most ``max_warmup_fraction`` of the run, so a short run or a budget on a small dataset is not mostly
+    warmup, and a large dataset is not warmed up for a whole fraction of an epoch it does not need."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, max_warmup_fraction: float = 1.0) -> None:
+        if warmup_steps < 0 or not 0.0 <= max_warmup_fraction <= 1.0:
+            raise ValueError(f"schedule: warmup_steps must be >= 0 and max_warmup_fraction in [0, 1], got "
+                             f"{warmup_steps} and {max_warmup_fraction}")
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.max_warmup_fraction = max_warmup_fraction
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps of the run as now planned."""
+        return min(self.warmup_steps, round(self.max_warmup_fraction * self.total_steps))
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return 1e-3 + (1.0 - 1e-3) * step / self.warmup_steps
+        warmup = self.warmup
+        if step < warmup:
+            return 1e-3 + (1.0 - 1e-3) * step / warmup
         return self.decay(step)
 
     def decay(self, step: int) -> float:
@@ -53,21 +67,24 @@ class LRSchedule:
 class CosineSchedule(LRSchedule):
     """Warmup, then cosine decay from 1 to ``final_factor`` at ``total_steps``."""
 
-    def __init__(self, total_steps: int, warmup_steps: int, final_factor: float) -> None:
-        super().__init__(total_steps, warmup_steps)
+    def __init__(self, total_steps: int, warmup_steps: int, final_factor: float,
+                 max_warmup_fraction: float = 1.0) -> None:
+        super().__init__(total_steps, warmup_steps, max_warmup_fraction)
         self.final_factor = final_factor
 
     def decay(self, step: int) -> float:
-        span = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / span, 1.0)
+        warmup = self.warmup
+        span = max(self.total_steps - warmup, 1)
+        progress = min((step - warmup) / span, 1.0)
         return self.final_factor + (1.0 - self.final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class StepSchedule(LRSchedule):
     """Warmup, then a multiplication by ``gamma`` at each fraction of the run in ``milestones``."""
 
-    def __init__(self, total_steps: int, warmup_steps: int, milestones: Sequence[float], gamma: float) -> None:
-        super().__init__(total_steps, warmup_steps)
+    def __init__(self, total_steps: int, warmup_steps: int, milestones: Sequence[float], gamma: float,
+                 max_warmup_fraction: float = 1.0) -> None:
+        super().__init__(total_steps, warmup_steps, max_warmup_fraction)
         self.milestones, self.gamma = tuple(float(m) for m in milestones), gamma
 
     def decay(self, step: int) -> float:

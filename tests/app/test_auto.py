@@ -14,9 +14,10 @@ from PIL import Image
 import detkit
 from detkit.anchors import iou_recall, ratio_recall
 from detkit.app import auto
-from detkit.app.auto import apply_auto, named
+from detkit.app.auto import apply_auto, fill_sizes, named
 from detkit.app.build import raw_dataset
 from detkit.app.train import train
+from detkit.data.check import check_dataset
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,13 +62,13 @@ def test_recall_measures():
 
 
 def test_tiny_objects_get_small_priors_and_a_larger_test_size(tmp_path):
-    tiny = compose_config("train", [*write_coco(tmp_path / "tiny", 12, (300, 340), (2.5, 3.5)), "data.img_size=null"])
+    tiny = compose_config("train", write_coco(tmp_path / "tiny", 12, (300, 340), (2.5, 3.5)))  # data=coco: sizes null
     changed, log = run_auto(tiny)
     assert tiny.data.img_size == 352 and tiny.data.test_size == 448  # 340 to a multiple of 32; 1.25x (small)
     anchors = torch.tensor(OmegaConf.to_container(tiny.model.anchors))
     assert anchors.shape == (3, 3, 2) and anchors.max() < 5 and changed["model.anchors"] == tiny.model.anchors
     assert re.search(r"best possible recall 0\.\d+ < 0\.98 at 352 px; fitted model\.anchors: recall 1\.0000", log)
-    large = compose_config("train", [*write_coco(tmp_path / "large", 12, (300, 340), (60, 120)), "data.img_size=null"])
+    large = compose_config("train", write_coco(tmp_path / "large", 12, (300, 340), (60, 120)))
     changed, log = run_auto(large)
     assert large.data.img_size == large.data.test_size == 352
     assert OmegaConf.to_container(large.model.anchors) == COMPACT_ANCHORS and "model.anchors" not in changed
@@ -96,17 +97,33 @@ def test_fitted_priors_and_sizes_are_stored_and_reused_from_the_checkpoint(tmp_p
 def test_a_value_the_user_set_is_never_replaced(tmp_path, monkeypatch):
     overrides = write_coco(tmp_path / "tiny", 12, (300, 340), (2.5, 3.5))
     own = [[[40, 40], [50, 50], [60, 60]]] * 3  # fits the tiny boxes badly, but it is the user's
-    cfg = compose_config("train", [*overrides, f"model.anchors={own}", "data.test_size=352"])
+    cfg = compose_config("train", [*overrides, f"model.anchors={own}", "data.img_size=416", "data.test_size=352"])
     changed, log = run_auto(cfg)
     assert changed == {} and OmegaConf.to_container(cfg.model.anchors) == own and cfg.data.test_size == 352
-    assert cfg.data.img_size == 416  # the config file's explicit size
+    assert cfg.data.img_size == 416
     # through tools/train.py a key on the command line is the user's, even at the config file's value
     monkeypatch.setattr(auto, "command_line_keys", lambda: ["model.anchors", "data.test_size"])
-    cfg = compose_config("train", [*overrides, "data.test_size=null"])
+    cfg = compose_config("train", [*overrides, "data.img_size=416", "data.test_size=null"])
     changed, _ = run_auto(cfg)
     assert changed == {} and cfg.data.test_size is None and OmegaConf.to_container(cfg.model.anchors) == COMPACT_ANCHORS
     off = compose_config("train", [*overrides, "auto.priors=false", "auto.sizes=false"])
     assert run_auto(off) == ({}, "")
+
+
+def test_tools_that_read_a_user_dataset_choose_its_sizes_as_training_would(tmp_path):
+    overrides = write_coco(tmp_path / "tiny", 12, (300, 340), (2.5, 3.5))
+    trained = compose_config("train", overrides)
+    run_auto(trained)
+    data = compose_config("check_dataset", overrides).data
+    assert data.img_size is None and fill_sizes(data, lambda: raw_dataset(data, "train"), log=lambda _: None) == {
+        "data.img_size": trained.data.img_size, "data.test_size": trained.data.test_size}
+    text, ok = check_dataset(compose_config("check_dataset", overrides).data, ["train"])
+    assert ok and f"pixels of the {trained.data.img_size}² letterboxed input" in text
+    # a size set stays; the built-in data is never touched
+    data = compose_config("check_dataset", [*overrides, "data.img_size=256"]).data
+    assert fill_sizes(data, lambda: raw_dataset(data, "train"), log=lambda _: None) == {"data.test_size": 320}
+    builtin = compose_config("check_dataset").data
+    assert fill_sizes(builtin, lambda: 1 / 0) == {}
 
 
 def builtin_unchanged(cfg):

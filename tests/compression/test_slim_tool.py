@@ -42,7 +42,7 @@ def test_the_sparsity_hook_adds_s_sign_gamma_to_the_prunable_gammas_only():
 def test_sparsity_training_from_the_config_shrinks_gamma_and_logs_a_histogram(tiny_train_config, tmp_path):
     def mean_gamma(run: str, *overrides: str) -> float:
         # Adam moves each γ by about lr per step when s dominates its gradient: 6 steps of 0.05 here
-        train(tiny_train_config("trainer.ema.enabled=false", "optim.lr=0.05", "schedule.warmup_epochs=0",
+        train(tiny_train_config("trainer.ema.enabled=false", "optim.lr=0.05", "schedule.warmup_steps=0",
                                 "schedule.final_factor=1.0", *overrides), tmp_path / run)
         weights = load_checkpoint(tmp_path / run / "last.pt")["model"]
         return torch.cat([w.abs() for k, w in weights.items() if k.endswith(".1.weight") and w.dim() == 1]).mean()

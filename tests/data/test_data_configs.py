@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from detkit.app.build import build_dataset, eval_img_size
 from detkit.data.validation import DatasetError
+from detkit.errors import ConfigError
 from detkit.data.voc import VOCDetection
 from detkit.data.yolo_txt import YoloTxtDetection
 from detkit.utils.resolvers import scaled_size
@@ -29,7 +30,7 @@ def voc_root(tmp_path, formats):
 
 def test_voc_config_trains_on_07_12_and_evaluates_on_07_test(tmp_path, formats):
     cfg = compose_config("train", ["data=voc", f"data.root={voc_root(tmp_path, formats)}",
-                                   "data.class_names=[a,b,c]"])
+                                   "data.class_names=[a,b,c]", "data.img_size=416"])
     train, val = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     assert isinstance(train, VOCDetection) and len(train) == 6 and len(val) == 3
     image, target = train[1]
@@ -38,7 +39,8 @@ def test_voc_config_trains_on_07_12_and_evaluates_on_07_test(tmp_path, formats):
 
 def test_yolo_config_and_bad_data_stops_at_construction(tmp_path, formats):
     images = formats.write_yolo(tmp_path / "yolo")
-    overrides = ["data=yolo", f"data.train_images={images}", f"data.val_images={images}", "data.names=[a,b,c]"]
+    overrides = ["data=yolo", f"data.train_images={images}", f"data.val_images={images}", "data.names=[a,b,c]",
+                 "data.img_size=128"]
     cfg = compose_config("train", overrides)
     assert isinstance(build_dataset(cfg.data, "val"), YoloTxtDetection)
     (tmp_path / "yolo" / "labels" / "second.txt").write_text("5 0.5 0.5 0.1 0.1\n")
@@ -54,6 +56,8 @@ def test_test_size_sets_the_evaluation_letterbox_only(tmp_path, formats):
                  "data.img_size=128", "data.mosaic.prob=0"]
     unset = compose_config("train", overrides).data
     assert unset.test_size is None and eval_img_size(unset) == 128
+    with pytest.raises(ConfigError, match="data.img_size is null: training chooses it"):
+        build_dataset(compose_config("train", overrides[:-2]).data, "val")  # data=yolo leaves it to training
     cfg = compose_config("train", [*overrides, "data.test_size=192"]).data
     assert eval_img_size(cfg) == 192
     assert build_dataset(cfg, "train")[0][0].shape[-2:] == (128, 128)

@@ -44,7 +44,7 @@ def test_configs_choose_optimizer_and_schedule_by_target():
         assert type(instantiate(optim)(model)) is kind
     for name, kind in (("cosine", CosineSchedule), ("step", StepSchedule)):
         sched = dict(compose_config("train", [f"schedule={name}"]).schedule)
-        del sched["warmup_epochs"]
+        del sched["warmup_steps"]
         assert type(instantiate(sched)(100, 10)) is kind
 
 
@@ -56,3 +56,26 @@ def test_single_step_run_without_warmup_ends_at_the_final_factor():
     assert scheduler.lr_lambdas[0](1) == pytest.approx(0.05)
     scheduler.lr_lambdas[0].total_steps = 4  # a budget's re-plan
     assert scheduler.lr_lambdas[0](2) == pytest.approx(0.05 + 0.95 * 0.5)  # half-way: cos(π/2) = 0
+
+
+def test_warmup_is_counted_in_steps_and_capped_to_a_fraction_of_the_planned_run():
+    cosine = CosineSchedule(10_000, 125, final_factor=0.05, max_warmup_fraction=0.05)
+    assert cosine.warmup == 125 and cosine(125) == pytest.approx(1.0) and cosine(62) < 0.5
+    cosine.total_steps = 400  # a time budget on a small dataset re-plans the run: warmup shrinks with it
+    assert cosine.warmup == 20 and cosine(20) == pytest.approx(1.0) and cosine(10) == pytest.approx(
+        1e-3 + (1 - 1e-3) * 0.5)
+    assert cosine(400) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="max_warmup_fraction"):
+        CosineSchedule(100, 10, final_factor=0.05, max_warmup_fraction=1.5)
+
+
+def test_the_default_schedule_warms_up_over_the_same_steps_whatever_the_epoch_length():
+    from detkit.app.build import build_optimization
+
+    model = nn.Linear(2, 2)
+    warmups = []
+    for steps_per_epoch in (40, 500):
+        cfg = compose_config("train", ["trainer.epochs=100"])
+        _, scheduler = build_optimization(cfg, model, steps_per_epoch)
+        warmups.append(scheduler.lr_lambdas[0].warmup)
+    assert warmups == [cfg.schedule.warmup_steps] * 2
