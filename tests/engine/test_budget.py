@@ -154,3 +154,15 @@ def test_a_budget_from_the_config_plans_the_checkpointed_run(tiny_train_config, 
     assert state["global_step"] == planned == state["max_steps"]
     assert 1 <= planned < 1000 * 3  # (how many fit depends on the machine: wiring only, no timing)
     assert state["hooks"]["schedule"]["lr_lambdas"][0]["total_steps"] == planned
+
+
+def test_a_budget_on_a_small_dataset_plans_many_epochs_and_warms_up_over_steps():
+    # trainer.epochs (5) is only the length before a plan: a minute of 10-step epochs is 20 of them
+    clock = FakeClock()
+    trainer, budget = toy_run(clock, epochs=5, steps_per_epoch=10)
+    schedule = trainer.hooks[0].scheduler.lr_lambdas[0]
+    schedule.warmup_steps, schedule.max_warmup_fraction = 125, 0.05
+    assert schedule.warmup == 2  # 5% of the 50 steps first configured
+    trainer.train()
+    assert trainer.state.epochs >= 18 and trainer.state.global_step == budget.planned >= 180
+    assert schedule.warmup == round(0.05 * budget.planned)  # laid out again for the planned run
