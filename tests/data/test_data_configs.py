@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from detkit.app.build import build_dataset, eval_img_size
 from detkit.data.validation import DatasetError
+from detkit.data.mosaic import Mosaic
 from detkit.errors import ConfigError
 from detkit.data.voc import VOCDetection
 from detkit.data.yolo_txt import YoloTxtDetection
@@ -31,6 +32,8 @@ def voc_root(tmp_path, formats):
 def test_voc_config_trains_on_07_12_and_evaluates_on_07_test(tmp_path, formats):
     cfg = compose_config("train", ["data=voc", f"data.root={voc_root(tmp_path, formats)}",
                                    "data.class_names=[a,b,c]", "data.img_size=416"])
+    assert isinstance(build_dataset(cfg.data, "train"), Mosaic)  # the default recipe: Mosaic for half the samples
+    cfg.data.mosaic.prob = 0.0
     train, val = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     assert isinstance(train, VOCDetection) and len(train) == 6 and len(val) == 3
     image, target = train[1]
@@ -93,4 +96,5 @@ def test_every_data_config_composes_the_shared_augment_mosaic_and_multiscale_gro
     assert cfg.augment.fliplr == (0.0 if data == "builtin" else 0.5)  # digits are not mirror-symmetric
     plain = compose_config("train", [f"data={data}"]).data
     assert plain.augment._target_ == "detkit.data.transforms.TrainTransform"
-    assert (plain.mosaic.prob, plain.mosaic.close_last) == ((0.5, 1) if data == "builtin" else (0.0, 0))
+    # the built-in recipe on every dataset: Mosaic for half the samples, closed out in the last epoch; batch 8
+    assert (plain.mosaic.prob, plain.mosaic.close_last, plain.batch_size) == (0.5, 1, 8)
