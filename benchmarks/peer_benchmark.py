@@ -237,6 +237,17 @@ def peer_threads(mode: str) -> list[int | None]:
     return runs[mode]
 
 
+# Below this a peer's AP prints as 0.0000: a ratio to it is only a lower bound.
+AP_FLOOR = 0.0005
+
+
+def ap_ratio(ours: float, theirs: float) -> str:
+    """``ours / theirs`` as "2.00x"; a lower bound when ``theirs`` rounds to 0 at 4 decimals, "—" if both do."""
+    if theirs >= AP_FLOOR:
+        return f"{ours / theirs:.2f}x"
+    return f"> {int(ours / AP_FLOOR + 1e-9)}x (peer AP < {AP_FLOOR})" if ours >= AP_FLOOR else "—"
+
+
 def format_peer_table(rows: list[dict], minutes: float, imgsz: int | None = None, data: str = "") -> str:
     """Markdown table of :func:`run_pair`'s results (detkit first)."""
     size = f"input {imgsz} px" if imgsz else "detkit at its own sizes, the peer at detkit's training size"
@@ -246,8 +257,7 @@ def format_peer_table(rows: list[dict], minutes: float, imgsz: int | None = None
     for r in rows:
         lines.append(f"| {r['name']} | {r['epochs']:.2f} | {r['wall_s']:.0f} | {r['img_s']:.1f} | {r['AP']:.4f} | "
                      f"{r['AP50']:.4f} | {r['params'] / 1e6:.2f} | {r['flops'] / 1e9:.2f} |")
-    ratios = [f"AP ratio {rows[0]['name']} / {r['name']}: {rows[0]['AP'] / r['AP']:.2f}x"
-              for r in rows[1:] if r["AP"] > 0]
+    ratios = [f"AP ratio {rows[0]['name']} / {r['name']}: {ap_ratio(rows[0]['AP'], r['AP'])}" for r in rows[1:]]
     return "\n".join(lines + ([""] + ratios if ratios else []))
 
 
@@ -265,7 +275,7 @@ def format_suite_table(results: dict[str, list[dict]], minutes: float) -> str:
              f"| detkit / {peer} AP |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for data, rows in results.items():
         best = max((r["AP"] for r in rows[1:]), default=0.0)
-        ratio = f"{rows[0]['AP'] / best:.2f}x" if best > 0 else "—"
+        ratio = ap_ratio(rows[0]["AP"], best)
         lines.append(f"| {data} | {rows[0]['AP']:.4f} | {rows[0]['AP50']:.4f} | {_ap(rows, 'all')} | "
                      f"{_ap(rows, 'default')} | {ratio} |")
     return "\n".join(lines)

@@ -61,6 +61,11 @@ def test_the_table_states_the_budget_and_the_ap_ratio():
     assert "budget 5 min" in table and "| detkit A | 5.00 | 300 | 80.0 | 0.4400 |" in table
     assert "2.00x" in table
     json.dumps(rows)
+    # a peer whose AP rounds to 0.0000 gives a lower bound, not a ratio to a rounding residue
+    rows[1]["AP"] = 1.1e-6
+    assert "AP ratio detkit A / ultralytics yolov8n: > 880x (peer AP < 0.0005)" in format_peer_table(rows, 5)
+    rows[0]["AP"] = 0.0
+    assert "ultralytics yolov8n: —" in format_peer_table(rows, 5)
 
 
 @pytest.fixture
