@@ -46,11 +46,12 @@ class YOLOv3(nn.Module):
         backbone: module returning maps shallowest first, with ``out_channels`` and ``strides`` attributes.
         anchors: per level (shallowest first), a list of (w, h) anchor sizes in input pixels.
         neck_channels: conv-set width per level; defaults to half the backbone's channels.
-        neck_pairs: (3×3, 1×1) pairs per conv set (2 in the paper).
+        neck_pairs: (3×3, 1×1) pairs per conv set (2 in the paper), or per level (shallowest first).
         neck: None for :class:`YOLOv3Neck`, else a factory (Hydra ``_partial_: true``) called with
             ``in_channels``, ``channels`` and ``act`` that returns a module with ``out_channels``; a neck
             returning fewer levels than the backbone gives the deepest ones (YOLOv2's single level).
-        spp: put :class:`~detkit.models.necks.spp.SPPBlock` (pools ``spp_kernels``) on the deepest backbone map.
+        spp: put :class:`~detkit.models.necks.spp.SPPBlock` (pools ``spp_kernels``, ``spp_pairs`` conv pairs
+            before them) on the deepest backbone map.
         sam: YOLOv4's point-wise spatial attention on each neck output. dropblock: DropBlock probability on
             each neck output in training (0: off), blocks of ``dropblock_size``.
         box_loss, loss_weights, level_weights, ratio_thresh, neighbor_cells, focal, focal_gamma, focal_alpha,
@@ -68,7 +69,7 @@ class YOLOv3(nn.Module):
         backbone: nn.Module,
         anchors: Sequence[Sequence[Sequence[float]]],
         neck_channels: Sequence[int] | None = None,
-        neck_pairs: int = 2,
+        neck_pairs: int | Sequence[int] = 2,
         act: str = "leaky",
         box_loss: str = "ciou",
         loss_weights: dict | None = None,
@@ -83,6 +84,7 @@ class YOLOv3(nn.Module):
         neck: Callable[..., nn.Module] | None = None,
         spp: bool = False,
         spp_kernels: Sequence[int] = (5, 9, 13),
+        spp_pairs: int = 0,
         sam: bool = False,
         dropblock: float = 0.0,
         dropblock_size: int = 3,
@@ -105,7 +107,7 @@ class YOLOv3(nn.Module):
         channels = list(neck_channels) if neck_channels else [c // 2 for c in in_channels]
         self.backbone = backbone
         # Created only when asked for, so that models without them keep their parameters (and seeded init).
-        self.spp = SPPBlock(in_channels[-1], spp_kernels, act) if spp else None
+        self.spp = SPPBlock(in_channels[-1], spp_kernels, act, spp_pairs) if spp else None
         if self.spp is not None:
             in_channels[-1] = self.spp.out_channels
         if neck is None:

@@ -28,22 +28,24 @@ class YOLOv3Neck(nn.Module):
     Args:
         in_channels: channels of the backbone maps, shallowest first (e.g. strides 8, 16, 32).
         channels: ``c_mid`` of each level's conv set, shallowest first.
-        pairs: (3×3, 1×1) pairs in each conv set.
+        pairs: (3×3, 1×1) pairs in each conv set, or one count per level, shallowest first.
 
     Input: maps shallowest first; output: one map per level, shallowest first, with ``channels[i]`` channels
     and the input's spatial size.
     """
 
-    def __init__(self, in_channels: Sequence[int], channels: Sequence[int], pairs: int = 2, act: str = "leaky"):
+    def __init__(self, in_channels: Sequence[int], channels: Sequence[int], pairs: int | Sequence[int] = 2,
+                 act: str = "leaky"):
         super().__init__()
-        if len(in_channels) != len(channels):
-            raise ValueError("in_channels and channels must have one entry per level")
         n = len(in_channels)
+        pairs = [pairs] * n if isinstance(pairs, int) else list(pairs)
+        if len(channels) != n or len(pairs) != n:
+            raise ValueError("in_channels, channels and a per-level pairs list must have one entry per level")
         self.sets = nn.ModuleList()
         self.reduce = nn.ModuleList()
         for level in reversed(range(n)):
             lateral = channels[level + 1] // 2 if level < n - 1 else 0
-            self.sets.append(conv_set(in_channels[level] + lateral, channels[level], pairs, act))
+            self.sets.append(conv_set(in_channels[level] + lateral, channels[level], pairs[level], act))
             if level > 0:
                 self.reduce.append(ConvBNAct(channels[level], channels[level] // 2, 1, act=act))
         self.out_channels = list(channels)
