@@ -15,9 +15,12 @@ def compose_train_config(overrides: Sequence[str] = ()):
     """configs/train.yaml composed with Hydra ``overrides`` (``["model=ssdlite", "trainer.epochs=3"]``), as
     ``tools/train.py`` composes it from the command line."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     from detkit.utils.resolvers import config_dir
 
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (a tool): its search path holds train.yaml
+        return compose(config_name="train", overrides=list(overrides))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 

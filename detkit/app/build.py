@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from detkit.data.augment import build_train_transform
@@ -113,8 +113,16 @@ def build_data_loader(dataset, data_cfg: DictConfig, train: bool, seed: int = 0)
 def build_model(model_cfg: DictConfig, num_classes: int, channel_spec: Mapping | None = None) -> nn.Module:
     """The detector ``model_cfg`` names; ``channel_spec`` (a pruned model's per-layer channel counts, stored in
     its config by ``tools/slim.py``) rebuilds the slim architecture, so pruned checkpoints load with
-    ``weights_only=True`` like any other."""
+    ``weights_only=True`` like any other. ``model.bn_eps`` (optional) sets every BatchNorm's ε after building:
+    converted weights keep the ε they were trained with (darknet 1e-5, torchvision's frozen BN 0)."""
+    bn_eps = model_cfg.get("bn_eps")
+    if "bn_eps" in model_cfg:
+        model_cfg = OmegaConf.masked_copy(model_cfg, [key for key in model_cfg if key != "bn_eps"])
     model = instantiate(model_cfg, num_classes=num_classes)
+    if bn_eps is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eps = float(bn_eps)
     if channel_spec:
         from detkit.compression.channels import apply_channel_spec
 

@@ -1,0 +1,71 @@
+"""Published weights → detkit checkpoints that every tool loads (``tools/eval.py checkpoint=``, ``predict.py``,
+``export.py``, ``train.py weights=`` for fine-tuning, ``detkit.load``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from detkit.convert.coco import COCO80_NAMES
+from detkit.engine.checkpoint import save_checkpoint
+
+# A converted model's data config: COCO-format data whose files the user names when evaluating or fine-tuning
+# (tools/eval.py checkpoint=… data=coco data.val_json=… data.val_images=…).
+_DATA = ["data=coco", "data.train_json=null", "data.train_images=null", "data.val_json=null", "data.val_images=null"]
+
+
+def converted_config(model: str | DictConfig, img_size: int, overrides: Sequence[str] = (),
+                     values: dict | None = None) -> dict:
+    """The stored config of a converted ``model`` (a configs/model name, or a composed model config)
+    evaluated at ``img_size``; then ``values`` ({dotted key: value}) and ``overrides`` ("key=yaml value")."""
+    from detkit.api import compose_train_config
+    from detkit.app.train import stored_config
+
+    name = [f"model={model}"] if isinstance(model, str) else []
+    cfg = compose_train_config([*name, *_DATA, f"data.img_size={img_size}", f"data.test_size={img_size}"])
+    if not isinstance(model, str):
+        cfg.model = model
+    values = dict(values or {})
+    for override in overrides:
+        key, value = override.lstrip("+").split("=", 1)
+        values[key] = yaml.safe_load(value)
+    with open_dict(cfg):
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+    return stored_config(cfg)
+
+
+def build_converted(config: dict, num_classes: int):
+    from omegaconf import OmegaConf
+
+    from detkit.app.build import build_model
+
+    cfg = OmegaConf.create(config)
+    return build_model(cfg.model, num_classes, cfg.get("channel_spec")).eval()
+
+
+def save_converted(model, config: dict, out: str | Path, source: dict,
+                   class_names: Sequence[str] = COCO80_NAMES) -> Path:
+    """Write ``model`` as a detkit checkpoint (atomically): its weights, ``config`` and ``class_names``, and
+    ``converted_from`` (``source``: what it was made from)."""
+    weights = model.state_dict()
+    state = {"model": weights, "weights": weights, "config": config, "class_names": list(class_names),
+             "converted_from": dict(source)}
+    return save_checkpoint(state, out)
+
+
+def convert_darknet(weights: str | Path, out: str | Path, model: str | DictConfig = "yolov3", img_size: int = 416,
+                    overrides: Sequence[str] = (), class_names: Sequence[str] = COCO80_NAMES) -> Path:
+    """Darknet ``.weights`` (80 COCO classes unless ``class_names`` says otherwise) → a detkit checkpoint of
+    ``model`` (a configs/model name or a model config) at ``img_size``, with darknet's BatchNorm ε."""
+    from detkit.convert.darknet import DARKNET_BN_EPS, load_weights
+
+    config = converted_config(model, img_size, overrides, {"model.bn_eps": DARKNET_BN_EPS})
+    detector = build_converted(config, len(class_names))
+    header = load_weights(detector, weights)
+    source = {"format": "darknet", "file": str(weights), "version": f"{header.major}.{header.minor}.{header.revision}",
+              "seen": int(header.seen)}
+    return save_converted(detector, config, out, source, class_names)

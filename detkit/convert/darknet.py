@@ -1,0 +1,219 @@
+"""Darknet's ``.weights`` format: read into and write from detkit models.
+
+The file is a header and then float32 values with nothing to say where a layer ends:
+
+- int32 major, minor, revision, then ``seen`` (images trained on) as int64 when major·10 + minor ≥ 2 (and both
+  below 1000), as int32 before (the YOLOv1/YOLOv2-era files);
+- per convolution, in the cfg's order: with ``batch_normalize=1`` BN β, γ, running mean, running variance (each
+  ``filters`` values), else the conv bias; then the kernel (filters × channels × size × size, C order).
+
+So a file only fits a model whose convolutions come in darknet's order with darknet's shapes. :func:`layout`
+gives that order for the detkit models that follow a darknet cfg; every float of the file must be consumed,
+and a file for another model, a truncated one or one with floats left over is a :class:`ConvertError` that
+names the counts. Darknet normalises with ε = 1e-5 (``sqrt(var + .00001)``): a loaded model gets that ε in
+every BatchNorm (``model.bn_eps`` in its config).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from detkit.errors import UserError
+
+DARKNET_BN_EPS = 1e-5
+
+
+class ConvertError(UserError, ValueError):
+    """A weights file that does not fit the model it is converted into."""
+
+
+@dataclass(frozen=True)
+class Header:
+    major: int = 0
+    minor: int = 2
+    revision: int = 5
+    seen: int = 0
+
+    @property
+    def long_seen(self) -> bool:
+        """Whether ``seen`` is stored as int64 (darknet's rule) rather than int32."""
+        return self.major * 10 + self.minor >= 2 and self.major < 1000 and self.minor < 1000
+
+    @property
+    def size(self) -> int:
+        return 12 + (8 if self.long_seen else 4)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One darknet convolution: ``conv`` and its ``bn`` (None: the conv has a bias instead); ``name`` is the
+    conv's module path, for messages."""
+
+    name: str
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d | None
+
+    @property
+    def size(self) -> int:
+        """Float count of this unit in a weights file."""
+        extra = 4 * self.conv.out_channels if self.bn is not None else self.conv.out_channels
+        return extra + self.conv.weight.numel()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """This unit's tensors in file order."""
+        if self.bn is None:
+            return [self.conv.bias, self.conv.weight]
+        return [self.bn.bias, self.bn.weight, self.bn.running_mean, self.bn.running_var, self.conv.weight]
+
+
+# --- the darknet order of detkit's models ---
+
+def _conv_bn_units(module: nn.Module, names: dict[nn.Module, str]) -> Iterator[Unit]:
+    """The Conv2d → BatchNorm2d pairs inside ``module`` in registration order (detkit's ConvBNAct)."""
+    from detkit.models.layers import ConvBNAct
+
+    for sub in module.modules():
+        if isinstance(sub, ConvBNAct):
+            yield Unit(names[sub[0]], sub[0], sub[1])
+
+
+def _yolov3_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
+    """yolov3.cfg: Darknet-53, then per level from the deepest: the five-conv set, the 3×3 conv and the linear
+    output conv (the [yolo] layer's input), then the 1×1 conv that is upsampled onto the next level.
+    yolov3-spp.cfg: the SPP block's convs (1×1, 3×3, 1×1, then the pools) come first on the deepest level, whose
+    conv set after the pools has three convs (``spp_pairs: 1``, ``neck_pairs: [2, 2, 1]``)."""
+    from detkit.models.backbones.darknet import Darknet
+    from detkit.models.layers import SqueezeExcitation
+    from detkit.models.necks.yolo_fpn import YOLOv3Neck
+
+    backbone, neck = model.backbone, model.neck
+    plain = (isinstance(backbone, Darknet) and isinstance(neck, YOLOv3Neck) and model.sam is None
+             and backbone.stem[0].stride == (1, 1)
+             and not any(isinstance(m, SqueezeExcitation) for m in backbone.modules()))
+    if not plain:
+        raise ConvertError("this YOLOv3 variant (SAM, SE, a strided stem or another neck) has no darknet cfg "
+                           "layout: model=yolov3 and model=yolov3_spp load darknet weights")
+    units = list(_conv_bn_units(backbone, names))
+    levels = len(neck.sets)
+    for i, conv_set in enumerate(neck.sets):  # deepest level first
+        if i == 0 and model.spp is not None:
+            units += list(_conv_bn_units(model.spp, names))
+        head = model.heads[levels - 1 - i]
+        units += list(_conv_bn_units(conv_set, names))
+        units += list(_conv_bn_units(head[0], names))
+        units.append(Unit(names[head[1]], head[1], None))
+        if i < levels - 1:
+            units += list(_conv_bn_units(neck.reduce[i], names))
+    return units
+
+
+def layout(model: nn.Module) -> list[Unit]:
+    """``model``'s convolutions in the order of its darknet cfg; a :class:`ConvertError` for a model without
+    one."""
+    names = {module: name for name, module in model.named_modules()}
+    if type(model).__name__ == "YOLOv3":
+        units = _yolov3_units(model, names)
+    else:
+        raise ConvertError(f"{type(model).__name__} has no darknet layout; darknet weights load into model=yolov3 "
+                           "and model=yolov3_spp")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if len(units) != len(convs):  # every convolution once, or the order above has missed a piece
+        raise ConvertError(f"{type(model).__name__}: the darknet layout covers {len(units)} of its "
+                           f"{len(convs)} convolutions")
+    return units
+
+
+def darknet_parameter_count(model: nn.Module) -> int:
+    """Parameters as darknet counts them: conv weights and biases, BN γ and β (not the running statistics)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
+# --- the file ---
+
+def read_weights(path: str | Path) -> tuple[Header, np.ndarray]:
+    """(header, the float32 values after it) of a darknet ``.weights`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"darknet weights {path} do not exist")
+    data = path.read_bytes()
+    if len(data) < 12:
+        raise ConvertError(f"{path}: {len(data)} bytes, shorter than a darknet header (12 bytes and `seen`)")
+    major, minor, revision = struct.unpack_from("<3i", data)
+    probe = Header(major, minor, revision)
+    if len(data) < probe.size:
+        raise ConvertError(f"{path}: {len(data)} bytes, shorter than its darknet {major}.{minor} header "
+                           f"({probe.size} bytes)")
+    seen = struct.unpack_from("<q" if probe.long_seen else "<i", data, 12)[0]
+    body = len(data) - probe.size
+    if body % 4:
+        raise ConvertError(f"{path}: {body} bytes after the {probe.size}-byte header are not whole float32 values "
+                           "(not a darknet .weights file?)")
+    return Header(major, minor, revision, seen), np.frombuffer(data, "<f4", offset=probe.size)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> Header:
+    """Copy the darknet weights file ``path`` into ``model`` (in its :func:`layout` order) and set every
+    BatchNorm's ε to darknet's; returns the file's header. Nothing is copied unless the file's float count is
+    exactly the model's."""
+    units = layout(model)
+    header, values = read_weights(path)
+    need = sum(u.size for u in units)
+    name = type(model).__name__
+    if len(values) < need:
+        used, index = 0, 0
+        while used + units[index].size <= len(values):
+            used, index = used + units[index].size, index + 1
+        raise ConvertError(
+            f"{path}: {len(values):,} floats after its {header.size}-byte header, but this {name} needs {need:,} "
+            f"({len(units)} convolutions in darknet's order): the file ends inside convolution {index + 1} "
+            f"({units[index].name}). A truncated file, or weights of another model (cfg, class count)?")
+    if len(values) > need:
+        raise ConvertError(
+            f"{path}: {len(values):,} floats after its {header.size}-byte header, but this {name} needs {need:,} "
+            f"({len(units)} convolutions in darknet's order): {len(values) - need:,} are left over. Weights of a "
+            "larger model (another cfg or class count)?")
+    offset = 0
+    with torch.no_grad():
+        for unit in units:
+            for tensor in unit.tensors():
+                n = tensor.numel()
+                tensor.copy_(torch.from_numpy(values[offset:offset + n].copy()).view_as(tensor))
+                offset += n
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eps = DARKNET_BN_EPS
+    return header
+
+
+def save_weights(model: nn.Module, path: str | Path, header: Header = Header()) -> Path:
+    """Write ``model`` as a darknet ``.weights`` file (its :func:`layout` order), atomically."""
+    units = layout(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = struct.pack("<3i", header.major, header.minor, header.revision)
+    head += struct.pack("<q" if header.long_seen else "<i", header.seen)
+    body = [t.detach().float().cpu().contiguous().numpy().astype("<f4").tobytes()
+            for unit in units for t in unit.tensors()]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head)
+            f.writelines(body)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
