@@ -63,7 +63,11 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_cfg: D
     out_dir.mkdir(parents=True, exist_ok=True)
     model, cfg, state = load_trained(checkpoint, device)
     check_metric(metric)
-    data_cfg = data_cfg if data_cfg is not None else cfg.data
+    if data_cfg is None:
+        data_cfg = cfg.data
+    else:  # another dataset: at the model's own sizes unless it sets them (data=coco|voc|yolo leave them null)
+        sizes = {key: cfg.data.get(key) for key in ("img_size", "test_size") if data_cfg.get(key) is None}
+        data_cfg = OmegaConf.merge(data_cfg, sizes)
     if test_size:
         data_cfg = OmegaConf.merge(data_cfg, {"test_size": int(test_size)})
     check_input_size(model, eval_img_size(data_cfg), "test_size" if test_size else "data.test_size")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -114,6 +114,10 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: Iterable[Hook] = ()
     # checkpoints are read before anything is built, so a bad file is reported at once
     resumed = load_checkpoint(cfg.resume) if cfg.resume else None
     start_weights = load_checkpoint(cfg.weights) if cfg.weights else None
+    eps = ((start_weights or {}).get("config") or {}).get("model", {}).get("bn_eps")
+    if eps is not None and cfg.model.get("bn_eps") is None:  # converted weights keep the ε they were trained with
+        with open_dict(cfg.model):
+            cfg.model.bn_eps = eps
     out_dir = Path(out_dir)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,10 +205,18 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: Iterable[Hook] = ()
 def load_weights(model: nn.Module, state: dict, checkpoint: str | Path) -> None:
     """Start from a checkpoint's weights (its EMA weights when it has them; ``state`` is the checkpoint read
     from ``checkpoint``) with a fresh optimizer and schedule: fine-tuning, as opposed to ``resume``. The
-    architectures must match exactly."""
+    architectures must match, except the class outputs when the checkpoint has another class count
+    (:func:`~detkit.app.finetune.adapt_class_outputs`)."""
     weights = state.get("weights", state.get("model"))
     if weights is None:
         raise CheckpointError(f"{checkpoint} holds no model weights (keys: {', '.join(state)})")
+    old_classes = len(state.get("class_names") or ())
+    if old_classes and old_classes != getattr(model, "num_classes", old_classes):
+        from detkit.app.finetune import adapt_class_outputs, describe
+
+        weights, reset = adapt_class_outputs(model, weights, old_classes)
+        if distributed.current().is_main:
+            print(describe(reset, old_classes, model.num_classes, checkpoint))
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
