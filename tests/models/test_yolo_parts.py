@@ -24,10 +24,15 @@ def test_spp_concatenates_input_and_three_pools_into_four_times_the_channels():
     x = torch.rand(2, 8, 13, 11)
     out = SPP((5, 9, 13))(x)
     assert out.shape == (2, 32, 13, 11)
-    assert torch.equal(out[:, :8], x)
-    assert torch.equal(out[:, 8:16], torch.nn.functional.max_pool2d(x, 5, 1, 2))
+    # darknet's order (route -1,-3,-5,-6): the largest pool first, the input last
+    assert torch.equal(out[:, 24:], x)
+    assert torch.equal(out[:, 16:24], torch.nn.functional.max_pool2d(x, 5, 1, 2))
+    assert torch.equal(out[:, :8], torch.nn.functional.max_pool2d(x, 13, 1, 6))
     block = SPPBlock(16)
     assert block.out_channels == 32 and block(torch.rand(1, 16, 4, 4)).shape == (1, 32, 4, 4)
+    darknet = SPPBlock(16, pairs=1)  # yolov3-spp.cfg / yolov4.cfg: 1x1, 3x3, 1x1 before the pools
+    assert [m[0].kernel_size for m in [darknet.reduce, *darknet.convs]] == [(1, 1), (3, 3), (1, 1)]
+    assert darknet(torch.rand(1, 16, 4, 4)).shape == (1, 32, 4, 4)
 
 
 def test_pan_keeps_each_level_size_with_its_channels():
