@@ -247,15 +247,21 @@ def fill_sizes(data_cfg: DictConfig, read_train: Callable[[], object], auto: Dic
         auto = OmegaConf.load(config_dir() / "train.yaml").auto
     from detkit.data.anchor_stats import size_stats
 
-    stats = size_stats(read_train())
+    changed = _set_sizes(data_cfg, size_stats(read_train()), keys, auto)
+    log(f"sizes chosen from the training images as training would: data.img_size={data_cfg.img_size}, "
+        f"data.test_size={data_cfg.test_size} (set them to choose)")
+    return changed
+
+
+def _set_sizes(data_cfg: DictConfig, stats: SizeStats, keys: Sequence[str], auto) -> dict:
+    """Write :func:`choose_sizes`' choice into the ``keys`` (img_size, test_size) of ``data_cfg`` that are
+    null; returns the {"data.KEY": value} set."""
     sizes = choose_sizes(stats, data_cfg.get("img_size"), data_cfg.get("test_size"), auto["size_range"],
                          auto["small_fraction"], auto["test_scale"])
     changed = {}
     for key, value in zip(("img_size", "test_size"), sizes):
         if key in keys:
             data_cfg[key] = changed[f"data.{key}"] = value
-    log(f"sizes chosen from the training images as training would: data.img_size={sizes[0]}, "
-        f"data.test_size={sizes[1]} (set them to choose)")
     return changed
 
 
@@ -293,11 +299,8 @@ def apply_auto(cfg: DictConfig, read_train: Callable[[], object], log: Callable[
     stats = size_stats(read_train())
     changed = {}
     if size_keys:
-        sizes = choose_sizes(stats, cfg.data.img_size, cfg.data.test_size, auto.size_range, auto.small_fraction,
-                             auto.test_scale)
-        for key, value in zip(("img_size", "test_size"), sizes):
-            if key in size_keys:
-                cfg.data[key] = changed[f"data.{key}"] = value
+        changed.update(_set_sizes(cfg.data, stats, size_keys, auto))
+        sizes = (cfg.data.img_size, cfg.data.test_size or cfg.data.img_size)
         log(f"auto sizes: training at {sizes[0]} px, testing at {sizes[1]} px (median image side "
             f"{stats.median_long_side():.0f} px; auto.sizes=false or data.img_size/test_size=N to choose)")
     if family is not None:

@@ -77,7 +77,7 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
     and in :class:`MultiScaleDataset` when ``data.multiscale.sizes`` is not empty."""
     train = split == "train" if train is None else train
     size = data_cfg.img_size
-    if size is None:
+    if train and size is None:  # evaluation letterboxes to eval_img_size, which checks its own
         raise ConfigError(_UNSIZED)
     transforms = build_train_transform(data_cfg.augment, size, seed) if train else Letterbox(eval_img_size(data_cfg))
     use_mosaic = train and data_cfg.mosaic.prob > 0
@@ -120,9 +120,9 @@ def build_model(model_cfg: DictConfig, num_classes: int, channel_spec: Mapping |
         model_cfg = OmegaConf.masked_copy(model_cfg, [key for key in model_cfg if key != "bn_eps"])
     model = instantiate(model_cfg, num_classes=num_classes)
     if bn_eps is not None:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eps = float(bn_eps)
+        from detkit.models.layers import set_bn_eps
+
+        set_bn_eps(model, bn_eps)
     if channel_spec:
         from detkit.compression.channels import apply_channel_spec
 

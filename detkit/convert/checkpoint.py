@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detkit.convert.coco import COCO80_NAMES
@@ -19,28 +18,25 @@ _DATA = ["data=coco", "data.train_json=null", "data.train_images=null", "data.va
 
 def converted_config(model: str | DictConfig, img_size: int, overrides: Sequence[str] = (),
                      values: dict | None = None) -> dict:
-    """The stored config of a converted ``model`` (a configs/model name, or a composed model config)
-    evaluated at ``img_size``; then ``values`` ({dotted key: value}) and ``overrides`` ("key=yaml value")."""
+    """The stored config of a converted ``model`` (a configs/model name with Hydra ``overrides`` of the train
+    config, or a composed model config) evaluated at ``img_size``; then ``values`` ({dotted key: value})."""
     from detkit.api import compose_train_config
     from detkit.app.train import stored_config
 
+    if not isinstance(model, str) and any(o.lstrip("+~").startswith("model.") for o in overrides):
+        raise ValueError("model.* overrides go into the model config given, not into overrides")
     name = [f"model={model}"] if isinstance(model, str) else []
-    cfg = compose_train_config([*name, *_DATA, f"data.img_size={img_size}", f"data.test_size={img_size}"])
-    if not isinstance(model, str):
-        cfg.model = model
-    values = dict(values or {})
-    for override in overrides:
-        key, value = override.lstrip("+").split("=", 1)
-        values[key] = yaml.safe_load(value)
+    cfg = compose_train_config([*name, *_DATA, f"data.img_size={img_size}", f"data.test_size={img_size}",
+                                *overrides])
     with open_dict(cfg):
-        for key, value in values.items():
+        if not isinstance(model, str):
+            cfg.model = model
+        for key, value in (values or {}).items():
             OmegaConf.update(cfg, key, value, merge=False)
     return stored_config(cfg)
 
 
 def build_converted(config: dict, num_classes: int):
-    from omegaconf import OmegaConf
-
     from detkit.app.build import build_model
 
     cfg = OmegaConf.create(config)

@@ -16,9 +16,7 @@ every BatchNorm (``model.bn_eps`` in its config).
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from detkit.engine.checkpoint import atomic_write
 from detkit.errors import UserError
+from detkit.models.layers import set_bn_eps
 
 DARKNET_BN_EPS = 1e-5
 
@@ -192,28 +192,15 @@ def load_weights(model: nn.Module, path: str | Path) -> Header:
                 n = tensor.numel()
                 tensor.copy_(torch.from_numpy(values[offset:offset + n].copy()).view_as(tensor))
                 offset += n
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eps = DARKNET_BN_EPS
+    set_bn_eps(model, DARKNET_BN_EPS)
     return header
 
 
 def save_weights(model: nn.Module, path: str | Path, header: Header = Header()) -> Path:
     """Write ``model`` as a darknet ``.weights`` file (its :func:`layout` order), atomically."""
     units = layout(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     head = struct.pack("<3i", header.major, header.minor, header.revision)
     head += struct.pack("<q" if header.long_seen else "<i", header.seen)
     body = [t.detach().float().cpu().contiguous().numpy().astype("<f4").tobytes()
             for unit in units for t in unit.tensors()]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            f.writelines(body)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.writelines([head, *body]))

@@ -19,6 +19,13 @@ def activation(name: str) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}; expected one of leaky, relu, silu, mish")
 
 
+def set_bn_eps(model: nn.Module, eps: float) -> None:
+    """Set every BatchNorm's ε in ``model`` (converted weights keep the ε they were trained with)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eps = float(eps)
+
+
 class ConvBNAct(nn.Sequential):
     """Conv2d (no bias) → BatchNorm2d → activation; 'same' padding for odd kernels.
 
