@@ -1,4 +1,4 @@
-"""The YOLO family side by side for ``tools/benchmark.py yolo``: each tiny config trained for the same fixed
+"""The YOLO family side by side for ``tools/benchmark.py yolo``: each _cpu config trained for the same fixed
 budget on the same data, then mAP@0.5, mAP@[.5:.95], parameters, FLOPs and CPU inference img/s.
 
 Every config gets one recipe (AdamW at a constant ``lr``, the data config's batch and augmentation, no EMA,
@@ -21,7 +21,7 @@ from detkit.evaluation.coco import predict
 from detkit.evaluation.dataset import evaluate_dataset
 from detkit.utils.complexity import complexity
 
-TINY_CONFIGS = ("yolov1_tiny", "yolov2_tiny", "yolov3_tiny", "yolov3_spp_tiny", "yolov4_tiny")
+TINY_CONFIGS = ("yolov1_cpu", "yolov2_cpu", "yolov3_cpu", "yolov3_spp_cpu", "yolov4_cpu")
 
 
 @dataclass(frozen=True)

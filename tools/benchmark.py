@@ -4,7 +4,7 @@
 [--quick] [--size 320] [--workers 2]`` (training loader img/s: Mosaic + yolo preset vs the default pipeline),
 ``python tools/benchmark.py ssd [--quick] [--repeats N] [--batch-size 4] [--threads N]`` (detkit SSD300 vs torchvision's
 ssd300_vgg16: training step and inference on one 4x3x300x300 batch, CPU), ``python tools/benchmark.py yolo
-[--quick] [--steps 200] [--size 256] [--threads N]`` (each tiny YOLO config trained for the same budget on the
+[--quick] [--steps 200] [--size 256] [--threads N]`` (each _cpu YOLO config trained for the same budget on the
 built-in data: mAP@0.5, mAP, params, FLOPs, CPU img/s), ``python tools/benchmark.py twostage [--quick]
 [--repeats N] [--batch-size 2] [--size 512] [--device cpu|cuda] [--threads N]`` (detkit FPN R-CNN and RetinaNet vs
 torchvision's fasterrcnn_resnet50_fpn and retinanet_resnet50_fpn: training step and inference, interleaved),
@@ -79,7 +79,7 @@ def yolo(args: argparse.Namespace) -> None:
         # The plain pipeline (no Mosaic) so that the budget is the same batches for every version.
         overrides = [*(quick if args.quick else []), f"data.img_size={size}", "data.mosaic.prob=0.0"]
         rows = yolo_family(steps=steps, overrides=overrides)
-    print(format_results(f"tiny YOLO configs, {steps} training steps at {size} px, built-in data without Mosaic, "
+    print(format_results(f"_cpu YOLO configs, {steps} training steps at {size} px, built-in data without Mosaic, "
                          f"{torch.get_num_threads()} threads", rows))
 
 
@@ -135,7 +135,7 @@ def main() -> None:
     det.add_argument("--repeats", type=int, default=0, help="repeats per measurement (default 5, quick 1)")
     det.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     det.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
-    fam = sections.add_parser("yolo", help="tiny YOLO v1-v4 configs: same training budget, mAP, params, FLOPs, img/s")
+    fam = sections.add_parser("yolo", help="_cpu YOLO v1-v4 configs: same training budget, mAP, params, FLOPs, img/s")
     fam.set_defaults(run=yolo)
     fam.add_argument("--quick", action="store_true", help="16 images, 2 steps at 128 px, to check that it runs")
     fam.add_argument("--steps", type=int, default=200, help="training batches per config (default 200)")

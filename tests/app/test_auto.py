@@ -73,7 +73,7 @@ def test_tiny_objects_get_small_priors_and_a_larger_test_size(tmp_path):
     assert large.data.img_size == large.data.test_size == 352
     assert OmegaConf.to_container(large.model.anchors) == COMPACT_ANCHORS and "model.anchors" not in changed
     # SSD's sizes and RetinaNet's follow the data too
-    for model, key in (("ssdlite", "priors.min_sizes"), ("retinanet_tiny", "anchor_sizes")):
+    for model, key in (("ssdlite", "priors.min_sizes"), ("retinanet_cpu", "anchor_sizes")):
         cfg = compose_config("train", [*write_coco(tmp_path / model, 12, (300, 340), (4, 6)), f"model={model}"])
         before = OmegaConf.to_container(OmegaConf.select(cfg.model, key))
         changed, _ = run_auto(cfg)

@@ -10,7 +10,7 @@ TARGETS = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.ten
 
 
 def tiny_yolo(train: bool = False) -> torch.nn.Module:
-    """yolov3_tiny with 3 classes, seeded, in eval mode unless ``train``."""
+    """yolov3_cpu with 3 classes, seeded, in eval mode unless ``train``."""
     torch.manual_seed(0)
-    model = instantiate(compose_config("train", ["model=yolov3_tiny"]).model, num_classes=3)
+    model = instantiate(compose_config("train", ["model=yolov3_cpu"]).model, num_classes=3)
     return model.train(train)

@@ -18,12 +18,12 @@ tiny_checkpoint = checkpoint_fixture
 
 def test_compare_writes_a_row_per_method_plus_baseline_and_swap_all_timed(tiny_checkpoint, tmp_path):
     cfg = compose_config("compare_compression", [
-        f"checkpoint={tiny_checkpoint}", "finetune.epochs=0", "swap.model=yolov3_mobilenetv2_tiny", "swap.epochs=1",
+        f"checkpoint={tiny_checkpoint}", "finetune.epochs=0", "swap.model=yolov3_mobilenetv2_cpu", "swap.epochs=1",
         "int8.calibration_batches=1", "prune.calibration_batches=1", "latency.repeats=2", "latency.rounds=2",
         "latency.threads=1", "latency.compile_int8=false"])
     result = compare_compression(tiny_checkpoint, tmp_path, cfg)
     rows = result["rows"]
-    assert list(rows) == ["baseline", *METHODS, "swap: yolov3_mobilenetv2_tiny"]
+    assert list(rows) == ["baseline", *METHODS, "swap: yolov3_mobilenetv2_cpu"]
     table = (tmp_path / "table.md").read_text()
     assert all(f"| {name} |" in table for name in rows) and "the base checkpoint" in table
     assert json.loads((tmp_path / "table.json").read_text())["rows"].keys() == rows.keys()

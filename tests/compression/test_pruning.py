@@ -58,17 +58,17 @@ def test_removing_zero_gamma_channels_keeps_the_outputs_thanks_to_beta_compensat
 
 
 ZOO = [
-    ("yolov1_tiny", ("model.input_size=64",), 64),
-    ("yolov2_tiny", (), 64),
-    ("yolov3_tiny", (), 64),
-    ("yolov3_spp_tiny", (), 64),
-    ("yolov4_tiny", (), 64),
+    ("yolov1_cpu", ("model.input_size=64",), 64),
+    ("yolov2_cpu", (), 64),
+    ("yolov3_cpu", (), 64),
+    ("yolov3_spp_cpu", (), 64),
+    ("yolov4_cpu", (), 64),
     ("yolov3_compact", ("model.backbone.width=8",), 64),
     ("ssdlite", ("model.backbone.width=0.25", "model.backbone.extra_channels=[64,32,32,16]"), 128),
-    ("fast_rcnn_tiny", ("model.backbone.width=8",), 64),
-    ("gcnn_tiny", ("model.backbone.width=8",), 64),
-    ("fpn_rcnn_tiny", ("model.backbone.width=8",), 64),
-    ("retinanet_tiny", ("model.backbone.width=8",), 64),
+    ("fast_rcnn_cpu", ("model.backbone.width=8",), 64),
+    ("gcnn_cpu", ("model.backbone.width=8",), 64),
+    ("fpn_rcnn_cpu", ("model.backbone.width=8",), 64),
+    ("retinanet_cpu", ("model.backbone.width=8",), 64),
 ]
 
 

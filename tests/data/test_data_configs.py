@@ -73,7 +73,7 @@ def test_test_size_sets_the_evaluation_letterbox_only(tmp_path, formats):
 def test_builtin_data_evaluates_above_the_training_size_except_fixed_size_models():
     assert eval_img_size(compose_config("train", []).data) == 480  # 384 x 1.25
     assert eval_img_size(compose_config("train", ["data.img_size=96"]).data) == 128  # 120 to a multiple of 32
-    cfg = compose_config("train", ["model=yolov1_tiny", "data.img_size=448"])
+    cfg = compose_config("train", ["model=yolov1_cpu", "data.img_size=448"])
     assert eval_img_size(cfg.data) == cfg.model.input_size == 448  # the FC head takes no other size
     assert eval_img_size(compose_config("train", ["data.test_size=null"]).data) == 384
     chosen = compose_config("eval", ["data=builtin", "checkpoint=x"]).data  # tools/eval.py data=builtin: no model

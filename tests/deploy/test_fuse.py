@@ -27,7 +27,7 @@ def count_bn(model: nn.Module) -> int:
 
 @pytest.mark.parametrize("name, overrides", [
     ("yolov3_compact", ["model.backbone.width=8"]),
-    ("yolov4_tiny", []),
+    ("yolov4_cpu", []),
     ("ssdlite", ["model.backbone.width=0.25"]),
 ])
 def test_fused_detector_gives_the_same_dense_predictions(name, overrides):
@@ -45,7 +45,7 @@ def test_fused_detector_gives_the_same_dense_predictions(name, overrides):
 
 def test_resnet_blocks_are_fused_through_their_conv_bn_attributes():
     torch.manual_seed(0)
-    cfg = compose_config("train", ["model=fpn_rcnn_tiny"])
+    cfg = compose_config("train", ["model=fpn_rcnn_cpu"])
     model = with_trained_statistics(build_model(cfg.model, 3))
     fused, pairs = fuse_conv_bn(model)
     assert pairs > 0 and count_bn(fused) == 0

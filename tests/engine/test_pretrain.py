@@ -49,7 +49,7 @@ def test_a_backbone_file_for_another_model_is_a_clear_error(pretrained, tmp_path
         load_backbone_weights(other, tmp_path / "ckpt.pt")
 
 
-@pytest.mark.parametrize("name", ["ssdlite", "fpn_rcnn_tiny", "yolov1_tiny"])
+@pytest.mark.parametrize("name", ["ssdlite", "fpn_rcnn_cpu", "yolov1_cpu"])
 def test_backbones_of_other_families_pretrain_and_load_back(name, tiny_builtin, tmp_path):
     overrides = [f"model={name}", f"data.builtin.root={tiny_builtin}", "data.builtin.num_train=24",
                  "data.builtin.num_val=8", "data.builtin.min_size=96", "data.builtin.max_size=128",

@@ -59,11 +59,11 @@ def test_label_smoothing_softens_class_targets():
 def test_config_switches_reach_the_loss():
     from hydra.utils import instantiate
 
-    cfg = compose_config("train", ["model=yolov3_tiny", "model.box_loss=diou", "model.focal=true",
+    cfg = compose_config("train", ["model=yolov3_cpu", "model.box_loss=diou", "model.focal=true",
                                    "+model.label_smoothing=0.1"])
     model = instantiate(cfg.model, num_classes=3)
     assert model.loss.box_loss == "diou" and model.loss.focal and model.loss.label_smoothing == 0.1
-    v4 = instantiate(compose_config("train", ["model=yolov4_tiny"]).model, num_classes=3)
+    v4 = instantiate(compose_config("train", ["model=yolov4_cpu"]).model, num_classes=3)
     assert v4.loss.box_loss == "ciou" and v4.nms == "diou" and v4.xy_scale > 1
 
 

@@ -27,7 +27,7 @@ def test_configs_build_with_the_papers_settings():
     assert model.head.cls_score.out_features == 21 and model.head.bbox_pred.out_features == 80
     assert model.head.pooler.spatial_scale == 1 / 16 and model.backbone.strides == [16]
     assert len(model.dense((384, 384))) == 1728
-    tiny = build("fast_rcnn_tiny")
+    tiny = build("fast_rcnn_cpu")
     assert len(tiny.dense((384, 384))) == 2688 and tiny.head.pooler.spatial_scale == 1 / 16
 
 
@@ -109,7 +109,7 @@ def test_a_proposals_file_reaches_the_model_through_the_dataset(tmp_path):
 
 
 def test_tiny_config_overfits_two_images(toy_batch, precise_batchnorm):
-    model = instantiate(compose_config("train", ["model=fast_rcnn_tiny"]).model, num_classes=3)
+    model = instantiate(compose_config("train", ["model=fast_rcnn_cpu"]).model, num_classes=3)
     overfit(model, *toy_batch, steps=80, lr=0.003, shrink=0.3)
     precise_batchnorm(model, *toy_batch)
     assert_finds_the_boxes(model, *toy_batch)

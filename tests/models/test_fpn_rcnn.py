@@ -15,7 +15,7 @@ def count(module: nn.Module) -> int:
 
 
 def tiny(num_classes: int = 3) -> FPNRCNN:
-    cfg = compose_config("train", ["model=fpn_rcnn_tiny"])
+    cfg = compose_config("train", ["model=fpn_rcnn_cpu"])
     return instantiate(cfg.model, num_classes=num_classes)
 
 

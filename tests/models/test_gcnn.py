@@ -88,7 +88,7 @@ def test_backbone_once_per_batch_head_once_per_step(steps):
 
 def test_tiny_config_overfits_two_images(toy_batch, precise_batchnorm):
     # A smaller draw of grid boxes than the config's 256 keeps the test fast; the grid is the config's.
-    model = build("gcnn_tiny", "model.boxes_per_image=96")
+    model = build("gcnn_cpu", "model.boxes_per_image=96")
     overfit(model, *toy_batch, steps=50, lr=0.003, shrink=0.3)
     precise_batchnorm(model, *toy_batch)
     assert_finds_the_boxes(model, *toy_batch)

@@ -33,7 +33,7 @@ def test_config_builds_and_trains_one_step(name):
     assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", [f"{n}_tiny" for n in LIGHT])
+@pytest.mark.parametrize("name", [f"{n}_cpu" for n in LIGHT])
 def test_tiny_config_overfits_two_images(name, toy_batch, precise_batchnorm):
     model = build(name)
     images, targets = toy_batch

@@ -13,7 +13,7 @@ from tests.models.overfit import assert_finds_the_boxes, overfit
 
 
 def tiny(num_classes: int = 3, *overrides: str) -> RetinaNet:
-    cfg = compose_config("train", ["model=retinanet_tiny", *overrides])
+    cfg = compose_config("train", ["model=retinanet_cpu", *overrides])
     return instantiate(cfg.model, num_classes=num_classes)
 
 

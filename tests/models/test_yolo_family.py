@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from tests.conftest import compose_config
 from tests.models.overfit import assert_finds_the_boxes, overfit
 
-ANCHORED_TINY = ["yolov2_tiny", "yolov3_tiny", "yolov3_spp_tiny", "yolov4_tiny"]
+ANCHORED_TINY = ["yolov2_cpu", "yolov3_cpu", "yolov3_spp_cpu", "yolov4_cpu"]
 # YOLOv1's FC head is built for one input size: the tests build it for the toy batch's 128 px (grid 4).
 V1_TEST = ["model.input_size=128", "model.grid=4"]
 
@@ -16,7 +16,7 @@ V1_TEST = ["model.input_size=128", "model.grid=4"]
 @pytest.fixture(autouse=True)
 def one_thread():
     # Batches of 2 small images leave little to split between threads, and on a shared CPU extra threads only
-    # wait for each other (measured: the yolov4_tiny overfit 38 s with 2 busy cores, 6 s with one thread).
+    # wait for each other (measured: the yolov4_cpu overfit 38 s with 2 busy cores, 6 s with one thread).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -48,9 +48,9 @@ def test_anchored_shapes_at_two_sizes_and_finite_loss_without_objects(name):
 
 
 def test_yolov1_shapes_finite_loss_without_objects_and_input_size_check():
-    model = build("yolov1_tiny", *V1_TEST)
+    model = build("yolov1_cpu", *V1_TEST)
     assert model.raw_outputs(torch.zeros(2, 3, 128, 128)).shape == (2, 4, 4, 2 * 5 + 3)
-    other = build("yolov1_tiny", "model.input_size=192")
+    other = build("yolov1_cpu", "model.input_size=192")
     assert other.raw_outputs(torch.zeros(1, 3, 192, 192)).shape == (1, 7, 7, 13)
     losses = model(torch.rand(2, 3, 128, 128), EMPTY)
     assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_noobj"] > 0
@@ -70,9 +70,9 @@ def test_tiny_config_overfits_two_images(name, toy_batch, precise_batchnorm):
     _overfit(build(name), *toy_batch, steps=100, lr=0.01, calibrate=precise_batchnorm)
 
 
-def test_yolov1_tiny_overfits_two_images(toy_batch, precise_batchnorm):
+def test_yolov1_cpu_overfits_two_images(toy_batch, precise_batchnorm):
     # Dropout is there to stop memorising; here memorising is the point.
-    _overfit(build("yolov1_tiny", *V1_TEST, "model.dropout=0"), *toy_batch, steps=100, lr=0.003,
+    _overfit(build("yolov1_cpu", *V1_TEST, "model.dropout=0"), *toy_batch, steps=100, lr=0.003,
              calibrate=precise_batchnorm)
 
 

@@ -1,5 +1,5 @@
 """YOLOv1 from random init: the FC head starts at a sane prior and survives AdamW at detkit's learning rate, and
-GT-encoded outputs decode back to the GT through the letterbox (issue 7: yolov1_tiny ended at mAP@0.5 0.000)."""
+GT-encoded outputs decode back to the GT through the letterbox (issue 7: yolov1_cpu ended at mAP@0.5 0.000)."""
 
 import torch
 

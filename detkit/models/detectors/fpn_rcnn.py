@@ -4,7 +4,7 @@ A ResNet gives C2–C5; the FPN makes P2–P6 (P6 subsampled from P5). The RPN (
 every level with one anchor size per level (32 … 512) × 3 ratios; its proposals are pooled by RoIAlign from
 the level k = ⌊4 + log2(√(wh)/224)⌋ clamped to P2–P5 (``torchvision.ops.MultiScaleRoIAlign``) into the shared
 Fast R-CNN box head (:mod:`detkit.models.roi_heads`: two FC layers of 1024, K + 1 class scores, 4K deltas).
-``configs/model/fpn_rcnn.yaml`` is the paper's ResNet-50 setting, ``fpn_rcnn_tiny.yaml`` a CPU-sized one.
+``configs/model/fpn_rcnn.yaml`` is the paper's ResNet-50 setting, ``fpn_rcnn_cpu.yaml`` a CPU-sized one.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ two subnets shared by all levels (4 convs of 256 + ReLU each) predict K sigmoid 
 (:class:`~detkit.boxes.DeltaCoder`, weights 1) per anchor. Anchors at IoU ≥ 0.5 with an object are positive,
 below 0.4 negative, ignored in between; the loss is the sigmoid focal loss (α 0.25, γ 2) over all non-ignored
 (anchor, class) pairs plus smooth-L1 on the positives' deltas, both divided by the number of positives.
-``configs/model/retinanet.yaml`` is the paper's ResNet-50 setting, ``retinanet_tiny.yaml`` a CPU-sized one.
+``configs/model/retinanet.yaml`` is the paper's ResNet-50 setting, ``retinanet_cpu.yaml`` a CPU-sized one.
 """
 
 from __future__ import annotations

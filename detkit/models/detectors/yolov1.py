@@ -7,10 +7,10 @@ predates it; YOLOv2 added it and it makes the net trainable without ImageNet pre
 number of input pixels, so a model is built for one ``input_size`` and rejects any other.
 
 Two departures from the paper are for training the FC head from random init with AdamW at detkit's learning
-rates (issue 7: yolov1_tiny ended at mAP@0.5 0.000 on the built-in data, its outputs almost the same for every
+rates (issue 7: yolov1_cpu ended at mAP@0.5 0.000 on the built-in data, its outputs almost the same for every
 image). LayerNorm on the first FC's outputs (``fc_norm``): Adam moves every one of that FC's ``channels × cells``
 weights by about the learning rate each step, which shifts its unnormalized pre-activations by far more than
-their scale (yolov1_tiny at 256 px after 200 steps at lr 1e-3 without it: 4% of the hidden units positive, the
+their scale (yolov1_cpu at 256 px after 200 steps at lr 1e-3 without it: 4% of the hidden units positive, the
 outputs varying 0.05 from image to image against 0.18 from cell to cell). And a last FC that starts at a prior
 (:meth:`YOLOv1.reset_head`) instead of random outputs, so that the initial √w, √h are positive and the
 confidences near 0.
