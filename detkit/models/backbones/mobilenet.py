@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v2
 
+from detkit.convert.pretrained import load_state_dict
+
 __all__ = ["separable_conv", "MobileNetV2SSD"]
 
 _STRIDE16 = 13  # last block of torchvision's ``features`` at stride 16 (96 channels at width 1)
@@ -41,7 +43,8 @@ class MobileNetV2SSD(nn.Module):
         width: MobileNetV2's width multiplier (``torchvision.models.mobilenet_v2(width_mult=...)``), also
             applied to ``extra_channels``.
         extra_channels: output channels of the four extra layers at width 1.
-        pretrained: path to a local state dict of ``torchvision.models.mobilenet_v2`` with the same ``width``
+        pretrained: a local state dict file of ``torchvision.models.mobilenet_v2`` with the same ``width``, or a
+            torchvision weights name (``MobileNet_V2_Weights.IMAGENET1K_V1``)
             (its ``features.*`` entries are read); the extra layers stay randomly initialised.
     """
 
@@ -50,7 +53,7 @@ class MobileNetV2SSD(nn.Module):
         super().__init__()
         self.features = mobilenet_v2(weights=None, width_mult=width).features
         if pretrained:
-            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            state = load_state_dict(pretrained)
             self.features.load_state_dict({k[len("features."):]: v for k, v in state.items()
                                            if k.startswith("features.")})
         c16 = self.features[_STRIDE16].out_channels

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from detkit.convert.pretrained import load_state_dict
 from detkit.models.backbones.darknet import StagedBackbone
 
 __all__ = ["ResNet"]
@@ -50,8 +50,8 @@ class ResNet(StagedBackbone):
         width: channels of the stem; 64 is the standard network (torchvision's), smaller values shrink every
             stage in proportion.
         depths: blocks per stage, overriding the depth's (e.g. ``[1, 1, 1, 1]`` for a tiny CPU backbone).
-        pretrained: path to a local torchvision state dict of the same architecture (its ``fc.*`` entries are
-            ignored); never downloaded.
+        pretrained: a local torchvision state dict file of the same architecture, or a torchvision weights
+            name (``ResNet50_Weights.IMAGENET1K_V1``; see :mod:`detkit.convert.pretrained`); ``fc.*`` is ignored.
 
     ``out_channels``: channels of C2–C5 (256, 512, 1024, 2048 for ResNet-50; 64, 128, 256, 512 for ResNet-18).
     Forward: (B, 3, H, W) → [C2, C3, C4, C5], (B, out_channels[i], H/2^(i+2), W/2^(i+2)) (rounded up).
@@ -85,8 +85,7 @@ class ResNet(StagedBackbone):
             _init_like_torchvision(self)
         self.out_channels = [width * 2**i * block.expansion for i in range(4)]
         if pretrained:
-            state = torch.load(pretrained, map_location="cpu", weights_only=True)
-            self.load_torchvision_state(state)
+            self.load_torchvision_state(load_state_dict(pretrained))
 
     def load_torchvision_state(self, state: dict[str, Tensor]) -> None:
         """Load a ``torchvision.models.resnetXX`` state dict (classifier entries ignored)."""

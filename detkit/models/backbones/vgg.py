@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs, make_layers
 
+from detkit.convert.pretrained import load_state_dict
+
 __all__ = ["L2Norm", "VGG16SSD", "VGG16Conv5"]
 
 _CONV4_3 = 22  # index of conv4_3's ReLU in torchvision's VGG16 ``features``
@@ -50,7 +52,7 @@ class VGG16SSD(nn.Module):
 
     Args:
         width: channel multiplier of every layer (1.0 is the paper's network; small values for tests).
-        pretrained: path to a local state dict of ``torchvision.models.vgg16`` (only its ``features.*``
+        pretrained: a local state dict file of ``torchvision.models.vgg16`` or a weights name (only ``features.*``
             entries are read, into conv1_1 … conv5_3); needs ``width`` 1. fc6/fc7 and the extra layers stay
             randomly initialised (the paper subsamples fc6/fc7 from the classifier; not done here).
     """
@@ -85,8 +87,9 @@ class VGG16SSD(nn.Module):
             self.load_vgg16(pretrained)
 
     def load_vgg16(self, path: str) -> None:
-        """Copy conv1_1 … conv5_3 from a local torchvision VGG16 state dict file."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        """Copy conv1_1 … conv5_3 from a torchvision VGG16 state dict: a local file or a weights name
+        (``VGG16_Weights.IMAGENET1K_V1``; see :mod:`detkit.convert.pretrained`)."""
+        state = load_state_dict(path)
         state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         self.features.load_state_dict(state)
 
@@ -112,7 +115,7 @@ class VGG16Conv5(nn.Module):
 
     Args:
         width: channel multiplier (1.0 is VGG16).
-        pretrained: path to a local torchvision ``vgg16`` state dict (``features.*`` entries); needs width 1.
+        pretrained: a local torchvision ``vgg16`` state dict file or weights name (``features.*``); needs width 1.
     """
 
     def __init__(self, width: float = 1.0, pretrained: str | None = None) -> None:

@@ -1,0 +1,48 @@
+"""Where a backbone's ``pretrained=`` points: a local state-dict file, or a torchvision weights name.
+
+``pretrained`` is either a path to a file written by ``torch.save(state_dict)`` (read with
+``weights_only=True``), or the name of a torchvision weights enum entry such as
+``ResNet50_Weights.IMAGENET1K_V1`` or ``VGG16_Weights.IMAGENET1K_FEATURES``. A name resolves through
+torchvision's own cache and download (``$TORCH_HOME/hub/checkpoints``): on a user's machine it downloads once;
+detkit's tests and main job never name one. A path that exists wins over a name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from detkit.errors import UserError
+
+
+class PretrainedError(UserError, ValueError):
+    """A ``pretrained=`` value that is neither a readable state-dict file nor a torchvision weights name."""
+
+
+def is_weights_name(spec: str) -> bool:
+    """Whether ``spec`` looks like a torchvision weights name (``Enum.ENTRY``) rather than a file path."""
+    head, dot, entry = spec.partition(".")
+    return bool(dot) and head.endswith("_Weights") and entry.isidentifier() and "/" not in spec
+
+
+def load_state_dict(spec: str | Path, progress: bool = True) -> dict[str, Tensor]:
+    """The state dict ``spec`` names: a local file (loaded with ``weights_only=True``), else a torchvision
+    weights name resolved by torchvision (its cache first, then its download)."""
+    path = Path(spec)
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise PretrainedError(f"{path}: not a state dict of tensors (torch.save(model.state_dict(), path))")
+        return state
+    if not is_weights_name(str(spec)):
+        raise PretrainedError(f"pretrained={spec!r}: no such file, and not a torchvision weights name "
+                              "(e.g. ResNet50_Weights.IMAGENET1K_V1)")
+    from torchvision.models import get_weight
+
+    try:
+        weights = get_weight(str(spec))
+    except (ValueError, KeyError) as err:
+        raise PretrainedError(f"pretrained={spec!r}: torchvision has no such weights ({err})") from None
+    return weights.get_state_dict(progress=progress, check_hash=True)
