@@ -42,7 +42,8 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Detector
     from detkit.app.evaluate import load_trained
 
     model, cfg, state = load_trained(checkpoint, str(device))
-    return Detector(model, state["class_names"], eval_img_size(cfg.data), checkpoint, device)
+    return Detector(model, state["class_names"], eval_img_size(cfg.data), checkpoint, device,
+                    pad_value=cfg.data.get("pad_value"))
 
 
 def _as_rgb(image, index: int) -> np.ndarray:
@@ -64,11 +65,13 @@ def _as_rgb(image, index: int) -> np.ndarray:
 class Detector:
     """A trained detector ready to use: :meth:`predict`, :meth:`evaluate`, :meth:`export`. ``model`` is the
     underlying torch module (torchvision's detection interface); ``class_names`` its classes; ``img_size`` the
-    letterbox size images are resized to (the run's ``data.test_size``)."""
+    letterbox size images are resized to (the run's ``data.test_size``) and ``pad_value`` its border (0–255;
+    None: detkit's 114; darknet's 127.5 for converted darknet weights)."""
 
     def __init__(self, model: nn.Module, class_names: Sequence[str], img_size: int, checkpoint: str | Path,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", pad_value: float | None = None) -> None:
         self.model, self.class_names, self.img_size = model.eval(), list(class_names), int(img_size)
+        self.pad_value = pad_value
         self.checkpoint, self.device = Path(checkpoint), torch.device(device)
 
     def predict(self, images, score_threshold: float = 0.25, batch_size: int = 8) -> list[dict]:
@@ -82,7 +85,7 @@ class Detector:
         results = []
         for start in range(0, len(arrays), max(int(batch_size), 1)):
             chunk = arrays[start:start + max(int(batch_size), 1)]
-            results += detect(self.model, chunk, self.img_size, self.device, score_threshold)
+            results += detect(self.model, chunk, self.img_size, self.device, score_threshold, self.pad_value)
         for det in results:
             det["names"] = [self.class_names[i] for i in det["labels"].tolist()]
         return results

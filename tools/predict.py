@@ -28,7 +28,8 @@ def main(cfg: DictConfig) -> None:
             model = fuse_conv_bn(model, inplace=True)[0]
         size = cfg.test_size or eval_img_size(train_cfg.data)
         records = predict_files(model, cfg.source, out_dir, size, state["class_names"],
-                                cfg.score_thresh, cfg.device, cfg.batch_size, cfg.save_images)
+                                cfg.score_thresh, cfg.device, cfg.batch_size, cfg.save_images,
+                                pad_value=train_cfg.data.get("pad_value"))
         write_json(records, f"{out_dir}/detections.json")
         if cfg.save_json:
             ids = None

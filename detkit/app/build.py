@@ -59,6 +59,12 @@ def eval_img_size(data_cfg: DictConfig) -> int:
     return int(size)
 
 
+def eval_letterbox(data_cfg: DictConfig, size: int | None = None) -> Letterbox:
+    """The evaluation/inference letterbox: to ``size`` or :func:`eval_img_size`, filled with ``data.pad_value``
+    (detkit's 114 when the config has none)."""
+    return Letterbox(size or eval_img_size(data_cfg), data_cfg.get("pad_value"))
+
+
 def raw_dataset(data_cfg: DictConfig, split: str, transforms=None):
     """The reader of ``data.<split>`` with ``transforms`` (None: it serves untransformed samples); a bad
     dataset raises the reader's own error, not Hydra's wrapper around it."""
@@ -79,7 +85,7 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
     size = data_cfg.img_size
     if train and size is None:  # evaluation letterboxes to eval_img_size, which checks its own
         raise ConfigError(_UNSIZED)
-    transforms = build_train_transform(data_cfg.augment, size, seed) if train else Letterbox(eval_img_size(data_cfg))
+    transforms = build_train_transform(data_cfg.augment, size, seed) if train else eval_letterbox(data_cfg)
     use_mosaic = train and data_cfg.mosaic.prob > 0
     dataset = raw_dataset(data_cfg, split, transforms=None if use_mosaic else transforms)
     if data_cfg.get("proposals_file"):

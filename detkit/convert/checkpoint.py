@@ -56,10 +56,12 @@ def save_converted(model, config: dict, out: str | Path, source: dict,
 def convert_darknet(weights: str | Path, out: str | Path, model: str | DictConfig = "yolov3", img_size: int = 416,
                     overrides: Sequence[str] = (), class_names: Sequence[str] = COCO80_NAMES) -> Path:
     """Darknet ``.weights`` (80 COCO classes unless ``class_names`` says otherwise) → a detkit checkpoint of
-    ``model`` (a configs/model name or a model config) at ``img_size``, with darknet's BatchNorm ε."""
-    from detkit.convert.darknet import DARKNET_BN_EPS, load_weights
+    ``model`` (a configs/model name or a model config) at ``img_size``, with darknet's BatchNorm ε and its
+    letterbox grey (0.5: ``data.pad_value`` 127.5)."""
+    from detkit.convert.darknet import DARKNET_BN_EPS, DARKNET_PAD_VALUE, load_weights
 
-    config = converted_config(model, img_size, overrides, {"model.bn_eps": DARKNET_BN_EPS})
+    config = converted_config(model, img_size, overrides,
+                              {"model.bn_eps": DARKNET_BN_EPS, "data.pad_value": DARKNET_PAD_VALUE})
     detector = build_converted(config, len(class_names))
     header = load_weights(detector, weights)
     source = {"format": "darknet", "file": str(weights), "version": f"{header.major}.{header.minor}.{header.revision}",

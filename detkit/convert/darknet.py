@@ -30,6 +30,7 @@ from detkit.errors import UserError
 from detkit.models.layers import set_bn_eps
 
 DARKNET_BN_EPS = 1e-5
+DARKNET_PAD_VALUE = 127.5  # darknet letterboxes RGB in [0, 1] onto grey 0.5 (detkit's pad is 114 of 255)
 
 
 class ConvertError(UserError, ValueError):

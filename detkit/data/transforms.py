@@ -29,13 +29,14 @@ def letterbox_geometry(height: int, width: int, size: int, scale: float = 1.0) -
     return ratio, (size - new_w) // 2, (size - new_h) // 2
 
 
-def warp(image: np.ndarray, ratio: float, left: int, top: int, size: int) -> np.ndarray:
-    """Resize ``image`` by ``ratio`` and place its top-left corner at (left, top) of a ``size``² canvas."""
+def warp(image: np.ndarray, ratio: float, left: int, top: int, size: int, fill: float = PAD_VALUE) -> np.ndarray:
+    """Resize ``image`` by ``ratio`` and place its top-left corner at (left, top) of a ``size``² canvas filled
+    with ``fill`` (0–255); a fill between two integers (darknet's grey 127.5) gives a float32 canvas."""
     h, w = image.shape[:2]
     new_w, new_h = max(round(w * ratio), 1), max(round(h * ratio), 1)
     interp = cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
-    canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
+    canvas = np.full((size, size, 3), fill, dtype=np.uint8 if float(fill).is_integer() else np.float32)
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + new_w, size), min(top + new_h, size)
     if x1 > x0 and y1 > y0:
@@ -95,15 +96,20 @@ def _proposals(sample, ratio: float, left: int, top: int, size: int, flip: bool 
 
 
 class Letterbox:
-    """Evaluation transform: fit into a ``size``² canvas keeping the aspect ratio; returns (image, target)."""
+    """Evaluation transform: fit into a ``size``² canvas keeping the aspect ratio, centred, the border filled
+    with ``fill`` (0–255; None: detkit's 114; darknet's grey 0.5 = 127.5 for converted darknet weights, the
+    ``data.pad_value`` of their config); returns (image, target)."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, fill: float | None = None) -> None:
+        fill = PAD_VALUE if fill is None else fill
+        if not 0 <= fill <= 255:
+            raise ValueError(f"letterbox fill must be a pixel value in 0..255, got {fill}")
+        self.size, self.fill = size, float(fill)
 
     def __call__(self, sample, index: int) -> tuple[Tensor, dict]:
         h, w = sample.image.shape[:2]
         ratio, left, top = letterbox_geometry(h, w, self.size)
-        image = warp(sample.image, ratio, left, top, self.size)
+        image = warp(sample.image, ratio, left, top, self.size, self.fill)
         boxes = sample.boxes * ratio + np.array([left, top, left, top], dtype=np.float32)
         proposals = _proposals(sample, ratio, left, top, self.size)
         return to_target(image, boxes, sample.labels, sample, ratio, (left, top), proposals)

@@ -39,6 +39,16 @@ def test_letterbox_padding_is_grey_and_image_is_centred():
     assert torch.allclose(image[:, 96:], torch.full_like(image[:, 96:], 114 / 255))
 
 
+def test_letterbox_fills_with_darknets_grey_and_keeps_the_image():
+    s = sample(64, 128)
+    grey, _ = Letterbox(128, fill=127.5)(s, 0)
+    default, _ = Letterbox(128)(s, 0)
+    assert torch.equal(grey[:, :32], torch.full_like(grey[:, :32], 0.5))  # exactly 0.5, not 127/255 or 128/255
+    assert torch.equal(grey[:, 32:96], default[:, 32:96])
+    with pytest.raises(ValueError, match="0..255"):
+        Letterbox(128, fill=300)
+
+
 def test_unletterbox_clips_to_the_original_image():
     boxes = torch.tensor([[-10.0, -10.0, 300.0, 300.0]])
     out = unletterbox(boxes, 0.5, (0, 0), (100, 120))
