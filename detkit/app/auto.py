@@ -277,14 +277,35 @@ def fit_priors(family: Family, model: dict, wh: Tensor, img_size: int, threshold
     return (values, before, after) if values and after > before else ({}, before, before)
 
 
+def fixed_input_sizes(cfg: DictConfig, cli_keys: Sequence[str], log: Callable[[str], None] = print) -> dict:
+    """A model with a fixed input (``model.input_size``: YOLOv1's fully connected head) sets ``data.img_size``
+    and ``data.test_size`` to it where they are null or a data config file's default, and not named on the
+    command line (a chosen size that differs is then a ConfigError at the model's size check, not a failure at
+    its first forward). Returns the {key: value} set."""
+    fixed = cfg.model.get("input_size") if "model" in cfg else None
+    if not isinstance(fixed, int):
+        return {}
+    changed = {}
+    for key in ("img_size", "test_size"):
+        value = cfg.data.get(key)
+        default = value is None or value in file_values("data", key)
+        if default and value != fixed and not named(f"data.{key}", cli_keys):
+            cfg.data[key] = changed[f"data.{key}"] = fixed
+    if changed:
+        log(f"fixed input: {cfg.model._target_.rsplit('.', 1)[-1]} takes {fixed} px inputs (model.input_size), "
+            f"so data.img_size = data.test_size = {fixed}")
+    return changed
+
+
 def apply_auto(cfg: DictConfig, read_train: Callable[[], object], log: Callable[[str], None] = print) -> dict:
-    """Write the data-adaptive sizes and priors into ``cfg`` (``cfg.auto`` says which; absent: none);
-    ``read_train()`` gives the untransformed training reader, read only when something is to be chosen.
-    Returns the {key: value} it set."""
+    """Write the data-adaptive sizes and priors into ``cfg`` (``cfg.auto`` says which; absent: none, but a
+    model's fixed input size is always applied: :func:`fixed_input_sizes`); ``read_train()`` gives the
+    untransformed training reader, read only when something is to be chosen. Returns the {key: value} it set."""
+    cli_keys = command_line_keys()
+    fixed = fixed_input_sizes(cfg, cli_keys, log)
     auto = cfg.get("auto")
     if not auto:
-        return {}
-    cli_keys = command_line_keys()
+        return fixed
     size_keys = [k for k in ("img_size", "test_size")
                  if auto.sizes and not cfg.data.get("builtin") and cfg.data.get(k) is None
                  and not named(f"data.{k}", cli_keys)]
@@ -293,11 +314,11 @@ def apply_auto(cfg: DictConfig, read_train: Callable[[], object], log: Callable[
     if family is not None and not replaceable(model, family.keys, cli_keys):
         family = None
     if not size_keys and family is None:
-        return {}
+        return fixed
     from detkit.data.anchor_stats import size_stats
 
     stats = size_stats(read_train())
-    changed = {}
+    changed = dict(fixed)
     if size_keys:
         changed.update(_set_sizes(cfg.data, stats, size_keys, auto))
         sizes = (cfg.data.img_size, cfg.data.test_size or cfg.data.img_size)
