@@ -9,7 +9,18 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detkit.convert.coco import COCO80_NAMES
+from detkit.data.voc import VOC_CLASSES
 from detkit.engine.checkpoint import save_checkpoint
+
+# The classes of published darknet files that are not COCO's 80, by configs/model name: yolov1.weights is VOC's.
+PUBLISHED_CLASS_NAMES = {"yolov1_darknet": VOC_CLASSES}
+
+
+def published_class_names(model: str) -> tuple[str, ...]:
+    """The class names of the published weights of the configs/model ``model``: COCO's 80 unless
+    :data:`PUBLISHED_CLASS_NAMES` says otherwise."""
+    return tuple(PUBLISHED_CLASS_NAMES.get(model, COCO80_NAMES))
+
 
 # A converted model's data config: COCO-format data whose files the user names when evaluating or fine-tuning
 # (tools/eval.py checkpoint=… data=coco data.val_json=… data.val_images=…).

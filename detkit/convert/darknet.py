@@ -5,7 +5,10 @@ The file is a header and then float32 values with nothing to say where a layer e
 - int32 major, minor, revision, then ``seen`` (images trained on) as int64 when major·10 + minor ≥ 2 (and both
   below 1000), as int32 before (the YOLOv1/YOLOv2-era files);
 - per convolution, in the cfg's order: with ``batch_normalize=1`` BN β, γ, running mean, running variance (each
-  ``filters`` values), else the conv bias; then the kernel (filters × channels × size × size, C order).
+  ``filters`` values), else the conv bias; then the kernel (filters × channels × size × size, C order);
+- per ``[local]`` layer (YOLOv1): a bias per output value (filters × out_h × out_w), then per output position in
+  row-major order its kernels (filters × channels × size × size);
+- per ``[connected]`` layer: the biases, then the weights (outputs × inputs, the inputs in (c, h, w) order).
 
 So a file only fits a model whose convolutions come in darknet's order with darknet's shapes. :func:`layout`
 gives that order for the detkit models that follow a darknet cfg; every float of the file must be consumed,
@@ -27,7 +30,7 @@ from torch import nn
 
 from detkit.engine.checkpoint import atomic_write
 from detkit.errors import UserError
-from detkit.models.layers import set_bn_eps
+from detkit.models.layers import LocallyConnected2d, set_bn_eps
 
 DARKNET_BN_EPS = 1e-5
 DARKNET_PAD_VALUE = 127.5  # darknet letterboxes RGB in [0, 1] onto grey 0.5 (detkit's pad is 114 of 255)
@@ -62,6 +65,7 @@ class Unit:
     name: str
     conv: nn.Conv2d
     bn: nn.BatchNorm2d | None
+    kind = "convolution"  # not a field: what messages call it
 
     @property
     def size(self) -> int:
@@ -74,6 +78,23 @@ class Unit:
         if self.bn is None:
             return [self.conv.bias, self.conv.weight]
         return [self.bn.bias, self.bn.weight, self.bn.running_mean, self.bn.running_var, self.conv.weight]
+
+
+@dataclass(frozen=True, eq=False)
+class LayerUnit:
+    """A darknet layer other than a convolution (``kind``: ``local layer``, ``connected layer``): its tensors
+    ``parts`` in file order, each filled from the file in C order; ``name`` is the module path, for messages."""
+
+    name: str
+    kind: str
+    parts: tuple[torch.Tensor, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(t.numel() for t in self.parts)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.parts)
 
 
 # --- the darknet order of detkit's models ---
@@ -117,27 +138,44 @@ def _yolov3_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
     return units
 
 
-def layout(model: nn.Module) -> list[Unit]:
-    """``model``'s convolutions in the order of its darknet cfg; a :class:`ConvertError` for a model without
+def _yolov1_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit | LayerUnit]:
+    """yolov1.cfg: the 24 convolutions, the [local] layer (bias, weight as :class:`LocallyConnected2d` holds
+    them, darknet's order) and the [connected] layer (bias, weight (outputs, inputs)); dropout and the
+    [detection] layer have no weights."""
+    if not model.darknet_head:
+        raise ConvertError("this YOLOv1's fully connected head has no darknet cfg: model=yolov1_darknet (yolov1.cfg's "
+                           "locally connected head) loads darknet weights")
+    local, connected = model.head[0], model.head[-1]
+    return [*_conv_bn_units(model.backbone, names),
+            LayerUnit(names[local], "local layer", (local.bias, local.weight)),
+            LayerUnit(names[connected], "connected layer", (connected.bias, connected.weight))]
+
+
+def layout(model: nn.Module) -> list[Unit | LayerUnit]:
+    """``model``'s weighted layers in the order of its darknet cfg; a :class:`ConvertError` for a model without
     one."""
     names = {module: name for name, module in model.named_modules()}
     if type(model).__name__ == "YOLOv3":
         units = _yolov3_units(model, names)
+    elif type(model).__name__ == "YOLOv1":
+        units = _yolov1_units(model, names)
     else:
-        raise ConvertError(f"{type(model).__name__} has no darknet layout; darknet weights load into model=yolov3 "
-                           "and model=yolov3_spp")
+        raise ConvertError(f"{type(model).__name__} has no darknet layout; darknet weights load into model=yolov3, "
+                           "model=yolov3_spp and model=yolov1_darknet")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if len(units) != len(convs):  # every convolution once, or the order above has missed a piece
-        raise ConvertError(f"{type(model).__name__}: the darknet layout covers {len(units)} of its "
+    covered = sum(isinstance(u, Unit) for u in units)
+    if covered != len(convs):  # every convolution once, or the order above has missed a piece
+        raise ConvertError(f"{type(model).__name__}: the darknet layout covers {covered} of its "
                            f"{len(convs)} convolutions")
     return units
 
 
 def darknet_parameter_count(model: nn.Module) -> int:
-    """Parameters as darknet counts them: conv weights and biases, BN γ and β (not the running statistics)."""
+    """Parameters as darknet counts them: conv, connected and local weights and biases, BN γ and β (not the
+    running statistics)."""
     total = 0
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+        if isinstance(module, (nn.Conv2d, nn.Linear, LocallyConnected2d, nn.modules.batchnorm._BatchNorm)):
             total += sum(p.numel() for p in module.parameters(recurse=False))
     return total
 
@@ -179,12 +217,12 @@ def load_weights(model: nn.Module, path: str | Path) -> Header:
             used, index = used + units[index].size, index + 1
         raise ConvertError(
             f"{path}: {len(values):,} floats after its {header.size}-byte header, but this {name} needs {need:,} "
-            f"({len(units)} convolutions in darknet's order): the file ends inside convolution {index + 1} "
+            f"({len(units)} layers in darknet's order): the file ends inside {units[index].kind} {index + 1} "
             f"({units[index].name}). A truncated file, or weights of another model (cfg, class count)?")
     if len(values) > need:
         raise ConvertError(
             f"{path}: {len(values):,} floats after its {header.size}-byte header, but this {name} needs {need:,} "
-            f"({len(units)} convolutions in darknet's order): {len(values) - need:,} are left over. Weights of a "
+            f"({len(units)} layers in darknet's order): {len(values) - need:,} are left over. Weights of a "
             "larger model (another cfg or class count)?")
     offset = 0
     with torch.no_grad():

@@ -118,3 +118,49 @@ class DropBlock2d(nn.Module):
         seeds = (torch.rand_like(x) < gamma).to(x.dtype)
         mask = 1.0 - nn.functional.max_pool2d(seeds, self.block, stride=1, padding=self.block // 2)
         return x * mask * (mask.numel() / mask.sum().clamp(min=1.0))
+
+
+class LocallyConnected2d(nn.Module):
+    """A convolution whose kernels are not shared: every output position has its own (darknet's ``[local]``
+    layer, in YOLOv1's head). It is built for one input size.
+
+    Args:
+        in_channels, out_channels, kernel (square), stride, padding: zeros added on each side, in pixels.
+        input_size: (H, W) of the input.
+
+    Parameters: ``weight`` (L, out_channels, in_channels, kernel, kernel), the kernels of the L = out_h·out_w
+    output positions in row-major order; ``bias`` (out_channels, out_h, out_w), one per output value. Both are
+    darknet's file order. (N, in_channels, H, W) → (N, out_channels, out_h, out_w), out_h = (H + 2·padding −
+    kernel) / stride + 1.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, input_size: tuple[int, int],
+                 stride: int = 1, padding: int = 0) -> None:
+        super().__init__()
+        h, w = input_size
+        self.out_size = ((h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1)
+        if min(self.out_size) < 1:
+            raise ValueError(f"a {kernel}×{kernel} locally connected layer (padding {padding}) has no output "
+                             f"position on a {h}×{w} input")
+        self.input_size, self.kernel, self.stride, self.padding = (h, w), kernel, stride, padding
+        positions = self.out_size[0] * self.out_size[1]
+        fan_in = in_channels * kernel * kernel
+        # darknet's initialisation: uniform in ±√(2 / fan-in), biases 0
+        bound = (2.0 / fan_in) ** 0.5
+        self.weight = nn.Parameter(torch.empty(positions, out_channels, in_channels, kernel, kernel)
+                                   .uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(out_channels, *self.out_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(f"this locally connected layer is built for {self.input_size[0]}×{self.input_size[1]} "
+                             f"inputs, got {tuple(x.shape[-2:])}")
+        # (N, in·k·k, L): each column one position's patch, in (channel, row, column) order like the kernels
+        patches = nn.functional.unfold(x, self.kernel, padding=self.padding, stride=self.stride)
+        out = torch.einsum("ncl,loc->nol", patches, self.weight.flatten(2))
+        return out.view(len(x), -1, *self.out_size) + self.bias
+
+    def extra_repr(self) -> str:
+        positions, out_c, in_c, k, _ = self.weight.shape
+        return (f"{in_c}, {out_c}, kernel={k}, stride={self.stride}, padding={self.padding}, "
+                f"input_size={self.input_size}, positions={positions}")

@@ -1,7 +1,8 @@
 """An independent reference for darknet's layer semantics, for the converter's tests: a cfg writer for YOLOv3
 at any width/depth and a small interpreter that reads a cfg and a ``.weights`` file its own way and runs the
 network as darknet does (convolutional with BN ε 1e-5 and leaky 0.1, shortcut, route, upsample, maxpool with
-darknet's padding, reorg, yolo). Nothing here imports detkit."""
+darknet's padding, reorg, yolo; and YOLOv1's local, dropout, connected, detection, with a yolov1.cfg writer).
+Nothing here imports detkit."""
 
 from __future__ import annotations
 
@@ -63,6 +64,83 @@ def yolov3_cfg(width: int, depths: list[int], num_classes: int, num_anchors: int
     return "\n\n".join(layers) + "\n"
 
 
+def yolov1_cfg(width: int, repeats: tuple[int, int], num_classes: int, size: int, side: int = 7, num: int = 3,
+               local_filters: int = 256) -> str:
+    """yolov1.cfg's layer sequence for ``size`` px inputs with every conv's filters scaled by ``width`` / 64
+    (yolov1.cfg: 64) and ``repeats`` (1×1 256, 3×3 512) and (1×1 512, 3×3 1024) pairs in its 4th and 5th blocks
+    (yolov1.cfg: 4, 2); then [local] 3×3 pad 1 of ``local_filters``, [dropout] .5, [connected] to
+    side²·(classes + 5·num) and [detection]."""
+    layers = [f"[net]\nwidth={size}\nheight={size}\nchannels=3"]
+
+    def conv(filters: int, size: int, stride: int = 1) -> None:
+        filters = max(1, round(filters * width / 64))
+        layers.append(f"[convolutional]\nbatch_normalize=1\nfilters={filters}\nsize={size}\nstride={stride}\n"
+                      "pad=1\nactivation=leaky")
+
+    def maxpool() -> None:
+        layers.append("[maxpool]\nsize=2\nstride=2")
+
+    conv(64, 7, 2)
+    maxpool()
+    conv(192, 3)
+    maxpool()
+    conv(128, 1), conv(256, 3), conv(256, 1), conv(512, 3)
+    maxpool()
+    for _ in range(repeats[0]):
+        conv(256, 1), conv(512, 3)
+    conv(512, 1), conv(1024, 3)
+    maxpool()
+    for _ in range(repeats[1]):
+        conv(512, 1), conv(1024, 3)
+    conv(1024, 3), conv(1024, 3, 2), conv(1024, 3), conv(1024, 3)
+    layers.append(f"[local]\nsize=3\nstride=1\npad=1\nfilters={local_filters}\nactivation=leaky")
+    layers.append("[dropout]\nprobability=.5")
+    layers.append(f"[connected]\noutput={side * side * (num_classes + 5 * num)}\nactivation=linear")
+    layers.append(f"[detection]\nclasses={num_classes}\ncoords=4\nrescore=1\nside={side}\nnum={num}\nsoftmax=0\n"
+                  "sqrt=1")
+    return "\n\n".join(layers) + "\n"
+
+
+def spatial_sizes(sections: list[dict]) -> list[tuple[int, int]]:
+    """(h, w) of each layer's output, for the layers of a yolov1.cfg (convolutional, maxpool, local, dropout,
+    connected, detection), with darknet's size formulas."""
+    h, w = int(sections[0]["height"]), int(sections[0]["width"])
+    sizes = []
+    for section in sections[1:]:
+        kind = section["type"]
+        size, stride = int(section.get("size", 1)), int(section.get("stride", 1))
+        if kind == "convolutional":
+            pad = size // 2 if int(section.get("pad", 0)) else int(section.get("padding", 0))
+            h, w = (h + 2 * pad - size) // stride + 1, (w + 2 * pad - size) // stride + 1
+        elif kind == "maxpool":
+            padding = int(section.get("padding", size - 1))
+            h, w = (h + padding - size) // stride + 1, (w + padding - size) // stride + 1
+        elif kind == "local":  # local_out_height: with pad, (h - 1) / stride + 1
+            shrink = 1 if int(section.get("pad", 0)) else size
+            h, w = (h - shrink) // stride + 1, (w - shrink) // stride + 1
+        elif kind == "connected":
+            h, w = 1, 1
+        elif kind not in ("dropout", "detection"):
+            raise ValueError(f"spatial_sizes does not know layer type {kind}")
+        sizes.append((h, w))
+    return sizes
+
+
+def local_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, pad: int) -> torch.Tensor:
+    """darknet's [local] layer, position by position: output (n, filters, out_h, out_w) at (y, x) is the bias
+    there plus the sum over the size×size patch at (y·stride − pad, x·stride − pad) (zeros outside the input) of
+    that position's kernels, ``weight`` (out_h·out_w, filters, c, size, size) indexed y·out_w + x."""
+    filters, out_h, out_w = bias.shape
+    size = weight.shape[-1]
+    padded = F.pad(x, (pad, pad, pad, pad))
+    out = torch.empty(len(x), filters, out_h, out_w)
+    for y in range(out_h):
+        for x_ in range(out_w):
+            patch = padded[:, :, y * stride:y * stride + size, x_ * stride:x_ * stride + size]
+            out[:, :, y, x_] = patch.flatten(1) @ weight[y * out_w + x_].flatten(1).T + bias[:, y, x_]
+    return out
+
+
 def parse_cfg(text: str) -> list[dict]:
     sections = []
     for line in text.splitlines():
@@ -89,6 +167,9 @@ class DarknetReference:
         self.offset = 0
         self.params: list[dict | None] = []
         channels = [int(self.sections[0].get("channels", 3))]
+        v1 = any(s["type"] in ("local", "connected") for s in self.sections)
+        sizes = spatial_sizes(self.sections) if v1 else None
+        in_size = (int(self.sections[0].get("height", 0)), int(self.sections[0].get("width", 0)))
         for section in self.sections[1:]:
             kind = section["type"]
             if kind == "convolutional":
@@ -101,6 +182,19 @@ class DarknetReference:
                 p["weight"] = self._take(filters * c_in * size * size).view(filters, c_in, size, size)
                 self.params.append(p)
                 channels.append(filters)
+            elif kind == "local":  # biases, one per output value, then per output position its kernels
+                c_in, filters, size = channels[-1], int(section["filters"]), int(section["size"])
+                out_h, out_w = sizes[len(self.params)]
+                bias = self._take(filters * out_h * out_w).view(filters, out_h, out_w)
+                weight = self._take(out_h * out_w * filters * c_in * size * size)
+                self.params.append({"bias": bias, "weight": weight.view(out_h * out_w, filters, c_in, size, size)})
+                channels.append(filters)
+            elif kind == "connected":  # biases, then weights outputs × inputs (no batch_normalize in yolov1.cfg)
+                h, w = sizes[len(self.params) - 1] if self.params else in_size
+                inputs, outputs = channels[-1] * h * w, int(section["output"])
+                bias = self._take(outputs)
+                self.params.append({"bias": bias, "weight": self._take(outputs * inputs).view(outputs, inputs)})
+                channels.append(outputs)
             elif kind == "route":
                 index = len(channels) - 1
                 sources = [int(v) for v in section["layers"].split(",")]
@@ -151,7 +245,18 @@ class DarknetReference:
                 x = F.max_pool2d(x, size, stride)
             elif kind == "reorg":  # darknet's old reorg (forward=0 in reorg_cpu), not pixel_unshuffle
                 x = darknet_reorg(x, int(section.get("stride", 2)))
-            elif kind == "yolo":
+            elif kind == "local":
+                pad = int(section.get("pad", 0))
+                x = local_forward(x, p["weight"], p["bias"], int(section.get("stride", 1)), pad)
+                if section.get("activation") == "leaky":
+                    x = torch.where(x > 0, x, 0.1 * x)
+            elif kind == "connected":
+                x = x.flatten(1) @ p["weight"].T + p["bias"]
+                if section.get("activation") == "leaky":
+                    x = torch.where(x > 0, x, 0.1 * x)
+            elif kind == "dropout":  # identity at inference
+                pass
+            elif kind in ("yolo", "detection"):
                 heads.append(x)
             else:
                 raise ValueError(f"layer type {kind} is not in this reference")

@@ -2,6 +2,7 @@
 errors, and outputs equal to a network run with darknet's layer semantics (tests/convert/darknet_reference.py)."""
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -24,6 +25,8 @@ from tests.conftest import compose_config
 from tests.convert.darknet_reference import DarknetReference, darknet_reorg, yolov3_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
+# tools/ run as scripts import detkit from the path, not from the installed checkout: this one's
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 WIDTH, DEPTHS = 8, [1, 1, 2, 1, 1]
 TINY = [f"model.backbone.width={WIDTH}", f"model.backbone.depths=[{','.join(map(str, DEPTHS))}]"]
 
@@ -164,7 +167,7 @@ def test_the_converter_tool_writes_a_checkpoint_every_tool_loads(tmp_path):
     path = write_darknet(tmp_path / "tiny80.weights", random_values(model, seed=2))
     out = tmp_path / "tiny80.pt"
     subprocess.run([sys.executable, "tools/convert.py", "source=darknet", f"weights={path}", "model=yolov3",
-                    f"out={out}", "img_size=96", *TINY], cwd=ROOT, check=True, capture_output=True)
+                    f"out={out}", "img_size=96", *TINY], cwd=ROOT, check=True, capture_output=True, env=CHECKOUT_ENV)
     detector = detkit.load(out)
     load_weights(model, path)
     assert detector.img_size == 96 and detector.class_names == list(COCO80_NAMES)
@@ -182,7 +185,8 @@ def test_the_converter_tool_writes_a_checkpoint_every_tool_loads(tmp_path):
     ids = {p["category_id"] for p in json.loads((tmp_path / "eval" / "predictions.json").read_text())}
     assert ids and ids <= set(COCO80_IDS) and max(ids) > 80
     bad = subprocess.run([sys.executable, "tools/convert.py", "source=darknet", f"weights={path}", "model=yolov3",
-                          f"out={tmp_path / 'bad.pt'}", "img_size=96"], cwd=ROOT, capture_output=True, text=True)
+                          f"out={tmp_path / 'bad.pt'}", "img_size=96"], cwd=ROOT, capture_output=True, text=True,
+                         env=CHECKOUT_ENV)
     assert bad.returncode != 0 and "floats after its 20-byte header" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad.pt").exists()
 

@@ -14,6 +14,11 @@ their scale (yolov1_cpu at 256 px after 200 steps at lr 1e-3 without it: 4% of t
 outputs varying 0.05 from image to image against 0.18 from cell to cell). And a last FC that starts at a prior
 (:meth:`YOLOv1.reset_head`) instead of random outputs, so that the initial √w, √h are positive and the
 confidences near 0.
+
+``head="darknet"`` is darknet's yolov1.cfg instead (configs/model/yolov1_darknet.yaml, whose ``.weights`` load
+with :mod:`detkit.convert.darknet`): a 3×3 locally connected layer (unshared kernels) with leaky ReLU, dropout and
+one fully connected layer whose outputs come in darknet's ``[detection]`` order (:func:`darknet_to_cells`), decoded
+as darknet decodes them.
 """
 
 from __future__ import annotations
@@ -26,10 +31,35 @@ from torch import Tensor, nn
 from detkit.losses.yolov1 import YOLOv1Loss
 from detkit.models.detectors.common import check_targets, stack_images
 from detkit.models.detectors.yolo import NMS_METHODS
-from detkit.models.layers import ConvBNAct, activation
+from detkit.models.layers import ConvBNAct, LocallyConnected2d, activation
 from detkit.postprocess import postprocess_detections
 
 STRIDE = 64
+HEADS = ("fc", "darknet")
+
+
+def darknet_to_cells(output: Tensor, grid: int, num_boxes: int, num_classes: int) -> Tensor:
+    """Darknet's ``[detection]`` layer input → detkit's per-cell layout.
+
+    Args:
+        output: (N, S·S·C + S·S·B + S·S·B·4): the C class values of every cell, then the B confidences of every
+            cell, then the B (x, y, √w, √h) of every cell; cells in row-major order (row · S + column).
+
+    Returns:
+        (N, S, S, 5B + C) indexed [image, row, column]: per box (x, y, √w, √h, confidence), then the C classes.
+    """
+    n, s, b = len(output), grid, num_boxes
+    probs, conf, coords = output.split([s * s * num_classes, s * s * b, s * s * b * 4], dim=1)
+    boxes = torch.cat([coords.reshape(n, s, s, b, 4), conf.reshape(n, s, s, b, 1)], dim=-1)
+    return torch.cat([boxes.flatten(3), probs.reshape(n, s, s, num_classes)], dim=-1)
+
+
+def cells_to_darknet(cells: Tensor, num_boxes: int) -> Tensor:
+    """Inverse of :func:`darknet_to_cells`: (N, S, S, 5B + C) → (N, S·S·C + S·S·B + S·S·B·4)."""
+    n, b = len(cells), num_boxes
+    boxes = cells[..., : 5 * b].reshape(n, -1, b, 5)
+    return torch.cat([cells[..., 5 * b :].reshape(n, -1), boxes[..., 4].reshape(n, -1),
+                      boxes[..., :4].reshape(n, -1)], dim=1)
 
 
 def yolov1_trunk(width: float = 64, repeats: Sequence[int] = (4, 2), act: str = "leaky") -> tuple[nn.Sequential, int]:
@@ -66,12 +96,16 @@ class YOLOv1(nn.Module):
         input_size: the square input side the FC head is built for (448 in the paper); a multiple of 64.
         width, repeats, act: see :func:`yolov1_trunk`. fc_hidden: the first FC's width (4096). dropout: after it.
         fc_norm: LayerNorm on the first FC's outputs (not in the paper; see the module docstring).
+        head: ``fc`` (the paper's two FCs: ``fc_hidden``, ``fc_norm``) or ``darknet`` (yolov1.cfg's: a 3×3
+            locally connected layer of ``local_filters`` with ``act``, ``dropout``, one FC in darknet's output
+            order; ``fc_hidden`` and ``fc_norm`` are not used).
         coord_weight, noobj_weight: λ_coord, λ_noobj of :class:`detkit.losses.yolov1.YOLOv1Loss`.
         score_thresh, nms_thresh, max_det, nms: inference; the score of class c for a box is
             Pr(c | object) · confidence, the confidence having been trained towards Pr(object) · IoU.
 
     Raw output: (N, S, S, 5B + C), per box (x in cell, y in cell, √(w/W), √(h/H), confidence), then C class
-    values; linear, as in the paper.
+    values; linear, as in the paper. With ``head="darknet"`` inference decodes as darknet's detection layer
+    does: w = (√w)² · W whatever the sign of √w, score = class value · confidence without clipping either.
     """
 
     def __init__(
@@ -86,6 +120,8 @@ class YOLOv1(nn.Module):
         dropout: float = 0.5,
         fc_norm: bool = True,
         act: str = "leaky",
+        head: str = "fc",
+        local_filters: int = 256,
         coord_weight: float = 5.0,
         noobj_weight: float = 0.5,
         score_thresh: float = 0.001,
@@ -98,17 +134,29 @@ class YOLOv1(nn.Module):
             raise ValueError(f"YOLOv1's input_size must be a multiple of {STRIDE}, got {input_size}")
         if nms not in NMS_METHODS:
             raise ValueError(f"unknown nms {nms!r}; expected one of {', '.join(NMS_METHODS)}")
+        if head not in HEADS:
+            raise ValueError(f"unknown YOLOv1 head {head!r}; expected one of {', '.join(HEADS)}")
         self.num_classes, self.grid, self.num_boxes, self.input_size = num_classes, grid, num_boxes, input_size
         self.backbone, channels = yolov1_trunk(width, repeats, act)
-        cells = (input_size // STRIDE) ** 2
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(channels * cells, fc_hidden),
-            nn.LayerNorm(fc_hidden) if fc_norm else nn.Identity(),
-            activation(act),
-            nn.Dropout(dropout),
-            nn.Linear(fc_hidden, grid * grid * (5 * num_boxes + num_classes)),
-        )
+        side, outputs = input_size // STRIDE, grid * grid * (5 * num_boxes + num_classes)
+        self.darknet_head = head == "darknet"
+        if self.darknet_head:
+            self.head = nn.Sequential(
+                LocallyConnected2d(channels, local_filters, 3, (side, side), padding=1),
+                activation(act),
+                nn.Dropout(dropout),
+                nn.Flatten(),
+                nn.Linear(local_filters * side * side, outputs),
+            )
+        else:
+            self.head = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(channels * side * side, fc_hidden),
+                nn.LayerNorm(fc_hidden) if fc_norm else nn.Identity(),
+                activation(act),
+                nn.Dropout(dropout),
+                nn.Linear(fc_hidden, outputs),
+            )
         self.loss = YOLOv1Loss(num_classes, grid, num_boxes, coord_weight, noobj_weight)
         self.reset_head()
         self.score_thresh, self.nms_thresh, self.max_det, self.nms = score_thresh, nms_thresh, max_det, nms
@@ -121,12 +169,12 @@ class YOLOv1(nn.Module):
         ~0.02 of the prior)."""
         last = self.head[-1]
         nn.init.normal_(last.weight, std=0.02 / last.in_features**0.5)
-        bias = last.bias.view(self.grid, self.grid, -1)
-        bias.zero_()
+        prior = torch.zeros(self.grid, self.grid, 5 * self.num_boxes + self.num_classes)
         for k in range(self.num_boxes):
             root = 0.6 * (k + 1) / (self.num_boxes + 1)
-            bias[..., 5 * k : 5 * k + 4] = torch.tensor([0.5, 0.5, root, root])
-        bias[..., 5 * self.num_boxes :] = 1.0 / self.num_classes
+            prior[..., 5 * k : 5 * k + 4] = torch.tensor([0.5, 0.5, root, root])
+        prior[..., 5 * self.num_boxes :] = 1.0 / self.num_classes
+        last.bias.copy_(cells_to_darknet(prior[None], self.num_boxes)[0] if self.darknet_head else prior.flatten())
 
     def raw_outputs(self, images: Tensor) -> Tensor:
         """(N, S, S, 5B + C) raw predictions of (N, 3, input_size, input_size) images."""
@@ -134,6 +182,8 @@ class YOLOv1(nn.Module):
         # The last FC stays float32 under autocast: the sum-squared loss on its outputs needs more than bf16.
         with torch.autocast(hidden.device.type, enabled=False):
             out = self.head[-1](hidden.float())
+        if self.darknet_head:
+            return darknet_to_cells(out, self.grid, self.num_boxes, self.num_classes)
         return out.view(len(images), self.grid, self.grid, 5 * self.num_boxes + self.num_classes)
 
     def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None):
@@ -155,11 +205,16 @@ class YOLOv1(nn.Module):
         """Boxes (N, S·S·B, 4) and class-specific scores Pr(c | object) · confidence, then class-aware NMS."""
         n, s = output.shape[:2]
         boxes = output[..., : 5 * self.num_boxes].reshape(n, s, s, self.num_boxes, 5)
+        probs = output[..., 5 * self.num_boxes :]
+        if self.darknet_head:  # darknet squares √w, √h as they are and multiplies the raw values
+            boxes = torch.cat([boxes[..., :2], boxes[..., 2:4].abs(), boxes[..., 4:]], dim=-1)
+            conf = boxes[..., 4:5]
+        else:
+            probs, conf = probs.clamp(min=0), boxes[..., 4:5].clamp(min=0)
         ys, xs = torch.meshgrid(torch.arange(s, device=output.device), torch.arange(s, device=output.device),
                                 indexing="ij")
         cells = torch.stack([xs, ys], dim=-1).expand(n, s, s, 2)
         decoded = self.loss.decode_cells(boxes, cells, size).reshape(n, -1, 4)
-        probs = output[..., 5 * self.num_boxes :].clamp(min=0)
-        scores = boxes[..., 4:5].clamp(min=0) * probs[..., None, :]
+        scores = conf * probs[..., None, :]
         return postprocess_detections(decoded, scores.reshape(n, -1, self.num_classes), self.score_thresh,
                                       self.nms_thresh, self.max_det, self.nms, image_size=tuple(size))
