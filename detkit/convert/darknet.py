@@ -151,17 +151,52 @@ def _yolov1_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit | 
             LayerUnit(names[connected], "connected layer", (connected.bias, connected.weight))]
 
 
+def _yolov4_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
+    """yolov4.cfg: CSPDarknet53 (per stage: the strided conv, the bypass 1×1, the main branch's 1×1, its
+    residual units and closing 1×1, the fusing 1×1; the first stage wide), the SPP block's convs (1×1, 3×3,
+    1×1, the pools), the deepest top-down set (three convs); per shallower level the 1×1 conv that is upsampled,
+    the lateral 1×1 on the backbone map and the five-conv set; the shallowest head (3×3, linear 1×1); then per
+    deeper level the stride-2 3×3, the five-conv set and that level's head."""
+    from detkit.models.backbones.cspdarknet import CSPDarknet
+
+    backbone, neck, spp = model.backbone, model.neck, model.spp
+    top_down = neck.top_down
+    darknet = (isinstance(backbone, CSPDarknet) and backbone.stem[0].stride == (1, 1)
+               and backbone.stages[0].bypass[0].out_channels == backbone.stages[0].down[0].out_channels
+               and spp is not None and len(spp.convs) == 2 and top_down.laterals is not None
+               and [len(s) for s in top_down.sets] == [3, 5, 5] and [len(s) for s in neck.sets] == [5, 5]
+               and model.sam is None)
+    if not darknet:
+        raise ConvertError("this YOLOv4 variant is not yolov4.cfg's layout (a wide first CSP stage, SPP with "
+                           "spp_pairs 1, lateral convs, top_down_pairs [2, 2, 1], pairs 2, three levels, no "
+                           "SAM): model=yolov4 loads darknet's yolov4.weights")
+
+    def head(level: int) -> list[Unit]:
+        conv = model.heads[level][1]
+        return [*_conv_bn_units(model.heads[level][0], names), Unit(names[conv], conv, None)]
+
+    units = [*_conv_bn_units(backbone, names), *_conv_bn_units(spp, names), *_conv_bn_units(top_down.sets[0], names)]
+    for reduce, lateral, conv_set in zip(top_down.reduce, top_down.laterals, top_down.sets[1:]):
+        units += [*_conv_bn_units(reduce, names), *_conv_bn_units(lateral, names), *_conv_bn_units(conv_set, names)]
+    units += head(0)
+    for level, (down, conv_set) in enumerate(zip(neck.down, neck.sets), start=1):
+        units += [*_conv_bn_units(down, names), *_conv_bn_units(conv_set, names), *head(level)]
+    return units
+
+
 def layout(model: nn.Module) -> list[Unit | LayerUnit]:
     """``model``'s weighted layers in the order of its darknet cfg; a :class:`ConvertError` for a model without
     one."""
     names = {module: name for name, module in model.named_modules()}
-    if type(model).__name__ == "YOLOv3":
+    if type(model).__name__ == "YOLOv3" and type(model.neck).__name__ == "PANet":
+        units = _yolov4_units(model, names)
+    elif type(model).__name__ == "YOLOv3":
         units = _yolov3_units(model, names)
     elif type(model).__name__ == "YOLOv1":
         units = _yolov1_units(model, names)
     else:
         raise ConvertError(f"{type(model).__name__} has no darknet layout; darknet weights load into model=yolov3, "
-                           "model=yolov3_spp and model=yolov1_darknet")
+                           "model=yolov3_spp, model=yolov4 and model=yolov1_darknet")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     covered = sum(isinstance(u, Unit) for u in units)
     if covered != len(convs):  # every convolution once, or the order above has missed a piece

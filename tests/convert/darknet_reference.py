@@ -1,7 +1,8 @@
-"""An independent reference for darknet's layer semantics, for the converter's tests: a cfg writer for YOLOv3
-at any width/depth and a small interpreter that reads a cfg and a ``.weights`` file its own way and runs the
-network as darknet does (convolutional with BN ε 1e-5 and leaky 0.1, shortcut, route, upsample, maxpool with
-darknet's padding, reorg, yolo; and YOLOv1's local, dropout, connected, detection, with a yolov1.cfg writer).
+"""An independent reference for darknet's layer semantics, for the converter's tests: cfg writers for YOLOv1,
+YOLOv3 and YOLOv4 at any width/depth and a small interpreter that reads a cfg and a ``.weights`` file its own way
+and runs the network as darknet does (convolutional with BN ε 1e-5 and leaky 0.1 or mish, shortcut, route of one
+or several layers, upsample, maxpool with darknet's padding, reorg, yolo with its ``scale_x_y`` box decoding;
+YOLOv1's local, dropout, connected and detection).
 Nothing here imports detkit."""
 
 from __future__ import annotations
@@ -141,6 +142,80 @@ def local_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
     return out
 
 
+YOLOV4_ANCHORS = [[12, 16], [19, 36], [40, 28], [36, 75], [76, 55], [72, 146], [142, 110], [192, 243], [459, 401]]
+
+
+def yolov4_cfg(width: int, depths: list[int], num_classes: int, scale_x_y: tuple[float, ...] = (1.2, 1.1, 1.05),
+               anchors: list[list[int]] = YOLOV4_ANCHORS) -> str:
+    """yolov4.cfg's layer sequence with stem ``width`` and CSP stage ``depths`` (CSPDarknet53: 32, [1, 2, 8, 8, 4]):
+    mish in the backbone, leaky after it; three [yolo] layers, shallowest first, with ``scale_x_y`` and
+    ``anchors`` (pixels, 9 of them, three per layer)."""
+    layers: list[str] = ["[net]\nwidth=608\nheight=608\nchannels=3"]
+
+    def add(text: str) -> int:
+        layers.append(text)
+        return len(layers) - 2
+
+    def conv(filters: int, size: int, stride: int = 1, act: str = "leaky", bn: bool = True) -> int:
+        return add(f"[convolutional]\nbatch_normalize={int(bn)}\nfilters={filters}\nsize={size}\nstride={stride}\n"
+                   f"pad=1\nactivation={act}")
+
+    def route(*sources: int) -> int:  # written relative to the route, as the cfg has them
+        here = len(layers) - 1
+        return add("[route]\nlayers=" + ",".join(str(source - here) for source in sources))
+
+    def conv_set(filters: int, convs: int) -> int:  # 1x1, 3x3, 1x1, ...: ``convs`` of them
+        for k in range(convs):
+            last = conv(filters if k % 2 == 0 else 2 * filters, 1 if k % 2 == 0 else 3)
+        return last
+
+    conv(width, 3, act="mish")
+    stage_outputs = []
+    for i, depth in enumerate(depths):
+        channels = 2 * width * 2**i
+        branch = channels if i == 0 else channels // 2  # the first CSP stage keeps both branches wide
+        down = conv(channels, 3, 2, act="mish")
+        bypass = conv(branch, 1, act="mish")
+        route(down)
+        conv(branch, 1, act="mish")
+        for _ in range(depth):
+            conv(branch // 2 if i == 0 else branch, 1, act="mish")
+            conv(branch, 3, act="mish")
+            add("[shortcut]\nfrom=-3\nactivation=linear")
+        main = conv(branch, 1, act="mish")
+        route(main, bypass)
+        stage_outputs.append(conv(channels, 1, act="mish"))
+    levels, outputs = 3, 5 + num_classes
+    mids = [2 * width * 2 ** (len(depths) - levels + level) // 2 for level in range(levels)]  # shallowest first
+    conv_set(mids[-1], 3)
+    for size in (5, 9, 13):
+        pool = add(f"[maxpool]\nstride=1\nsize={size}")
+        if size != 13:
+            route(pool - 1 if size == 5 else pool - 3)
+    route(pool, pool - 2, pool - 4, pool - 5)  # -1,-3,-5,-6: the largest pool first, the input last
+    top_down = [conv_set(mids[-1], 3)]  # deepest first
+    for level in reversed(range(levels - 1)):
+        conv(mids[level], 1)
+        up = add("[upsample]\nstride=2")
+        route(stage_outputs[len(depths) - levels + level])
+        lateral = conv(mids[level], 1)
+        route(lateral, up)
+        top_down.append(conv_set(mids[level], 5))
+    previous = top_down[-1]
+    for level in range(levels):
+        if level:
+            route(previous)
+            down = conv(mids[level], 3, 2)
+            route(down, top_down[levels - 1 - level])
+            previous = conv_set(mids[level], 5)
+        conv(2 * mids[level], 3)
+        conv(3 * outputs, 1, act="linear", bn=False)
+        add(f"[yolo]\nmask={','.join(str(3 * level + k) for k in range(3))}\n"
+            f"anchors={', '.join(str(v) for pair in anchors for v in pair)}\nclasses={num_classes}\nnum=9\n"
+            f"scale_x_y={scale_x_y[level]}")
+    return "\n\n".join(layers) + "\n"
+
+
 def parse_cfg(text: str) -> list[dict]:
     sections = []
     for line in text.splitlines():
@@ -262,6 +337,31 @@ class DarknetReference:
                 raise ValueError(f"layer type {kind} is not in this reference")
             outputs.append(x)
         return heads
+
+    def yolo_boxes(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per [yolo] layer, in cfg order, the boxes darknet's yolo layer and get_yolo_box give for the input
+        ``x`` (B, 3, H, W): (B, A, h, w, 4) centre x, y and width, height in input pixels. The layer applies
+        the logistic to t_x, t_y, then s·σ − (s − 1)/2 (s its ``scale_x_y``); get_yolo_box divides
+        (column + that) by the grid width and e^{t_w}·anchor_w by the net width, both relative to the net's
+        size, which are multiplied back here."""
+        heads = self.forward(x)
+        yolos = [section for section in self.sections[1:] if section["type"] == "yolo"]
+        net_h, net_w = x.shape[-2:]
+        boxes = []
+        for head, section in zip(heads, yolos):
+            values = [float(v) for v in section["anchors"].split(",")]
+            mask = [int(v) for v in section["mask"].split(",")]
+            anchor_w = torch.tensor([values[2 * m] for m in mask]).view(1, -1, 1, 1)
+            anchor_h = torch.tensor([values[2 * m + 1] for m in mask]).view(1, -1, 1, 1)
+            s = float(section.get("scale_x_y", 1))
+            b, _, h, w = head.shape
+            t = head.view(b, len(mask), -1, h, w)
+            column, row = torch.arange(w).view(1, 1, 1, w), torch.arange(h).view(1, 1, h, 1)
+            x_rel = (column + torch.sigmoid(t[:, :, 0]) * s - 0.5 * (s - 1)) / w
+            y_rel = (row + torch.sigmoid(t[:, :, 1]) * s - 0.5 * (s - 1)) / h
+            w_rel, h_rel = torch.exp(t[:, :, 2]) * anchor_w / net_w, torch.exp(t[:, :, 3]) * anchor_h / net_h
+            boxes.append(torch.stack([x_rel * net_w, y_rel * net_h, w_rel * net_w, h_rel * net_h], dim=-1))
+        return boxes
 
 
 def darknet_reorg(x: torch.Tensor, stride: int) -> torch.Tensor:

@@ -19,7 +19,13 @@ import detkit
 from detkit.app.build import build_model
 from detkit.convert.coco import COCO80_IDS, COCO80_NAMES
 from detkit.convert.darknet import (
-    DARKNET_BN_EPS, ConvertError, Header, darknet_parameter_count, layout, load_weights, read_weights, save_weights,
+    DARKNET_BN_EPS,
+    ConvertError,
+    darknet_parameter_count,
+    layout,
+    load_weights,
+    read_weights,
+    save_weights,
 )
 from tests.conftest import compose_config
 from tests.convert.darknet_reference import DarknetReference, darknet_reorg, yolov3_cfg

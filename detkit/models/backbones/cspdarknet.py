@@ -19,17 +19,20 @@ from detkit.models.layers import ConvBNAct, DarknetResidual
 class CSPStage(nn.Module):
     """Strided 3×3 conv to ``c_out``, then the cross-stage partial block around ``depth`` residual units.
 
+    Each branch has ``c_out / 2`` channels and the residual units keep that width; with ``wide`` (darknet's
+    first CSP stage in yolov4.cfg) each branch has ``c_out`` channels and the units bottleneck to ``c_out / 2``.
     Input (B, c_in, H, W) → output (B, c_out, H / 2, W / 2).
     """
 
-    def __init__(self, c_in: int, c_out: int, depth: int, act: str = "mish") -> None:
+    def __init__(self, c_in: int, c_out: int, depth: int, act: str = "mish", wide: bool = False) -> None:
         super().__init__()
-        hidden = c_out // 2
+        hidden = c_out if wide else c_out // 2
+        unit_hidden = hidden // 2 if wide else hidden
         self.down = ConvBNAct(c_in, c_out, 3, stride=2, act=act)
         self.bypass = ConvBNAct(c_out, hidden, 1, act=act)
         self.main = nn.Sequential(
             ConvBNAct(c_out, hidden, 1, act=act),
-            *[DarknetResidual(hidden, act, hidden=hidden) for _ in range(depth)],
+            *[DarknetResidual(hidden, act, hidden=unit_hidden) for _ in range(depth)],
             ConvBNAct(hidden, hidden, 1, act=act),
         )
         self.fuse = ConvBNAct(2 * hidden, c_out, 1, act=act)
@@ -44,12 +47,13 @@ class CSPDarknet(StagedBackbone):
 
     ``CSPDarknet(depths=(1, 2, 8, 8, 4), width=32)`` is YOLOv4's CSPDarknet53. Arguments and outputs as
     :class:`detkit.models.backbones.darknet.Darknet`: stage ``i`` has ``2 * width * 2 ** i`` channels and
-    stride ``stem_stride * 2 ** (i + 1)``; input H, W multiples of the deepest stride.
+    stride ``stem_stride * 2 ** (i + 1)``; input H, W multiples of the deepest stride. ``wide_first_stage``
+    makes the first stage darknet's (:class:`CSPStage` ``wide``), as yolov4.cfg has it.
     """
 
     def __init__(
         self, depths: Sequence[int] = (1, 2, 8, 8, 4), width: int = 32, num_outputs: int = 3, act: str = "mish",
-        stem_stride: int = 1,
+        stem_stride: int = 1, wide_first_stage: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= num_outputs <= len(depths):
@@ -57,7 +61,8 @@ class CSPDarknet(StagedBackbone):
         self.stem = ConvBNAct(3, width, 3, stride=stem_stride, act=act)
         channels = [2 * width * 2**i for i in range(len(depths))]
         self.stages = nn.ModuleList(
-            CSPStage(channels[i - 1] if i else width, channels[i], depth, act) for i, depth in enumerate(depths)
+            CSPStage(channels[i - 1] if i else width, channels[i], depth, act, wide=wide_first_stage and i == 0)
+            for i, depth in enumerate(depths)
         )
         self.num_outputs = num_outputs
         self.out_channels = channels[-num_outputs:]

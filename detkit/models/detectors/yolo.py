@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from detkit.errors import ConfigError
 from detkit.losses.yolo import YOLOLoss
 from detkit.models.detectors.common import check_targets, stack_images
 from detkit.models.layers import ConvBNAct, DropBlock2d, SpatialAttention
@@ -58,7 +59,9 @@ class YOLOv3(nn.Module):
             label_smoothing, ignore_thresh: see :class:`detkit.losses.yolo.YOLOLoss`; ``neighbor_cells`` needs
             ``xy_scale`` ≥ 2.
         xy_scale: YOLOv4's grid-sensitivity fix, b_xy = (s·σ(t) − (s − 1)/2 + c) · stride; 1 is YOLOv3's
-            coding, where a centre on a cell border needs σ(t) → 0 or 1 (infinite logits).
+            coding, where a centre on a cell border needs σ(t) → 0 or 1 (infinite logits). One s for every
+            level, or one per level, shallowest first (yolov4.cfg's ``scale_x_y``: 1.2, 1.1, 1.05 at strides
+            8, 16, 32); kept as ``self.xy_scale``, a tuple with one value per level.
         score_thresh, nms_thresh, max_det, pre_nms_topk: inference post-processing; ``nms`` is ``nms``
             (greedy IoU) or ``diou`` (DIoU-NMS, YOLOv4).
     """
@@ -75,7 +78,7 @@ class YOLOv3(nn.Module):
         loss_weights: dict | None = None,
         level_weights: Sequence[float] = (4.0, 1.0, 0.4),
         ratio_thresh: float = 4.0,
-        xy_scale: float = 1.0,
+        xy_scale: float | Sequence[float] = 1.0,
         neighbor_cells: bool = False,
         score_thresh: float = 0.001,
         nms_thresh: float = 0.6,
@@ -132,9 +135,13 @@ class YOLOv3(nn.Module):
                              ratio_thresh=ratio_thresh, neighbor_cells=neighbor_cells, focal=focal,
                              focal_gamma=focal_gamma, focal_alpha=focal_alpha, label_smoothing=label_smoothing,
                              ignore_thresh=ignore_thresh)
-        if neighbor_cells and xy_scale < 2.0:
+        scales = [float(xy_scale)] * len(strides) if isinstance(xy_scale, (int, float)) else list(xy_scale)
+        if len(scales) != len(strides):
+            raise ConfigError(f"model.xy_scale has {len(scales)} values for {len(strides)} levels: give one value, "
+                              "or one per level (shallowest first)")
+        if neighbor_cells and min(scales) < 2.0:
             raise ValueError("neighbor_cells needs xy_scale >= 2 so a neighbouring cell can reach the centre")
-        self.xy_scale = xy_scale
+        self.xy_scale = tuple(float(s) for s in scales)
         self.nms = nms
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.max_det, self.pre_nms_topk = max_det, pre_nms_topk
@@ -174,13 +181,13 @@ class YOLOv3(nn.Module):
     def decode(self, outputs: Sequence[Tensor]) -> list[Tensor]:
         """Per level (B, A, H, W, 4) xyxy boxes in input pixels from raw outputs."""
         boxes = []
-        for out, anchors, stride in zip(outputs, self.anchors, self.strides):
+        for out, anchors, stride, scale in zip(outputs, self.anchors, self.strides, self.xy_scale):
             _, _, h, w, _ = out.shape
             ys, xs = torch.meshgrid(
                 torch.arange(h, device=out.device), torch.arange(w, device=out.device), indexing="ij"
             )
             grid = torch.stack([xs, ys], dim=-1).to(out.dtype)
-            xy = (self.xy_scale * out[..., :2].sigmoid() - (self.xy_scale - 1) / 2 + grid) * stride
+            xy = (scale * out[..., :2].sigmoid() - (scale - 1) / 2 + grid) * stride
             wh = anchors.view(1, -1, 1, 1, 2) * out[..., 2:4].clamp(max=_MAX_LOG_SCALE).exp()
             boxes.append(torch.cat([xy - wh / 2, xy + wh / 2], dim=-1))
         return boxes

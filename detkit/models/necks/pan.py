@@ -20,6 +20,9 @@ class PANet(nn.Module):
             twice the resolution of the next.
         channels: ``c_mid`` of each level's conv sets, shallowest first.
         pairs: (3×3, 1×1) pairs in each conv set (2 in YOLOv4).
+        top_down_pairs: the top-down pass's pairs, one count or one per level (shallowest first); None: ``pairs``.
+            yolov4.cfg: [2, 2, 1], the deepest set after its SPP block having three convs.
+        lateral: the top-down pass's 1×1 lateral convs (:class:`YOLOv3Neck` ``lateral``), as in yolov4.cfg.
 
     Bottom-up step for level i > 0: a 3×3 stride-2 conv takes the aggregated level i − 1 to ``channels[i]``,
     it is concatenated with the top-down level i and a conv set reduces it to ``channels[i]``.
@@ -27,9 +30,11 @@ class PANet(nn.Module):
     input's spatial size.
     """
 
-    def __init__(self, in_channels: Sequence[int], channels: Sequence[int], pairs: int = 2, act: str = "leaky"):
+    def __init__(self, in_channels: Sequence[int], channels: Sequence[int], pairs: int = 2, act: str = "leaky",
+                 top_down_pairs: int | Sequence[int] | None = None, lateral: bool = False):
         super().__init__()
-        self.top_down = YOLOv3Neck(in_channels, channels, pairs, act)
+        top_down_pairs = pairs if top_down_pairs is None else top_down_pairs
+        self.top_down = YOLOv3Neck(in_channels, channels, top_down_pairs, act, lateral)
         self.down = nn.ModuleList(
             ConvBNAct(channels[i - 1], channels[i], 3, stride=2, act=act) for i in range(1, len(channels))
         )

@@ -29,13 +29,17 @@ class YOLOv3Neck(nn.Module):
         in_channels: channels of the backbone maps, shallowest first (e.g. strides 8, 16, 32).
         channels: ``c_mid`` of each level's conv set, shallowest first.
         pairs: (3×3, 1×1) pairs in each conv set, or one count per level, shallowest first.
+        lateral: yolov4.cfg's top-down pass: a 1×1 conv takes each backbone map but the deepest to
+            ``channels[i]`` and is concatenated *before* the upsampled map; without it (yolov3.cfg) the backbone
+            map itself is concatenated after the upsampled one.
 
     Input: maps shallowest first; output: one map per level, shallowest first, with ``channels[i]`` channels
-    and the input's spatial size.
+    and the input's spatial size. ``sets``, ``reduce`` and ``laterals`` (None without ``lateral``) are listed
+    deepest level first.
     """
 
     def __init__(self, in_channels: Sequence[int], channels: Sequence[int], pairs: int | Sequence[int] = 2,
-                 act: str = "leaky"):
+                 act: str = "leaky", lateral: bool = False):
         super().__init__()
         n = len(in_channels)
         pairs = [pairs] * n if isinstance(pairs, int) else list(pairs)
@@ -43,11 +47,16 @@ class YOLOv3Neck(nn.Module):
             raise ValueError("in_channels, channels and a per-level pairs list must have one entry per level")
         self.sets = nn.ModuleList()
         self.reduce = nn.ModuleList()
+        # Created only when asked for, so that models without them keep their parameters (and checkpoints).
+        self.laterals = nn.ModuleList() if lateral else None
         for level in reversed(range(n)):
-            lateral = channels[level + 1] // 2 if level < n - 1 else 0
-            self.sets.append(conv_set(in_channels[level] + lateral, channels[level], pairs[level], act))
+            up = channels[level + 1] // 2 if level < n - 1 else 0
+            c_in = channels[level] if lateral and up else in_channels[level]
+            self.sets.append(conv_set(c_in + up, channels[level], pairs[level], act))
             if level > 0:
                 self.reduce.append(ConvBNAct(channels[level], channels[level] // 2, 1, act=act))
+            if lateral and up:
+                self.laterals.append(ConvBNAct(in_channels[level], channels[level], 1, act=act))
         self.out_channels = list(channels)
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
@@ -56,7 +65,10 @@ class YOLOv3Neck(nn.Module):
         for i, feature in enumerate(reversed(features)):
             if x is not None:
                 up = nn.functional.interpolate(self.reduce[i - 1](x), size=feature.shape[-2:], mode="nearest")
-                feature = torch.cat([up, feature], dim=1)
+                if self.laterals is None:
+                    feature = torch.cat([up, feature], dim=1)
+                else:
+                    feature = torch.cat([self.laterals[i - 1](feature), up], dim=1)
             x = self.sets[i](feature)
             outputs.append(x)
         return outputs[::-1]
