@@ -118,3 +118,20 @@ class DropBlock2d(nn.Module):
         seeds = (torch.rand_like(x) < gamma).to(x.dtype)
         mask = 1.0 - nn.functional.max_pool2d(seeds, self.block, stride=1, padding=self.block // 2)
         return x * mask * (mask.numel() / mask.sum().clamp(min=1.0))
+
+
+class DarknetMaxPool(nn.Module):
+    """Darknet's ``[maxpool]``: a ``size``×``size`` max over windows ``stride`` apart, the input padded by
+    ``size − 1`` in all with −∞ (``(size − 1) // 2`` before, the rest after), so (B, C, H, W) →
+    (B, C, ⌊(H − 1) / stride⌋ + 1, ⌊(W − 1) / stride⌋ + 1). Size 2 stride 2 on even sizes is a plain 2×2 pool;
+    size 2 stride 1 (yolov3-tiny's last pool) keeps the size, the last row and column compared with −∞ only."""
+
+    def __init__(self, size: int = 2, stride: int = 2) -> None:
+        super().__init__()
+        self.size, self.stride = size, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        before = (self.size - 1) // 2
+        after = self.size - 1 - before
+        x = nn.functional.pad(x, (before, after, before, after), value=float("-inf"))
+        return nn.functional.max_pool2d(x, self.size, self.stride)
