@@ -184,19 +184,49 @@ def _yolov4_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
     return units
 
 
+def _is_tiny(model: nn.Module) -> bool:
+    from detkit.models.backbones.darknet_tiny import CSPDarknetTiny, DarknetTiny
+
+    return isinstance(model.backbone, (DarknetTiny, CSPDarknetTiny))
+
+
+def _tiny_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
+    """yolov3-tiny.cfg and yolov4-tiny.cfg: the backbone's convs (yolov4-tiny's CSP blocks a, b, c, fuse), then
+    the deep level's 1×1 conv, its head (3×3, linear output conv), the 1×1 reduction that is upsampled, the
+    stride-16 head. yolov2-tiny.cfg: the backbone's convs, then its one head."""
+    from detkit.models.necks.tiny import DeepestMap, TinyNeck
+
+    neck = model.neck
+    if not isinstance(neck, (TinyNeck, DeepestMap)) or model.spp is not None or model.sam is not None:
+        raise ConvertError("this tiny variant (SPP, SAM or another neck) has no darknet cfg layout: "
+                           "model=yolov2_tiny, yolov3_tiny and yolov4_tiny load darknet weights")
+
+    def head(level: int) -> list[Unit]:
+        block = model.heads[level]
+        return [*_conv_bn_units(block[0], names), Unit(names[block[1]], block[1], None)]
+
+    units = list(_conv_bn_units(model.backbone, names))
+    if isinstance(neck, DeepestMap):
+        return units + head(0)
+    return [*units, *_conv_bn_units(neck.deep, names), *head(-1), *_conv_bn_units(neck.reduce, names), *head(0)]
+
+
 def layout(model: nn.Module) -> list[Unit | LayerUnit]:
     """``model``'s weighted layers in the order of its darknet cfg; a :class:`ConvertError` for a model without
     one."""
     names = {module: name for name, module in model.named_modules()}
-    if type(model).__name__ == "YOLOv3" and type(model.neck).__name__ == "PANet":
+    kind = type(model).__name__
+    if kind == "YOLOv3" and _is_tiny(model):
+        units = _tiny_units(model, names)
+    elif kind == "YOLOv3" and type(model.neck).__name__ == "PANet":
         units = _yolov4_units(model, names)
-    elif type(model).__name__ == "YOLOv3":
+    elif kind == "YOLOv3":
         units = _yolov3_units(model, names)
-    elif type(model).__name__ == "YOLOv1":
+    elif kind == "YOLOv1":
         units = _yolov1_units(model, names)
     else:
-        raise ConvertError(f"{type(model).__name__} has no darknet layout; darknet weights load into model=yolov3, "
-                           "model=yolov3_spp, model=yolov4 and model=yolov1_darknet")
+        raise ConvertError(f"{kind} has no darknet layout; darknet weights load into model=yolov3, yolov3_spp, "
+                           "yolov4, yolov2_tiny, yolov3_tiny, yolov4_tiny and yolov1_darknet")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     covered = sum(isinstance(u, Unit) for u in units)
     if covered != len(convs):  # every convolution once, or the order above has missed a piece

@@ -164,3 +164,18 @@ class LocallyConnected2d(nn.Module):
         positions, out_c, in_c, k, _ = self.weight.shape
         return (f"{in_c}, {out_c}, kernel={k}, stride={self.stride}, padding={self.padding}, "
                 f"input_size={self.input_size}, positions={positions}")
+class DarknetMaxPool(nn.Module):
+    """Darknet's ``[maxpool]``: a ``size``×``size`` max over windows ``stride`` apart, the input padded by
+    ``size − 1`` in all with −∞ (``(size − 1) // 2`` before, the rest after), so (B, C, H, W) →
+    (B, C, ⌊(H − 1) / stride⌋ + 1, ⌊(W − 1) / stride⌋ + 1). Size 2 stride 2 on even sizes is a plain 2×2 pool;
+    size 2 stride 1 (yolov3-tiny's last pool) keeps the size, the last row and column compared with −∞ only."""
+
+    def __init__(self, size: int = 2, stride: int = 2) -> None:
+        super().__init__()
+        self.size, self.stride = size, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        before = (self.size - 1) // 2
+        after = self.size - 1 - before
+        x = nn.functional.pad(x, (before, after, before, after), value=float("-inf"))
+        return nn.functional.max_pool2d(x, self.size, self.stride)

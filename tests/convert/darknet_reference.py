@@ -3,7 +3,10 @@ YOLOv3 and YOLOv4 at any width/depth and a small interpreter that reads a cfg an
 and runs the network as darknet does (convolutional with BN ε 1e-5 and leaky 0.1 or mish, shortcut, route of one
 or several layers, upsample, maxpool with darknet's padding, reorg, yolo with its ``scale_x_y`` box decoding;
 YOLOv1's local, dropout, connected and detection).
-Nothing here imports detkit."""
+Nothing here imports detkit.
+
+Also cfg writers for yolov3-tiny, yolov4-tiny (route ``groups``/``group_id``) and yolov2-tiny ([region]) at any
+width, and :func:`decode_heads`, darknet's box and score decoding of [yolo] (``scale_x_y``) and [region] layers."""
 
 from __future__ import annotations
 
@@ -214,6 +217,131 @@ def yolov4_cfg(width: int, depths: list[int], num_classes: int, scale_x_y: tuple
             f"anchors={', '.join(str(v) for pair in anchors for v in pair)}\nclasses={num_classes}\nnum=9\n"
             f"scale_x_y={scale_x_y[level]}")
     return "\n\n".join(layers) + "\n"
+class _CfgWriter:
+    """Darknet cfg sections in order; ``add`` returns the layer's index (darknet numbers from 0, after [net])."""
+
+    def __init__(self) -> None:
+        self.layers: list[str] = ["[net]\nwidth=416\nheight=416\nchannels=3"]
+
+    def add(self, text: str) -> int:
+        self.layers.append(text)
+        return len(self.layers) - 2
+
+    def conv(self, filters: int, size: int, stride: int = 1, bn: bool = True, act: str = "leaky") -> int:
+        return self.add(f"[convolutional]\nbatch_normalize={int(bn)}\nfilters={filters}\nsize={size}\n"
+                        f"stride={stride}\npad=1\nactivation={act}")
+
+    def maxpool(self, size: int, stride: int) -> int:
+        return self.add(f"[maxpool]\nsize={size}\nstride={stride}")
+
+    def text(self) -> str:
+        return "\n\n".join(self.layers) + "\n"
+
+
+TINY_ANCHORS = "10,14,  23,27,  37,58,  81,82,  135,169,  344,319"  # yolov3-tiny.cfg's and yolov4-tiny.cfg's
+REGION_ANCHORS = "0.57273, 0.677385, 1.87446, 2.06253, 3.33843, 5.47434, 7.88282, 3.52778, 9.77052, 9.16828"
+
+
+def _tiny_backbone(w: _CfgWriter, width: int) -> int:
+    """yolov2-tiny's / yolov3-tiny's convs and pools; returns the index of the stride-16 conv (layer 8)."""
+    routed = 0
+    for i in range(6):
+        index = w.conv(width * 2**i, 3)
+        if i == 4:
+            routed = index
+        w.maxpool(2, 2 if i < 5 else 1)
+    w.conv(64 * width, 3)
+    return routed
+
+
+def _tiny_heads(w: _CfgWriter, channels: int, fine: int, yolo: str, masks: tuple[str, str]) -> None:
+    """yolov3-tiny's / yolov4-tiny's neck and heads after the backbone: a 1×1 conv of ``channels`` (256 in the
+    cfgs), 3×3 (2·channels), output conv, [yolo] with ``masks[1]``; route back, 1×1 (channels / 2), upsample,
+    route onto layer ``fine``, 3×3 (channels), output conv, [yolo] with ``masks[0]``."""
+    outputs = 3 * (5 + int(parse_cfg(yolo)[0]["classes"]))
+    w.conv(channels, 1)
+    w.conv(2 * channels, 3)
+    w.conv(outputs, 1, bn=False, act="linear")
+    w.add(f"{yolo}\nmask={masks[1]}")
+    w.add("[route]\nlayers=-4")
+    w.conv(channels // 2, 1)
+    w.add("[upsample]\nstride=2")
+    w.add(f"[route]\nlayers=-1,{fine}")
+    w.conv(channels, 3)
+    w.conv(outputs, 1, bn=False, act="linear")
+    w.add(f"{yolo}\nmask={masks[0]}")
+
+
+def yolov3_tiny_cfg(width: int, num_classes: int) -> str:
+    """yolov3-tiny.cfg's layer sequence with first-conv ``width`` (16 in the cfg; every width scales with it)."""
+    w = _CfgWriter()
+    fine = _tiny_backbone(w, width)
+    _tiny_heads(w, 16 * width, fine, f"[yolo]\nanchors={TINY_ANCHORS}\nclasses={num_classes}\nnum=6",
+                ("0,1,2", "3,4,5"))
+    return w.text()
+
+
+def yolov4_tiny_cfg(width: int, num_classes: int) -> str:
+    """yolov4-tiny.cfg's layer sequence with first-conv ``width`` (32 in the cfg; every width scales with it)."""
+    w = _CfgWriter()
+    w.conv(width, 3, 2)
+    w.conv(2 * width, 3, 2)
+    fine = 0
+    for c in (2 * width, 4 * width, 8 * width):
+        w.conv(c, 3)
+        w.add("[route]\nlayers=-1\ngroups=2\ngroup_id=1")
+        w.conv(c // 2, 3)
+        w.conv(c // 2, 3)
+        w.add("[route]\nlayers=-1,-2")
+        fine = w.conv(c, 1)
+        w.add("[route]\nlayers=-6,-1")
+        w.maxpool(2, 2)
+    w.conv(16 * width, 3)
+    _tiny_heads(w, 8 * width, fine, f"[yolo]\nanchors={TINY_ANCHORS}\nclasses={num_classes}\nnum=6\nscale_x_y=1.05",
+                ("1,2,3", "3,4,5"))
+    return w.text()
+
+
+def yolov2_tiny_cfg(width: int, num_classes: int) -> str:
+    """yolov2-tiny.cfg's (COCO) layer sequence with first-conv ``width`` (16 in the cfg)."""
+    w = _CfgWriter()
+    _tiny_backbone(w, width)
+    w.conv(32 * width, 3)
+    w.conv(5 * (5 + num_classes), 1, bn=False, act="linear")
+    w.add(f"[region]\nanchors={REGION_ANCHORS}\nclasses={num_classes}\ncoords=4\nnum=5\nsoftmax=1")
+    return w.text()
+
+
+def decode_heads(cfg_text: str, heads: list[torch.Tensor], net_size: tuple[int, int]) -> list[tuple]:
+    """Darknet's decoding of each [yolo] / [region] layer's input (``heads``, in cfg order) for a network input
+    of ``net_size`` (h, w): per layer (boxes (B, A, H, W, 4) xyxy in input pixels, scores (B, A, H, W, C)).
+
+    [yolo] (yolo_layer.c): x = (i + s·σ(tx) − (s − 1)/2) / W · net_w with s = ``scale_x_y``, w = e^tw · the
+    ``mask``-th anchor (pixels); score σ(obj)·σ(class). [region] (region_layer.c): x = (i + σ(tx)) / W · net_w,
+    w = e^tw · anchor / W · net_w (anchors in grid cells); score σ(obj)·softmax(classes)."""
+    layers = [s for s in parse_cfg(cfg_text) if s["type"] in ("yolo", "region")]
+    decoded = []
+    for section, x in zip(layers, heads):
+        b, _, h, w = x.shape
+        classes = int(section["classes"])
+        values = [float(v) for v in section["anchors"].split(",")]
+        anchors = torch.tensor(values).view(-1, 2)
+        if section["type"] == "yolo":
+            anchors = anchors[[int(m) for m in section["mask"].split(",")]]
+            scale = float(section.get("scale_x_y", 1))
+        else:
+            anchors = anchors * torch.tensor([net_size[1] / w, net_size[0] / h])
+            scale = 1.0
+        x = x.view(b, len(anchors), 5 + classes, h, w).permute(0, 1, 3, 4, 2)
+        xs = (torch.arange(w).view(1, 1, 1, w) + scale * x[..., 0].sigmoid() - (scale - 1) / 2) / w * net_size[1]
+        ys = (torch.arange(h).view(1, 1, h, 1) + scale * x[..., 1].sigmoid() - (scale - 1) / 2) / h * net_size[0]
+        bw = x[..., 2].exp() * anchors[:, 0].view(1, -1, 1, 1)
+        bh = x[..., 3].exp() * anchors[:, 1].view(1, -1, 1, 1)
+        boxes = torch.stack([xs - bw / 2, ys - bh / 2, xs + bw / 2, ys + bh / 2], dim=-1)
+        cls = x[..., 5:].softmax(-1) if section["type"] == "region" and int(section.get("softmax", 0)) else \
+            x[..., 5:].sigmoid()
+        decoded.append((boxes, x[..., 4:5].sigmoid() * cls))
+    return decoded
 
 
 def parse_cfg(text: str) -> list[dict]:
@@ -231,7 +359,8 @@ def parse_cfg(text: str) -> list[dict]:
 
 
 class DarknetReference:
-    """Runs a parsed cfg with the weights of a darknet file; ``forward`` returns the [yolo] layers' inputs."""
+    """Runs a parsed cfg with the weights of a darknet file; ``forward`` returns the [yolo] / [region] layers'
+    inputs."""
 
     def __init__(self, cfg_text: str, weights_path) -> None:
         self.sections = parse_cfg(cfg_text)
@@ -273,7 +402,8 @@ class DarknetReference:
             elif kind == "route":
                 index = len(channels) - 1
                 sources = [int(v) for v in section["layers"].split(",")]
-                channels.append(sum(channels[1:][s if s >= 0 else index + s] for s in sources))
+                total = sum(channels[1:][s if s >= 0 else index + s] for s in sources)
+                channels.append(total // int(section.get("groups", 1)))
                 self.params.append(None)
             elif kind == "reorg":
                 stride = int(section.get("stride", 2))
@@ -309,7 +439,10 @@ class DarknetReference:
                 x = x + outputs[index + int(section["from"])]
             elif kind == "route":
                 sources = [int(v) for v in section["layers"].split(",")]
-                x = torch.cat([outputs[s if s >= 0 else index + s] for s in sources], dim=1)
+                # groups/group_id (yolov4-tiny): that part of each source's channels, as route_layer.c copies
+                groups, group_id = int(section.get("groups", 1)), int(section.get("group_id", 0))
+                x = torch.cat([outputs[s if s >= 0 else index + s].chunk(groups, dim=1)[group_id] for s in sources],
+                              dim=1)
             elif kind == "upsample":
                 x = F.interpolate(x, scale_factor=int(section["stride"]), mode="nearest")
             elif kind == "maxpool":
@@ -331,7 +464,7 @@ class DarknetReference:
                     x = torch.where(x > 0, x, 0.1 * x)
             elif kind == "dropout":  # identity at inference
                 pass
-            elif kind in ("yolo", "detection"):
+            elif kind in ("yolo", "region", "detection"):
                 heads.append(x)
             else:
                 raise ValueError(f"layer type {kind} is not in this reference")

@@ -8,7 +8,9 @@ are independent sigmoids trained with BCE.
 The other versions swap pieces (see ``configs/model/yolo*.yaml``): YOLOv2 a Darknet-19 backbone and the
 :class:`~detkit.models.necks.passthrough.Passthrough` neck (one level, 5 anchors, ``xy_scale=1``); YOLOv3-SPP
 adds ``spp``; YOLOv4 a CSPDarknet53 backbone with Mish, ``spp``, the :class:`~detkit.models.necks.pan.PANet`
-neck, CIoU, ``xy_scale`` > 1 and DIoU-NMS, with optional label smoothing, SAM and DropBlock. YOLOv1 has no
+neck, CIoU, ``xy_scale`` > 1 and DIoU-NMS, with optional label smoothing, SAM and DropBlock. Darknet's tiny
+models (``yolov2_tiny``, ``yolov3_tiny``, ``yolov4_tiny``) use :mod:`detkit.models.backbones.darknet_tiny` and
+:mod:`detkit.models.necks.tiny` with ``head_channels``, and yolov2-tiny ``class_softmax``. YOLOv1 has no
 anchors and lives in :mod:`detkit.models.detectors.yolov1`.
 """
 
@@ -64,6 +66,10 @@ class YOLOv3(nn.Module):
             8, 16, 32); kept as ``self.xy_scale``, a tuple with one value per level.
         score_thresh, nms_thresh, max_det, pre_nms_topk: inference post-processing; ``nms`` is ``nms``
             (greedy IoU) or ``diou`` (DIoU-NMS, YOLOv4).
+        head_channels: per level (shallowest first), the width of the head's 3×3 conv; None: twice the neck's
+            (darknet's tiny models differ, e.g. yolov3-tiny's 384-channel concatenation into a 256-wide conv).
+        class_softmax: inference scores σ(objectness)·softmax(classes), as darknet's ``[region]`` layer
+            (yolov2, yolov2-tiny) scores, instead of σ(objectness)·σ(class); training keeps the BCE class loss.
     """
 
     def __init__(
@@ -97,6 +103,8 @@ class YOLOv3(nn.Module):
         label_smoothing: float = 0.0,
         ignore_thresh: float | None = None,
         nms: str = "nms",
+        head_channels: Sequence[int] | None = None,
+        class_softmax: bool = False,
     ) -> None:
         super().__init__()
         if nms not in NMS_METHODS:
@@ -125,9 +133,12 @@ class YOLOv3(nn.Module):
                 f"{len(level_weights)} level weights were configured"
             )
         self.strides = strides
+        hidden = list(head_channels) if head_channels else [2 * c for c in channels]
+        if len(hidden) != len(channels):
+            raise ValueError(f"{len(hidden)} head_channels for {len(channels)} levels")
         self.heads = nn.ModuleList(
-            nn.Sequential(ConvBNAct(c, 2 * c, 3, act=act), nn.Conv2d(2 * c, num_anchors * (5 + num_classes), 1))
-            for c in channels
+            nn.Sequential(ConvBNAct(c, h, 3, act=act), nn.Conv2d(h, num_anchors * (5 + num_classes), 1))
+            for c, h in zip(channels, hidden)
         )
         self.sam = nn.ModuleList(SpatialAttention(c) for c in channels) if sam else None
         self.dropblock = DropBlock2d(dropblock, dropblock_size) if dropblock > 0 else None
@@ -142,6 +153,7 @@ class YOLOv3(nn.Module):
         if neighbor_cells and min(scales) < 2.0:
             raise ValueError("neighbor_cells needs xy_scale >= 2 so a neighbouring cell can reach the centre")
         self.xy_scale = tuple(float(s) for s in scales)
+        self.class_softmax = class_softmax
         self.nms = nms
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.max_det, self.pre_nms_topk = max_det, pre_nms_topk
@@ -207,11 +219,13 @@ class YOLOv3(nn.Module):
         batch = outputs[0].shape[0]
         all_boxes = torch.cat([b.reshape(batch, -1, 4) for b in boxes], dim=1)
         raw = torch.cat([o.reshape(batch, -1, 5 + self.num_classes) for o in outputs], dim=1)
-        return all_boxes, raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()
+        classes = raw[..., 5:].softmax(dim=-1) if self.class_softmax else raw[..., 5:].sigmoid()
+        return all_boxes, raw[..., 4:5].sigmoid() * classes
 
     def dense_predictions(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Every anchor's box (B, N, 4) xyxy input pixels and class scores (B, N, C) = σ(objectness)·σ(class):
-        what post-processing starts from, and what an exported graph returns (:mod:`detkit.deploy.onnx`)."""
+        """Every anchor's box (B, N, 4) xyxy input pixels and class scores (B, N, C) = σ(objectness)·σ(class)
+        (softmax over classes with ``class_softmax``): what post-processing starts from, and what an exported
+        graph returns (:mod:`detkit.deploy.onnx`)."""
         outputs = self.raw_outputs(stack_images(images))
         return self._dense(outputs, self.decode(outputs))
 
@@ -222,7 +236,8 @@ class YOLOv3(nn.Module):
 
     @torch.no_grad()
     def postprocess(self, outputs: Sequence[Tensor], boxes: Sequence[Tensor], size: Sequence[int]) -> list[dict]:
-        """Score = σ(objectness)·σ(class); threshold, top-k, class-aware NMS (``self.nms``), clip to the input:
-        :func:`~detkit.postprocess.postprocess_detections` with :meth:`postprocess_settings`."""
+        """Score = σ(objectness)·σ(class) (softmax over classes with ``class_softmax``); threshold, top-k,
+        class-aware NMS (``self.nms``), clip to the input: :func:`~detkit.postprocess.postprocess_detections`
+        with :meth:`postprocess_settings`."""
         all_boxes, scores = self._dense(outputs, boxes)
         return postprocess_detections(all_boxes, scores, image_size=tuple(size), **self.postprocess_settings())
