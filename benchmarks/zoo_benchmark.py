@@ -172,7 +172,7 @@ def run_zoo(minutes: float, out_dir: str | Path, families: Sequence[str] = ZOO, 
 
 
 def format_zoo(result: dict) -> str:
-    """The markdown leaderboard of :func:`run_zoo`'s JSON; the best AP in bold."""
+    """The markdown leaderboard of :func:`run_zoo`'s JSON; the best AP in bold (unless it is 0)."""
     done = [r for r in result["rows"] if "error" not in r]
     best = max((r["AP"] for r in done), default=None)
     threads = {r["threads"] for r in done} or {result["threads"]}
@@ -188,7 +188,7 @@ def format_zoo(result: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | failed: {r['error']} | | | | | | | | `{r['command']}` |")
             continue
-        ap = f"**{r['AP']:.4f}**" if r["AP"] == best else f"{r['AP']:.4f}"
+        ap = f"**{r['AP']:.4f}**" if r["AP"] == best > 0 else f"{r['AP']:.4f}"
         lines.append(f"| {r['model']} | {ap} | {r['AP50']:.4f} | {r['APs']:.4f} | {r['params'] / 1e6:.2f} | "
                      f"{r['flops'] / 1e9:.2f} | {r['train_img_s']:.1f} | {r['latency_ms']:.1f} | {r['epochs']:.2f} | "
                      f"`{r['command']}` |")
