@@ -9,12 +9,13 @@ peer (``pip install detkit[bench]``) that runs only in its own subprocess; detki
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pycocotools.coco import COCO
@@ -36,6 +37,18 @@ def _in_repo(path: str | Path) -> Path:
     return path if path.is_absolute() else ROOT / path
 
 
+@contextlib.contextmanager
+def in_repository() -> Iterator[None]:
+    """The working directory is the repository while inside: relative data roots are read as tools/train.py
+    (run from there) reads them (contextlib.chdir: Python 3.11)."""
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
 def benchmark_data(data_config: str, overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, Path]]:
     """detkit's overrides for training on the data config ``data_config`` (``builtin``, ``coco``, ``suite_tiny``...)
     with the user's ``overrides``, scoring its val split (``data.eval_split=val`` where the config scores a
@@ -51,12 +64,8 @@ def benchmark_data(data_config: str, overrides: Sequence[str] = ()) -> tuple[lis
         if cfg.data[split]._target_ != COCO_READER:
             raise ValueError(f"data={data_config} reads its {split} split with {cfg.data[split]._target_}; "
                              f"the peer benchmark needs COCO jsons ({COCO_READER})")
-    cwd = Path.cwd()
-    os.chdir(ROOT)  # relative roots are the repository's, as for tools/train.py (contextlib.chdir: Python 3.11)
-    try:
+    with in_repository():
         prepare_data(cfg.data)
-    finally:
-        os.chdir(cwd)
     paths = {f"{split}_{kind}": _in_repo(cfg.data[split][key])
              for split in ("train", "val") for kind, key in (("json", "ann_file"), ("images", "image_dir"))}
     return detkit_overrides, paths
@@ -190,15 +199,30 @@ def run_ultralytics(data: dict[str, Path], out: str | Path, minutes: float, imgs
             "AP50": metrics["AP50"], "params": peer["params"], "flops": peer["flops"]}
 
 
+def train_arguments(minutes: float, overrides: Sequence[str] = ()) -> list[str]:
+    """The arguments of ``tools/train.py`` for a run of ``minutes`` with ``overrides`` (plots off: they are
+    drawn after training, outside what a budgeted run compares)."""
+    return [f"trainer.max_minutes={minutes:g}", "eval.plots=false", *overrides]
+
+
+def run_training(out: str | Path, minutes: float, overrides: Sequence[str] = (), **popen) -> float:
+    """Run ``tools/train.py`` (:func:`train_arguments`) from the repository in a fresh process that imports the
+    repository's detkit, its run folder ``out``; ``popen``: further arguments of ``subprocess.run`` (e.g.
+    ``stdout``). Returns its wall seconds; a failed run raises ``subprocess.CalledProcessError``."""
+    cmd = [sys.executable, str(ROOT / "tools" / "train.py"), *train_arguments(minutes, overrides),
+           f"hydra.run.dir={Path(out).resolve()}"]
+    # (a script's folder, tools/, heads sys.path, not the repository: without this an installed detkit answers)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, **popen)
+    return time.perf_counter() - start
+
+
 def run_detkit(out: str | Path, minutes: float, overrides: list[str] = ()) -> dict:
     """``tools/train.py trainer.max_minutes=minutes`` in a fresh process; scored from its predictions.json
     by pycocotools like the peer."""
     out = Path(out).resolve()
-    cmd = [sys.executable, str(ROOT / "tools" / "train.py"), f"trainer.max_minutes={minutes}",
-           f"hydra.run.dir={out}", "eval.plots=false", *overrides]
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    wall = time.perf_counter() - start
+    wall = run_training(out, minutes, overrides)
     model, cfg, state = load_trained(out / "last.pt")
     ann = _in_repo(cfg.data.val.ann_file)
     metrics = evaluate_coco(COCO(str(ann)), json.loads((out / "predictions.json").read_text()))

@@ -9,7 +9,11 @@ built-in data: mAP@0.5, mAP, params, FLOPs, CPU img/s), ``python tools/benchmark
 [--repeats N] [--batch-size 2] [--size 512] [--device cpu|cuda] [--threads N]`` (detkit FPN R-CNN and RetinaNet vs
 torchvision's fasterrcnn_resnet50_fpn and retinanet_resnet50_fpn: training step and inference, interleaved),
 ``python tools/benchmark.py report [--quick] [--repeats 3] [--out outputs/benchmark] [--only ssd300,...]``
-(everything in one run, written as benchmark.md + benchmark.json).
+(everything in one run, written as benchmark.md + benchmark.json), ``python tools/benchmark.py zoo --minutes M
+[--families yolov3_cpu,ssd300,...] [--out outputs/zoo] [--latency-repeats 20] [--no-reference] [overrides ...]``
+(every detector family's CPU config trained by tools/train.py for the same wall-clock budget on the same data, one
+run after another: AP, AP50, APs, params, GFLOPs, train img/s, batch-1 latency, epochs and the command of each
+row, written as zoo.md + zoo.json).
 
 Prints median milliseconds per call and the ratio to the baseline timed in the same run; on a shared machine
 trust the ratios more than the absolute times.
@@ -29,6 +33,8 @@ from benchmarks.loader_benchmark import format_throughputs, loader_throughputs
 from benchmarks.report_benchmark import format_report, run_report
 from benchmarks.twostage_benchmark import twostage_timings
 from benchmarks.yolo_benchmark import format_results, yolo_family
+from benchmarks.zoo_benchmark import ZOO, format_zoo, run_zoo
+from detkit.app.errors import user_errors
 
 
 def postprocess(args: argparse.Namespace) -> None:
@@ -105,6 +111,14 @@ def report(args: argparse.Namespace) -> None:
     print(f"written: {args.out}/benchmark.md, {args.out}/benchmark.json")
 
 
+def zoo(args: argparse.Namespace) -> None:
+    families = [name.strip() for name in args.families.split(",") if name.strip()] if args.families else ZOO
+    with user_errors():
+        result = run_zoo(args.minutes, args.out, families, args.overrides, args.latency_repeats, args.reference)
+    print(format_zoo(result))
+    print(f"written: {args.out}/zoo.md, {args.out}/zoo.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sections = parser.add_subparsers(dest="section", required=True)
@@ -159,6 +173,16 @@ def main() -> None:
     rep.add_argument("--twostage-size", type=int, default=512, help="input side of the two-stage pairs")
     rep.add_argument("--device", default="cpu", help="cpu or cuda")
     rep.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    zo = sections.add_parser("zoo", help="every family's CPU config trained by tools/train.py for the same "
+                             "wall-clock budget on the same data, one leaderboard: markdown + JSON")
+    zo.set_defaults(run=zoo)
+    zo.add_argument("--minutes", type=float, required=True, help="training budget of each run (trainer.max_minutes)")
+    zo.add_argument("--families", default="", help=f"comma-separated configs/model names (default: {','.join(ZOO)})")
+    zo.add_argument("--out", default="outputs/zoo", help="folder for zoo.md, zoo.json and one run folder per family")
+    zo.add_argument("--latency-repeats", type=int, default=20, help="timed batch-1 inferences per model (default 20)")
+    zo.add_argument("--no-reference", dest="reference", action="store_false",
+                    help="skip timing torchvision's SSDLite training step, the machine's reference")
+    zo.add_argument("overrides", nargs="*", help="Hydra overrides of every run, e.g. data=coco data.train_json=...")
     args = parser.parse_args()
     args.run(args)
 

@@ -14,7 +14,13 @@ from detkit.evaluation.plots import FILES, plot_training_curves, write_evaluatio
 
 
 class ProgressHook(Hook):
-    """A progress bar (on a terminal) with loss, lr and img/s; one summary line per epoch everywhere."""
+    """A progress bar (on a terminal) with loss, lr and img/s; one summary line per epoch everywhere.
+
+    Keeps the run's training totals in its checkpoint entry, over its epochs (a budget's last, partial one
+    included; resumed sessions add theirs): ``images`` trained on (all processes), ``seconds`` spent in the
+    epochs' steps (data loading included, the evaluations and checkpoints between epochs not) and ``epochs``
+    done (optimizer steps / steps per epoch).
+    """
 
     priority = 40
     main_process_only = True
@@ -22,6 +28,7 @@ class ProgressHook(Hook):
     def __init__(self, log: Callable[[str], None] = print) -> None:
         self.log = log
         self.bar = None
+        self.totals = {"images": 0, "seconds": 0.0, "epochs": 0.0}
 
     def before_epoch(self, trainer) -> None:
         self.bar = tqdm(total=trainer.state.steps_per_epoch, initial=trainer.state.step_in_epoch,
@@ -44,6 +51,15 @@ class ProgressHook(Hook):
         means = " ".join(f"{k}={v / max(self.steps, 1):.4f}" for k, v in self.loss_sum.items())
         self.log(f"epoch {trainer.state.epoch + 1}/{trainer.state.epochs}: {means} lr={trainer.lr:.2e} "
                  f"{self.epoch_images / max(elapsed, 1e-9):.1f} img/s {elapsed:.0f}s")
+        self.totals["images"] += self.epoch_images
+        self.totals["seconds"] += elapsed
+        self.totals["epochs"] += self.steps / max(trainer.state.steps_per_epoch, 1)
+
+    def state_dict(self) -> dict:
+        return dict(self.totals)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.totals.update(state)  # (a checkpoint from before the totals holds {})
 
 
 class TensorBoardHook(Hook):
