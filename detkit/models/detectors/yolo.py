@@ -61,6 +61,11 @@ class YOLOv3(nn.Module):
             coding, where a centre on a cell border needs σ(t) → 0 or 1 (infinite logits).
         score_thresh, nms_thresh, max_det, pre_nms_topk: inference post-processing; ``nms`` is ``nms``
             (greedy IoU) or ``diou`` (DIoU-NMS, YOLOv4).
+        head_channels: per level (shallowest first), the width of the head's 3×3 conv; None: twice the neck's
+            (darknet's tiny models differ, e.g. yolov3-tiny's 384-channel concatenation into a 256-wide conv).
+        class_softmax: inference scores σ(objectness)·softmax(classes), as darknet's ``[region]`` layer
+            (yolov2, yolov2-tiny) scores, instead of σ(objectness)·σ(class); training then uses a softmax
+            cross-entropy class loss instead of BCE.
     """
 
     def __init__(
@@ -94,6 +99,8 @@ class YOLOv3(nn.Module):
         label_smoothing: float = 0.0,
         ignore_thresh: float | None = None,
         nms: str = "nms",
+        head_channels: Sequence[int] | None = None,
+        class_softmax: bool = False,
     ) -> None:
         super().__init__()
         if nms not in NMS_METHODS:
@@ -122,19 +129,23 @@ class YOLOv3(nn.Module):
                 f"{len(level_weights)} level weights were configured"
             )
         self.strides = strides
+        hidden = list(head_channels) if head_channels else [2 * c for c in channels]
+        if len(hidden) != len(channels):
+            raise ValueError(f"{len(hidden)} head_channels for {len(channels)} levels")
         self.heads = nn.ModuleList(
-            nn.Sequential(ConvBNAct(c, 2 * c, 3, act=act), nn.Conv2d(2 * c, num_anchors * (5 + num_classes), 1))
-            for c in channels
+            nn.Sequential(ConvBNAct(c, h, 3, act=act), nn.Conv2d(h, num_anchors * (5 + num_classes), 1))
+            for c, h in zip(channels, hidden)
         )
         self.sam = nn.ModuleList(SpatialAttention(c) for c in channels) if sam else None
         self.dropblock = DropBlock2d(dropblock, dropblock_size) if dropblock > 0 else None
         self.loss = YOLOLoss(num_classes, box_loss, **(loss_weights or {}), level_weights=level_weights,
                              ratio_thresh=ratio_thresh, neighbor_cells=neighbor_cells, focal=focal,
                              focal_gamma=focal_gamma, focal_alpha=focal_alpha, label_smoothing=label_smoothing,
-                             ignore_thresh=ignore_thresh)
+                             ignore_thresh=ignore_thresh, class_softmax=class_softmax)
         if neighbor_cells and xy_scale < 2.0:
             raise ValueError("neighbor_cells needs xy_scale >= 2 so a neighbouring cell can reach the centre")
         self.xy_scale = xy_scale
+        self.class_softmax = class_softmax
         self.nms = nms
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.max_det, self.pre_nms_topk = max_det, pre_nms_topk
@@ -200,11 +211,13 @@ class YOLOv3(nn.Module):
         batch = outputs[0].shape[0]
         all_boxes = torch.cat([b.reshape(batch, -1, 4) for b in boxes], dim=1)
         raw = torch.cat([o.reshape(batch, -1, 5 + self.num_classes) for o in outputs], dim=1)
-        return all_boxes, raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()
+        classes = raw[..., 5:].softmax(dim=-1) if self.class_softmax else raw[..., 5:].sigmoid()
+        return all_boxes, raw[..., 4:5].sigmoid() * classes
 
     def dense_predictions(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Every anchor's box (B, N, 4) xyxy input pixels and class scores (B, N, C) = σ(objectness)·σ(class):
-        what post-processing starts from, and what an exported graph returns (:mod:`detkit.deploy.onnx`)."""
+        """Every anchor's box (B, N, 4) xyxy input pixels and class scores (B, N, C) = σ(objectness)·σ(class)
+        (softmax over classes with ``class_softmax``): what post-processing starts from, and what an exported
+        graph returns (:mod:`detkit.deploy.onnx`)."""
         outputs = self.raw_outputs(stack_images(images))
         return self._dense(outputs, self.decode(outputs))
 
@@ -215,7 +228,8 @@ class YOLOv3(nn.Module):
 
     @torch.no_grad()
     def postprocess(self, outputs: Sequence[Tensor], boxes: Sequence[Tensor], size: Sequence[int]) -> list[dict]:
-        """Score = σ(objectness)·σ(class); threshold, top-k, class-aware NMS (``self.nms``), clip to the input:
-        :func:`~detkit.postprocess.postprocess_detections` with :meth:`postprocess_settings`."""
+        """Score = σ(objectness)·σ(class) (softmax over classes with ``class_softmax``); threshold, top-k,
+        class-aware NMS (``self.nms``), clip to the input: :func:`~detkit.postprocess.postprocess_detections`
+        with :meth:`postprocess_settings`."""
         all_boxes, scores = self._dense(outputs, boxes)
         return postprocess_detections(all_boxes, scores, image_size=tuple(size), **self.postprocess_settings())
