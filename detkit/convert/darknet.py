@@ -116,11 +116,30 @@ def _yolov3_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
     return units
 
 
+def _yolov2_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
+    """yolov2.cfg: Darknet-19's convs, the two 3×3 convs on the deep map, the 1×1 before the [reorg] (routed from
+    the stride-16 map), the 3×3 conv after the route, the linear output conv (the [region] layer's input)."""
+    from detkit.models.backbones.darknet19 import Darknet19
+
+    neck = model.neck
+    plain = (isinstance(model.backbone, Darknet19) and neck.reorg == "darknet" and neck.fuse is None
+             and model.spp is None and model.sam is None)
+    if not plain:
+        raise ConvertError("this YOLOv2 variant (a pixel_unshuffle reorg, a fuse conv, SPP or SAM) has no darknet "
+                           "cfg layout: model=yolov2 loads darknet's yolov2.weights")
+    units = list(_conv_bn_units(model.backbone, names))
+    units += list(_conv_bn_units(neck.deep, names)) + list(_conv_bn_units(neck.reduce, names))
+    head = model.heads[0]
+    return [*units, *_conv_bn_units(head[0], names), Unit(names[head[1]], head[1], None)]
+
+
 def layout(model: nn.Module) -> list[Unit]:
     """``model``'s convolutions in the order of its darknet cfg; a :class:`ConvertError` for a model without
     one."""
     names = {module: name for name, module in model.named_modules()}
-    if type(model).__name__ == "YOLOv3":
+    if type(model).__name__ == "YOLOv3" and type(model.neck).__name__ == "Passthrough":
+        units = _yolov2_units(model, names)
+    elif type(model).__name__ == "YOLOv3":
         units = _yolov3_units(model, names)
     else:
         raise ConvertError(f"{type(model).__name__} has no darknet layout; darknet weights load into model=yolov3 "
