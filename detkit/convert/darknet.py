@@ -211,6 +211,23 @@ def _tiny_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
     return [*units, *_conv_bn_units(neck.deep, names), *head(-1), *_conv_bn_units(neck.reduce, names), *head(0)]
 
 
+def _yolov2_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
+    """yolov2.cfg: Darknet-19's convs, the two 3×3 convs on the deep map, the 1×1 before the [reorg] (routed from
+    the stride-16 map), the 3×3 conv after the route, the linear output conv (the [region] layer's input)."""
+    from detkit.models.backbones.darknet19 import Darknet19
+
+    neck = model.neck
+    plain = (isinstance(model.backbone, Darknet19) and neck.reorg == "darknet" and neck.fuse is None
+             and model.spp is None and model.sam is None)
+    if not plain:
+        raise ConvertError("this YOLOv2 variant (a pixel_unshuffle reorg, a fuse conv, SPP or SAM) has no darknet "
+                           "cfg layout: model=yolov2 loads darknet's yolov2.weights")
+    units = list(_conv_bn_units(model.backbone, names))
+    units += list(_conv_bn_units(neck.deep, names)) + list(_conv_bn_units(neck.reduce, names))
+    head = model.heads[0]
+    return [*units, *_conv_bn_units(head[0], names), Unit(names[head[1]], head[1], None)]
+
+
 def layout(model: nn.Module) -> list[Unit | LayerUnit]:
     """``model``'s weighted layers in the order of its darknet cfg; a :class:`ConvertError` for a model without
     one."""
@@ -218,6 +235,8 @@ def layout(model: nn.Module) -> list[Unit | LayerUnit]:
     kind = type(model).__name__
     if kind == "YOLOv3" and _is_tiny(model):
         units = _tiny_units(model, names)
+    elif kind == "YOLOv3" and type(model.neck).__name__ == "Passthrough":
+        units = _yolov2_units(model, names)
     elif kind == "YOLOv3" and type(model.neck).__name__ == "PANet":
         units = _yolov4_units(model, names)
     elif kind == "YOLOv3":
@@ -226,7 +245,7 @@ def layout(model: nn.Module) -> list[Unit | LayerUnit]:
         units = _yolov1_units(model, names)
     else:
         raise ConvertError(f"{kind} has no darknet layout; darknet weights load into model=yolov3, yolov3_spp, "
-                           "yolov4, yolov2_tiny, yolov3_tiny, yolov4_tiny and yolov1_darknet")
+                           "yolov4, yolov2, yolov2_tiny, yolov3_tiny, yolov4_tiny and yolov1_darknet")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     covered = sum(isinstance(u, Unit) for u in units)
     if covered != len(convs):  # every convolution once, or the order above has missed a piece

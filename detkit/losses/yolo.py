@@ -1,4 +1,5 @@
-"""YOLOv3-family loss: anchor assignment by shape, IoU-family box loss, BCE objectness and classes."""
+"""YOLOv3-family loss: anchor assignment by shape, IoU-family box loss, BCE objectness and classes (or
+YOLOv2's softmax cross-entropy classes)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ class YOLOLoss(nn.Module):
     which down-weights the many easy empty cells. ``label_smoothing`` ε turns the class targets 1 / 0 into
     1 − ε/2 and ε/2 (YOLOv4's class label smoothing; 0: off). With ``ignore_thresh`` (YOLOv2/v3: 0.6/0.5), a
     prediction that is not responsible for a GT but overlaps one by IoU > ``ignore_thresh`` is left out of the
-    objectness term instead of being pushed to 0: it is a good box, merely not the assigned one.
+    objectness term instead of being pushed to 0: it is a good box, merely not the assigned one. With
+    ``class_softmax`` (YOLOv2's [region] layer) the class term is softmax cross-entropy on responsible
+    predictions, a mean over them (label smoothing ε spread as :func:`torch.nn.functional.cross_entropy` does;
+    ``focal`` then applies to objectness only).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class YOLOLoss(nn.Module):
         focal_alpha: float | None = 0.25,
         label_smoothing: float = 0.0,
         ignore_thresh: float | None = None,
+        class_softmax: bool = False,
     ) -> None:
         super().__init__()
         if box_loss not in IOU_KINDS:
@@ -83,6 +88,7 @@ class YOLOLoss(nn.Module):
         self.focal, self.focal_gamma, self.focal_alpha = focal, focal_gamma, focal_alpha
         self.label_smoothing = label_smoothing
         self.ignore_thresh = ignore_thresh
+        self.class_softmax = class_softmax
         self.num_classes = num_classes
         self.box_loss = box_loss
         self.box_weight, self.obj_weight, self.cls_weight = box_weight, obj_weight, cls_weight
@@ -126,11 +132,7 @@ class YOLOLoss(nn.Module):
                 num_pos += len(gt_idx)
                 iou = elementwise_iou(pred.detach(), target, self.box_loss).clamp(min=0.0)
                 obj_target[b, anchor_idx, gy, gx] = iou.to(obj_target.dtype)
-                cls_logits = out[b, anchor_idx, gy, gx, 5:]
-                cls_target = F.one_hot(labels[gt_idx], self.num_classes).to(cls_logits.dtype)
-                if self.label_smoothing:
-                    cls_target = cls_target * (1.0 - self.label_smoothing) + self.label_smoothing / 2
-                loss_cls = loss_cls + self._bce(cls_logits, cls_target, reduction="sum")
+                loss_cls = loss_cls + self._class_loss(out[b, anchor_idx, gy, gx, 5:], labels[gt_idx])
             if self.ignore_thresh is None:
                 level_obj = self._bce(out[..., 4], obj_target)
             else:
@@ -138,10 +140,11 @@ class YOLOLoss(nn.Module):
                 level_obj = (self._bce(out[..., 4], obj_target, "none") * kept).sum() / kept.sum().clamp(min=1.0)
             loss_obj = loss_obj + self.level_weights[level] * level_obj
         num_pos = max(num_pos, 1)
+        per_class = 1 if self.class_softmax else self.num_classes  # BCE: a mean over classes too
         return {
             "loss_box": self.box_weight * loss_box / num_pos,
             "loss_obj": self.obj_weight * loss_obj,
-            "loss_cls": self.cls_weight * loss_cls / (num_pos * self.num_classes),
+            "loss_cls": self.cls_weight * loss_cls / (num_pos * per_class),
         }
 
     @torch.no_grad()
@@ -155,6 +158,15 @@ class YOLOLoss(nn.Module):
                 best = pairwise_iou(pred_boxes[b].reshape(-1, 4).float(), own).amax(dim=1).view(keep[b].shape)
                 keep[b][(best > self.ignore_thresh) & (obj_target[b] == 0)] = 0.0
         return keep
+
+    def _class_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Summed class loss of responsible predictions: ``logits`` (P, C), ``labels`` (P,) 0-based."""
+        if self.class_softmax:
+            return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=self.label_smoothing)
+        target = F.one_hot(labels, self.num_classes).to(logits.dtype)
+        if self.label_smoothing:
+            target = target * (1.0 - self.label_smoothing) + self.label_smoothing / 2
+        return self._bce(logits, target, reduction="sum")
 
     def _bce(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         if self.focal:

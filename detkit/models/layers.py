@@ -84,6 +84,22 @@ def space_to_depth(x: Tensor, block: int = 2) -> Tensor:
     return nn.functional.pixel_unshuffle(x, block)
 
 
+def darknet_reorg(x: Tensor, stride: int = 2) -> Tensor:
+    """Darknet's ``[reorg]`` layer as yolov2.cfg runs it: (B, C, H, W) → (B, C·stride², H / stride, W / stride).
+
+    Not :func:`space_to_depth`: darknet's loop reads its input buffer as if it were (C / stride², H·stride,
+    W·stride) and writes, for each offset (dy, dx) of a stride×stride patch of that view, a block of C / stride²
+    channels, in (dy, dx, channel, row, column) order; that buffer is then read as the output's shape. Published
+    YOLOv2 weights were trained through this ordering. C must be a multiple of stride², H and W of ``stride``.
+    """
+    b, c, h, w = x.shape
+    if c % (stride * stride) or h % stride or w % stride:
+        raise ValueError(f"darknet's reorg needs channels divisible by {stride * stride} and a size divisible by "
+                         f"{stride}, got {(c, h, w)}")
+    view = x.reshape(b, c // stride**2, h, stride, w, stride)
+    return view.permute(0, 3, 5, 1, 2, 4).reshape(b, c * stride**2, h // stride, w // stride)
+
+
 class SpatialAttention(nn.Module):
     """YOLOv4's point-wise SAM: x · σ(BN(conv1×1(x))), an attention value per position *and* channel
     (the original SAM pools over channels first; YOLOv4 drops the pooling). Shape-preserving."""

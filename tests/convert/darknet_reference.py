@@ -2,7 +2,8 @@
 YOLOv3 and YOLOv4 at any width/depth and a small interpreter that reads a cfg and a ``.weights`` file its own way
 and runs the network as darknet does (convolutional with BN ε 1e-5 and leaky 0.1 or mish, shortcut, route of one
 or several layers, upsample, maxpool with darknet's padding, reorg, yolo with its ``scale_x_y`` box decoding;
-YOLOv1's local, dropout, connected and detection).
+YOLOv1's local, dropout, connected and detection; YOLOv2's region), with a yolov2.cfg writer
+and :func:`region_decode`.
 Nothing here imports detkit.
 
 Also cfg writers for yolov3-tiny, yolov4-tiny (route ``groups``/``group_id``) and yolov2-tiny ([region]) at any
@@ -342,6 +343,63 @@ def decode_heads(cfg_text: str, heads: list[torch.Tensor], net_size: tuple[int, 
             x[..., 5:].sigmoid()
         decoded.append((boxes, x[..., 4:5].sigmoid() * cls))
     return decoded
+YOLOV2_COCO_ANCHORS = (0.57273, 0.677385, 1.87446, 2.06253, 3.33843, 5.47434, 7.88282, 3.52778, 9.77052, 9.16828)
+
+
+def yolov2_cfg(width: int, num_classes: int, anchors: tuple[float, ...] = YOLOV2_COCO_ANCHORS) -> str:
+    """yolov2.cfg's layer sequence with first-conv ``width`` (yolov2.cfg: 32, so 1024 = 32·width and the reorg's
+    64 = 2·width) and its [region] layer (``anchors`` in grid cells, w h pairs; softmax classes)."""
+    layers: list[str] = ["[net]\nwidth=608\nheight=608\nchannels=3"]
+
+    def conv(filters: int, size: int, bn: bool = True, act: str = "leaky") -> int:
+        layers.append(f"[convolutional]\nbatch_normalize={int(bn)}\nfilters={filters}\nsize={size}\nstride=1\n"
+                      f"pad=1\nactivation={act}")
+        return len(layers) - 2  # darknet numbers layers from 0, after [net]
+
+    for i, depth in enumerate([1, 1, 2, 2, 3, 3]):  # Darknet-19: 3×3 convs with 1×1 halvings between them
+        if i:
+            layers.append("[maxpool]\nsize=2\nstride=2")
+        channels = width * 2**i
+        fine = conv(channels, 3)
+        for _ in range(depth - 1):
+            conv(channels // 2, 1)
+            fine = conv(channels, 3)
+        if i == 4:
+            stride16 = fine
+    conv(32 * width, 3)
+    conv(32 * width, 3)
+    layers.append(f"[route]\nlayers={stride16 - (len(layers) - 1)}")
+    conv(2 * width, 1)
+    layers.append("[reorg]\nstride=2")
+    layers.append("[route]\nlayers=-1,-4")
+    conv(32 * width, 3)
+    num = len(anchors) // 2
+    conv(num * (5 + num_classes), 1, bn=False, act="linear")
+    layers.append(f"[region]\nanchors={','.join(map(str, anchors))}\nbias_match=1\nclasses={num_classes}\n"
+                  f"coords=4\nnum={num}\nsoftmax=1")
+    return "\n\n".join(layers) + "\n"
+
+
+def region_decode(x: torch.Tensor, region: dict, image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Darknet's [region] layer (softmax=1) on its input ``x`` (B, num·(5 + classes), H, W), as
+    get_region_box and get_region_detections read it: a box centre (column + σ(tx)) / W of the image width, its
+    width anchor·e^{tw} / W (anchor in cells), likewise in y; a class's probability σ(objectness)·softmax(classes).
+
+    Returns boxes (B, N, 4) xyxy pixels of an image of size ``image_hw`` and probabilities (B, N, classes), N in
+    the order of darknet's output memory: anchor, row, column."""
+    anchors = torch.tensor([float(v) for v in region["anchors"].split(",")]).view(-1, 2)
+    num, classes = int(region["num"]), int(region["classes"])
+    b, _, h, w = x.shape
+    p = x.view(b, num, 5 + classes, h, w)
+    img_h, img_w = image_hw
+    column, row = torch.arange(w).view(1, 1, 1, w), torch.arange(h).view(1, 1, h, 1)
+    cx = (column + torch.sigmoid(p[:, :, 0])) / w * img_w
+    cy = (row + torch.sigmoid(p[:, :, 1])) / h * img_h
+    bw = torch.exp(p[:, :, 2]) * anchors[:, 0].view(1, num, 1, 1) / w * img_w
+    bh = torch.exp(p[:, :, 3]) * anchors[:, 1].view(1, num, 1, 1) / h * img_h
+    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).reshape(b, -1, 4)
+    probs = torch.sigmoid(p[:, :, 4:5]) * torch.softmax(p[:, :, 5:], dim=2)  # (B, num, classes, H, W)
+    return boxes, probs.permute(0, 1, 3, 4, 2).reshape(b, -1, classes)
 
 
 def parse_cfg(text: str) -> list[dict]:

@@ -7,11 +7,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from detkit.app.build import build_dataset, eval_img_size
-from detkit.data.validation import DatasetError
 from detkit.data.mosaic import Mosaic
-from detkit.errors import ConfigError
+from detkit.data.validation import DatasetError
 from detkit.data.voc import VOCDetection
 from detkit.data.yolo_txt import YoloTxtDetection
+from detkit.errors import ConfigError
 from detkit.utils.resolvers import scaled_size
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -69,7 +69,8 @@ class YOLOv3(nn.Module):
         head_channels: per level (shallowest first), the width of the head's 3×3 conv; None: twice the neck's
             (darknet's tiny models differ, e.g. yolov3-tiny's 384-channel concatenation into a 256-wide conv).
         class_softmax: inference scores σ(objectness)·softmax(classes), as darknet's ``[region]`` layer
-            (yolov2, yolov2-tiny) scores, instead of σ(objectness)·σ(class); training keeps the BCE class loss.
+            (yolov2, yolov2-tiny) scores, instead of σ(objectness)·σ(class); training then uses a softmax
+            cross-entropy class loss instead of BCE.
     """
 
     def __init__(
@@ -145,7 +146,7 @@ class YOLOv3(nn.Module):
         self.loss = YOLOLoss(num_classes, box_loss, **(loss_weights or {}), level_weights=level_weights,
                              ratio_thresh=ratio_thresh, neighbor_cells=neighbor_cells, focal=focal,
                              focal_gamma=focal_gamma, focal_alpha=focal_alpha, label_smoothing=label_smoothing,
-                             ignore_thresh=ignore_thresh)
+                             ignore_thresh=ignore_thresh, class_softmax=class_softmax)
         scales = [float(xy_scale)] * len(strides) if isinstance(xy_scale, (int, float)) else list(xy_scale)
         if len(scales) != len(strides):
             raise ConfigError(f"model.xy_scale has {len(scales)} values for {len(strides)} levels: give one value, "
