@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SSD300", "ssd_default_boxes", "ssd_prior_config", "grid_anchors", "anchors_per_location", "gcnn_grid",
+__all__ = ["SSD300", "ssd_default_boxes", "ssd_prior_config", "ssd_relative_boxes", "grid_anchors",
+           "anchors_per_location", "gcnn_grid",
            "gcnn_grid_count", "shape_iou", "kmeans_anchors", "ratio_recall", "iou_recall", "ssd_box_shapes",
            "grid_anchor_shapes"]
 
@@ -94,6 +95,39 @@ def ssd_prior_config(reference: Mapping, image_size: Sequence[int],
     return dict(reference, image_size=(h, w), feature_sizes=sizes, steps=[(h / fh, w / fw) for fh, fw in sizes],
                 min_sizes=[s * scale for s in reference["min_sizes"]],
                 max_sizes=[s * scale for s in reference["max_sizes"]])
+
+
+def ssd_relative_boxes(image_size: int | Sequence[int], feature_sizes: Sequence[int | Sequence[int]],
+                       scales: Sequence[float], aspect_ratios: Sequence[Sequence[float]],
+                       steps: Sequence[float] | None = None, clip: bool = True) -> Tensor:
+    """SSD default boxes whose sides are fractions of the input's sides (torchvision's ``DefaultBoxGenerator``)
+    → (N, 4) xyxy pixels, in :func:`ssd_default_boxes`' order.
+
+    Level k (``scales`` has one more entry than levels) holds, per cell, the relative (w, h) shapes
+    (s_k, s_k), (√(s_k·s_k+1),)·2, then per ratio r (s_k·√r, s_k/√r) and its transpose; with ``clip`` each
+    relative side is clamped to [0, 1] (the boxes themselves are not clipped to the image). Cell (i, j) is
+    centred at ((j + 0.5)/n_x, (i + 0.5)/n_y) of the image, n = side / ``steps[k]`` (the map's own size when
+    ``steps`` is None), so a fixed step keeps its pixel spacing at every input size. Relative coordinates are
+    computed in float32 and scaled to ``image_size`` = (height, width) last, as torchvision does.
+    """
+    h, w = _pair(image_size)
+    if len(scales) != len(feature_sizes) + 1:
+        raise ValueError(f"{len(scales)} scales for {len(feature_sizes)} levels: give one more scale than levels")
+    boxes = []
+    for k, (f, ratios) in enumerate(zip(feature_sizes, aspect_ratios)):
+        fh, fw = _pair(f)
+        cells_y, cells_x = (h / steps[k], w / steps[k]) if steps is not None else (fh, fw)
+        xs = ((torch.arange(fw) + 0.5) / cells_x).float()
+        ys = ((torch.arange(fh) + 0.5) / cells_y).float()
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        s, s_next = scales[k], math.sqrt(scales[k] * scales[k + 1])
+        shapes = [(s, s), (s_next, s_next)]
+        for r in ratios:
+            shapes += [(s * math.sqrt(r), s / math.sqrt(r)), (s / math.sqrt(r), s * math.sqrt(r))]
+        shapes = torch.tensor(shapes, dtype=torch.float32)
+        boxes.append(_tile(torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1),
+                           shapes.clamp(0, 1) if clip else shapes))
+    return torch.cat(boxes) * torch.tensor([w, h, w, h], dtype=torch.float32)
 
 
 def _per_level(ratios: Sequence[float] | Sequence[Sequence[float]], levels: int) -> list[Sequence[float]]:

@@ -20,7 +20,7 @@ from torchvision.ops import batched_nms, box_iou, distance_box_iou
 
 from detkit.boxes import elementwise_iou
 
-__all__ = ["MATRIX_LIMIT", "batched_diou_nms", "batched_soft_nms", "postprocess_detections"]
+__all__ = ["MATRIX_LIMIT", "batched_diou_nms", "batched_soft_nms", "best_per_class", "postprocess_detections"]
 
 # Up to this many boxes in a class, its (n, n) float matrix (64 MiB at 4096) is computed once.
 MATRIX_LIMIT = 4096
@@ -290,13 +290,26 @@ def _greedy_first(boxes: Tensor, scores: Tensor, labels: Tensor, method: str, io
         start, end = end, min(n, 2 * end)
 
 
+def best_per_class(scores: Tensor, labels: Tensor, k: int) -> Tensor:
+    """Ascending indices of the ``k`` highest ``scores`` (N,) of each ``labels`` (N,) value (all of a class
+    with fewer): Caffe SSD's and torchvision's per-class top-k before NMS. Ties go to the lower index."""
+    order = scores.argsort(descending=True, stable=True)
+    order = order[labels[order].argsort(stable=True)]  # by class, then by decreasing score
+    sorted_labels = labels[order]
+    counts = torch.unique_consecutive(sorted_labels, return_counts=True)[1]
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rank = torch.arange(len(order), device=scores.device) - starts
+    return order[rank < k].sort().values
+
+
 @torch.no_grad()
 def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float = 0.05, nms_threshold: float = 0.5,
                            max_detections: int = 100, method: str = "nms", pre_nms_topk: int = 1000,
                            image_size: Sequence[int] | None = None, soft_method: str = "linear",
-                           sigma: float = 0.5) -> list[dict[str, Tensor]]:
+                           sigma: float = 0.5, class_topk: int | None = None) -> list[dict[str, Tensor]]:
     """Per image: keep (box, class) pairs scoring above ``score_threshold``, the ``pre_nms_topk`` best of
-    them, class-aware NMS, then the ``max_detections`` best. Greedy NMS (``nms``, ``diou``) stops as soon as
+    them (and with ``class_topk``, first the ``class_topk`` best of each class: :func:`best_per_class`),
+    class-aware NMS, then the ``max_detections`` best. Greedy NMS (``nms``, ``diou``) stops as soon as
     ``max_detections`` boxes are kept (:func:`_greedy_first`: the same answer, cheaper).
 
     Args:
@@ -308,6 +321,7 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float
             (:func:`batched_soft_nms` with ``nms_threshold``, ``soft_method`` and ``sigma``; the decayed scores
             are returned and ``score_threshold`` also drops boxes decayed below it).
         image_size: (height, width) to clip boxes to before NMS; None leaves them as they are.
+        class_topk: candidates kept per class before the overall ``pre_nms_topk``; None: no per-class limit.
 
     Returns:
         one dict per image: ``boxes`` (K, 4) xyxy, ``scores`` (K,) decreasing, ``labels`` (K,) long.
@@ -324,6 +338,9 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float
     for b in range(batch):
         cand = passed[b].nonzero().squeeze(1)
         cand_scores = flat[b, cand]
+        if class_topk is not None and len(cand):
+            top = best_per_class(cand_scores, cand % num_classes, class_topk)
+            cand, cand_scores = cand[top], cand_scores[top]
         if len(cand) > pre_nms_topk:  # top-k leaves the order of equal scores unspecified: index order
             top = cand_scores.topk(pre_nms_topk).indices.sort().values
             cand, cand_scores = cand[top], cand_scores[top]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from detkit.errors import UserError
 
@@ -46,3 +46,21 @@ def load_state_dict(spec: str | Path, progress: bool = True) -> dict[str, Tensor
     except (ValueError, KeyError) as err:
         raise PretrainedError(f"pretrained={spec!r}: torchvision has no such weights ({err})") from None
     return weights.get_state_dict(progress=progress, check_hash=True)
+
+
+def load_prefixed(module: nn.Module, spec: str | Path, prefix: str = "features.") -> None:
+    """Copy the ``prefix`` entries of the state dict ``spec`` names (:func:`load_state_dict`) into ``module``,
+    whose own keys are those entries without ``prefix``: every key of ``module`` must be there with its shape
+    (entries past the module, such as the layers of a classifier it leaves out, are ignored); otherwise a
+    :class:`PretrainedError` names the first keys missing or of another shape."""
+    state = load_state_dict(spec)
+    found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    missing = [k for k in own if k not in found]
+    wrong = [f"{k} {tuple(found[k].shape)} for {tuple(v.shape)}" for k, v in own.items()
+             if k in found and found[k].shape != v.shape]
+    if missing or wrong:
+        problems = ([f"missing {', '.join(prefix + k for k in missing[:3])}"] if missing else []) + \
+                   ([f"shapes {', '.join(prefix + w for w in wrong[:3])}"] if wrong else [])
+        raise PretrainedError(f"pretrained={spec}: not this architecture's weights ({'; '.join(problems)})")
+    module.load_state_dict({k: found[k] for k in own})

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small, squeezenet1_0, squeezenet1_1
 from torchvision.models.shufflenetv2 import ShuffleNetV2 as _TorchvisionShuffleNetV2
 
+from detkit.convert.pretrained import load_prefixed
+
 __all__ = ["TappedBackbone", "MobileNetV2", "MobileNetV3", "ShuffleNetV2", "SqueezeNet"]
 
 _PROBE = 128
@@ -60,25 +62,34 @@ class TappedBackbone(nn.Module):
 
 class MobileNetV2(TappedBackbone):
     """MobileNetV2 (Sandler et al. 2018) at width multiplier ``width``; the final 1×1 expansion to 1280
-    channels (a classifier's) is dropped unless ``last_conv``."""
+    channels (a classifier's) is dropped unless ``last_conv``. ``pretrained``: a local
+    ``torchvision.models.mobilenet_v2`` state dict file of the same width, or a weights name
+    (``MobileNet_V2_Weights.IMAGENET1K_V1``); its ``features.*`` entries are read (the body's layout)."""
 
-    def __init__(self, width: float = 1.0, num_outputs: int = 3, last_conv: bool = False) -> None:
+    def __init__(self, width: float = 1.0, num_outputs: int = 3, last_conv: bool = False,
+                 pretrained: str | None = None) -> None:
         features = mobilenet_v2(weights=None, width_mult=width).features
         super().__init__(features if last_conv else features[:-1], num_outputs)
+        if pretrained:
+            load_prefixed(self.body, pretrained)
 
 
 class MobileNetV3(TappedBackbone):
     """MobileNetV3 (Howard et al. 2019), ``arch`` ``large`` or ``small``, at width multiplier ``width``
     (squeeze-excitation and hard-swish as in the paper); the final 1×1 expansion is dropped unless
-    ``last_conv``."""
+    ``last_conv``. ``pretrained``: a local ``torchvision.models.mobilenet_v3_{arch}`` state dict file of the
+    same width, or a weights name (``MobileNet_V3_Large_Weights.IMAGENET1K_V1``); its ``features.*`` entries
+    are read (the body's layout)."""
 
     def __init__(self, arch: str = "large", width: float = 1.0, num_outputs: int = 3,
-                 last_conv: bool = False) -> None:
+                 last_conv: bool = False, pretrained: str | None = None) -> None:
         builders = {"large": mobilenet_v3_large, "small": mobilenet_v3_small}
         if arch not in builders:
             raise ValueError(f"MobileNetV3 arch must be 'large' or 'small', got {arch!r}")
         features = builders[arch](weights=None, width_mult=width).features
         super().__init__(features if last_conv else features[:-1], num_outputs)
+        if pretrained:
+            load_prefixed(self.body, pretrained)
 
 
 class ShuffleNetV2(TappedBackbone):

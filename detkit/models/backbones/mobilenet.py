@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v2
 
-from detkit.convert.pretrained import load_state_dict
+from detkit.convert.pretrained import load_prefixed
 
 __all__ = ["separable_conv", "MobileNetV2SSD"]
 
@@ -53,9 +53,7 @@ class MobileNetV2SSD(nn.Module):
         super().__init__()
         self.features = mobilenet_v2(weights=None, width_mult=width).features
         if pretrained:
-            state = load_state_dict(pretrained)
-            self.features.load_state_dict({k[len("features."):]: v for k, v in state.items()
-                                           if k.startswith("features.")})
+            load_prefixed(self.features, pretrained)
         c16 = self.features[_STRIDE16].out_channels
         c32 = self.features[-1].out_channels
         extras = [max(8, round(c * width)) for c in extra_channels]

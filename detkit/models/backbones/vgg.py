@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from detkit.convert.pretrained import load_state_dict
+from detkit.convert.pretrained import load_prefixed
 
 __all__ = ["L2Norm", "VGG16SSD", "VGG16Conv5"]
 
@@ -55,6 +55,9 @@ class VGG16SSD(nn.Module):
         pretrained: a local state dict file of ``torchvision.models.vgg16`` or a weights name (only ``features.*``
             entries are read, into conv1_1 … conv5_3); needs ``width`` 1. fc6/fc7 and the extra layers stay
             randomly initialised (the paper subsamples fc6/fc7 from the classifier; not done here).
+            ``VGG16_Weights.IMAGENET1K_FEATURES`` (the features of the original SSD's VGG) expects 0–255 input:
+            give the detector its normalisation too (image_mean [0.48235, 0.45882, 0.40784], image_std
+            [1/255]·3), as the torchvision-converted ssd300 checkpoint does.
     """
 
     def __init__(self, width: float = 1.0, pretrained: str | None = None) -> None:
@@ -89,9 +92,7 @@ class VGG16SSD(nn.Module):
     def load_vgg16(self, path: str) -> None:
         """Copy conv1_1 … conv5_3 from a torchvision VGG16 state dict: a local file or a weights name
         (``VGG16_Weights.IMAGENET1K_V1``; see :mod:`detkit.convert.pretrained`)."""
-        state = load_state_dict(path)
-        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-        self.features.load_state_dict(state)
+        load_prefixed(self.features, path)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if min(x.shape[-2:]) < 268:

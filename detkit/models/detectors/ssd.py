@@ -3,7 +3,9 @@
 A backbone gives six maps; on each, 3×3 prediction convs output, for each of the k default boxes of every
 cell, C + 1 class logits (softmax, column 0 the background) and 4 offsets from the box (variances 0.1, 0.2).
 SSDLite is the same detector with depthwise-separable prediction convs on a MobileNetV2 backbone
-(``configs/model/ssdlite.yaml``); SSD300 is ``configs/model/ssd300.yaml``.
+(``configs/model/ssdlite.yaml``); SSD300 is ``configs/model/ssd300.yaml``. The options ``priors.scales``,
+``extra_logits``, ``class_topk`` and ``resize_to`` reproduce torchvision's ``ssd300_vgg16`` at inference
+(:mod:`detkit.convert.tv_ssd` sets them in a converted checkpoint's config).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.anchors import SSD300, ssd_default_boxes, ssd_prior_config
+from detkit.anchors import SSD300, ssd_default_boxes, ssd_prior_config, ssd_relative_boxes
 from detkit.losses.multibox import multibox_loss, ssd_coder
 from detkit.models.backbones.mobilenet import separable_conv
 from detkit.models.detectors.common import (
@@ -76,10 +79,12 @@ class SSD(nn.Module):
     Eval mode: ``model(images)`` → per image ``boxes`` (K, 4) xyxy pixels of ``images``, ``scores``, ``labels``
     (0-based object classes; the background is never returned).
 
-    ``images`` are 0–1 RGB, (B, 3, H, W) or a list of same-size (3, H, W). Default boxes follow ``priors`` (the
-    arguments of :func:`~detkit.anchors.ssd_default_boxes`, :data:`~detkit.anchors.SSD300` by default) at
-    its image size, and are recomputed from the feature map sizes for any other input size
-    (:func:`~detkit.anchors.ssd_prior_config`).
+    ``images`` are 0–1 RGB, (B, 3, H, W) or a list of same-size (3, H, W) (of any sizes with ``resize_to``).
+    Default boxes follow ``priors`` (the arguments of :func:`~detkit.anchors.ssd_default_boxes`,
+    :data:`~detkit.anchors.SSD300` by default) at its image size, and are recomputed from the feature map sizes
+    for any other input size (:func:`~detkit.anchors.ssd_prior_config`). Priors given as ``scales`` (with
+    ``aspect_ratios``, optional ``steps`` and ``clip``) are fractions of the input's sides instead
+    (:func:`~detkit.anchors.ssd_relative_boxes`, torchvision's default boxes).
 
     Args:
         num_classes: C object classes (the head predicts C + 1).
@@ -91,13 +96,23 @@ class SSD(nn.Module):
         pre_nms_topk: (box, class) candidates kept before NMS; None: 400 per class, the budget of Caffe SSD's
             per-class top 400.
         image_mean, image_std: input normalisation, per RGB channel, of 0–1 images.
+        extra_logits: logits per default box after the C + 1 that take part in the softmax but are never a
+            detection (the 10 unused category slots of torchvision's COCO models); in training, classes that are
+            never a target.
+        class_topk: at most this many candidates per class before NMS (torchvision's top 400 per class);
+            None: only ``pre_nms_topk``.
+        resize_to: (H, W) every image is resized to, bilinearly after normalisation, with detections mapped
+            back to its own pixels (and training boxes to the resized image): torchvision's fixed-size transform.
+            None: the network sees the images as given.
     """
 
     def __init__(self, num_classes: int, backbone: nn.Module, priors: Mapping | None = None,
                  separable_head: bool = False, iou_threshold: float = 0.5, neg_pos_ratio: float = 3.0,
                  variances: Sequence[float] = (0.1, 0.2), box_weight: float = 1.0, score_thresh: float = 0.01,
                  nms_thresh: float = 0.45, max_det: int = 200, pre_nms_topk: int | None = None,
-                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD) -> None:
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+                 extra_logits: int = 0, class_topk: int | None = None,
+                 resize_to: Sequence[int] | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.priors_config = {k: plain(v) for k, v in dict(priors or SSD300).items()}
@@ -106,12 +121,15 @@ class SSD(nn.Module):
             raise ValueError(f"backbone gives {len(backbone.out_channels)} maps but the priors configure "
                              f"{len(num_boxes)} levels")
         self.backbone = backbone
-        self.head = SSDHead(backbone.out_channels, num_boxes, num_classes + 1, separable_head)
+        self.extra_logits = int(extra_logits)
+        self.head = SSDHead(backbone.out_channels, num_boxes, num_classes + 1 + self.extra_logits, separable_head)
         self.iou_threshold, self.neg_pos_ratio, self.box_weight = iou_threshold, neg_pos_ratio, box_weight
         self.variances = tuple(variances)
         self.coder = ssd_coder(self.variances)
         self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det
         self.pre_nms_topk = pre_nms_topk or 400 * num_classes
+        self.class_topk = class_topk
+        self.resize_to = tuple(plain(resize_to)) if resize_to is not None else None
         register_normalization(self, image_mean, image_std)
         self._priors: dict[tuple, Tensor] = {}
 
@@ -121,43 +139,83 @@ class SSD(nn.Module):
         ``feature_sizes``; cached per size and device."""
         key = (tuple(image_size), tuple(map(tuple, feature_sizes)), str(device))
         if key not in self._priors:
-            config = ssd_prior_config(self.priors_config, tuple(image_size), feature_sizes)
-            self._priors[key] = ssd_default_boxes(**config).to(device)
+            if "scales" in self.priors_config:
+                boxes = ssd_relative_boxes(tuple(image_size), [tuple(f) for f in feature_sizes], **self.priors_config)
+            else:
+                boxes = ssd_default_boxes(**ssd_prior_config(self.priors_config, tuple(image_size), feature_sizes))
+            self._priors[key] = boxes.to(device)
         return self._priors[key]
 
+    def network_input(self, images: Tensor | Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """0–1 images → the normalised (B, 3, H', W') network input (resized to ``resize_to`` if set) and each
+        image's own (H, W)."""
+        if self.resize_to is None or isinstance(images, Tensor):
+            x = stack_images(images)
+            sizes = [tuple(x.shape[-2:])] * len(x)
+            x = normalize(x, self.image_mean, self.image_std)
+            return (x if self.resize_to is None else self._resize(x)), sizes
+        sizes = [tuple(image.shape[-2:]) for image in images]
+        return torch.cat([self._resize(normalize(image[None], self.image_mean, self.image_std))
+                          for image in images]), sizes
+
+    def _resize(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) == self.resize_to:
+            return x
+        return F.interpolate(x, size=self.resize_to, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def _box_scale(boxes: Tensor, source: Sequence[int], dest: Sequence[int]) -> Tensor:
+        """(..., 4) xyxy boxes in pixels of a ``source`` = (H, W) image → pixels of the ``dest`` = (H, W) one."""
+        (h, w), (dh, dw) = source, dest
+        return boxes * boxes.new_tensor([dw / w, dh / h, dw / w, dh / h])
+
     def raw_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, 3, H, W) 0–1 images → class logits (B, A, C + 1), offsets (B, A, 4), default boxes (A, 4)."""
-        maps = self.backbone(normalize(images, self.image_mean, self.image_std))
+        """(B, 3, H, W) 0–1 images → class logits (B, A, C + 1 + ``extra_logits``), offsets (B, A, 4), default
+        boxes (A, 4) in network-input pixels (H, W, or ``resize_to``)."""
+        return self._head_outputs(self.network_input(images)[0])
+
+    def _head_outputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The normalised network input (B, 3, H, W) → :meth:`raw_outputs`."""
+        maps = self.backbone(x)
         # Prediction convs and all that follows stay float32 under autocast: offsets are scaled by 10 and 5.
-        with torch.autocast(images.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             logits, deltas = self.head([m.float() for m in maps])
-        priors = self.default_boxes(images.shape[-2:], [m.shape[-2:] for m in maps], images.device)
+        priors = self.default_boxes(x.shape[-2:], [m.shape[-2:] for m in maps], x.device)
         return logits, deltas, priors
 
     def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None):
-        x = stack_images(images)
-        logits, deltas, priors = self.raw_outputs(x)
+        x, sizes = self.network_input(images)
+        logits, deltas, priors = self._head_outputs(x)
+        size = tuple(x.shape[-2:])
         if self.training:
             check_targets(targets, len(x))
+            if self.resize_to is not None:
+                targets = [dict(t, boxes=self._box_scale(t["boxes"], own, size)) for t, own in zip(targets, sizes)]
             return multibox_loss(logits, deltas, priors, targets, self.iou_threshold, self.neg_pos_ratio,
                                  self.variances, self.box_weight)
-        return self.postprocess(logits, deltas, priors, x.shape[-2:])
+        detections = self.postprocess(logits, deltas, priors, size)
+        for det, own in zip(detections, sizes):
+            det["boxes"] = self._box_scale(det["boxes"], size, own) if own != size else det["boxes"]
+        return detections
 
     def decode(self, logits: Tensor, deltas: Tensor, priors: Tensor) -> tuple[Tensor, Tensor]:
-        """Boxes (B, A, 4) xyxy input pixels and class probabilities (B, A, C), the background column dropped."""
+        """Boxes (B, A, 4) xyxy input pixels and class probabilities (B, A, C): the softmax over all logits, the
+        background column and the ``extra_logits`` dropped."""
         batch, num = deltas.shape[:2]
         boxes = self.coder.decode(deltas.reshape(-1, 4), priors.repeat(batch, 1)).view(batch, num, 4)
-        return boxes, logits.softmax(dim=-1)[..., 1:]
+        return boxes, logits.softmax(dim=-1)[..., 1 : 1 + self.num_classes]
 
     def dense_predictions(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, H, W) 0–1 images → boxes (B, A, 4) xyxy input pixels, scores (B, A, C): the network and its
-        decoding, before post-processing (what :mod:`detkit.deploy.onnx` exports)."""
-        return self.decode(*self.raw_outputs(images))
+        """(B, 3, H, W) 0–1 images → boxes (B, A, 4) xyxy pixels of ``images``, scores (B, A, C): the network and
+        its decoding, before post-processing (what :mod:`detkit.deploy.onnx` exports)."""
+        x, sizes = self.network_input(images)
+        boxes, scores = self.decode(*self._head_outputs(x))
+        return self._box_scale(boxes, x.shape[-2:], sizes[0]), scores
 
     def postprocess_settings(self) -> dict:
         """Keyword arguments of :func:`~detkit.postprocess.postprocess_detections` that eval mode applies."""
         return dict(score_threshold=self.score_thresh, nms_threshold=self.nms_thresh, max_detections=self.max_det,
-                    method="nms", pre_nms_topk=self.pre_nms_topk)
+                    method="nms", pre_nms_topk=self.pre_nms_topk, class_topk=self.class_topk)
 
     @torch.no_grad()
     def postprocess(self, logits: Tensor, deltas: Tensor, priors: Tensor, size: Sequence[int]) -> list[dict]:
