@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["SSD300", "ssd_default_boxes", "ssd_prior_config", "ssd_relative_boxes", "grid_anchors",
+           "torchvision_anchors", "ANCHOR_LAYOUTS",
            "anchors_per_location", "gcnn_grid",
            "gcnn_grid_count", "shape_iou", "kmeans_anchors", "ratio_recall", "iou_recall", "ssd_box_shapes",
            "grid_anchor_shapes"]
@@ -165,6 +166,29 @@ def grid_anchors(feature_sizes: Sequence[int | Sequence[int]], strides: Sequence
         sy, sx = _pair(stride)
         shapes = [(s / math.sqrt(r), s * math.sqrt(r)) for s in level_sizes for r in level_ratios]
         out.append(_tile(_cell_centers(fh, fw, sy, sx, offset), torch.tensor(shapes, dtype=torch.float32)))
+    return out
+
+
+# How a detector lays anchors on its maps: detkit's cell-centred grid at nominal strides, or torchvision's.
+ANCHOR_LAYOUTS = ("centered", "torchvision")
+
+
+def torchvision_anchors(feature_sizes: Sequence[int | Sequence[int]], image_size: Sequence[int],
+                        sizes: Sequence[Sequence[float]],
+                        ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0)) -> list[Tensor]:
+    """The anchors of torchvision's ``AnchorGenerator`` for maps of ``feature_sizes`` computed from a padded
+    input of ``image_size`` = (H, W), one (h_l·w_l·A, 4) xyxy tensor per level. Unlike :func:`grid_anchors`:
+    the stride per axis is ⌊H / h_l⌋, ⌊W / w_l⌋ (not a power of 2 where a map's side was rounded up:
+    ⌊160 / 3⌋ = 53), corners are (j·stride ± round(w/2), i·stride ± round(h/2)) (offset 0, half extents rounded
+    half to even), and a cell's shapes are ratio-major (every size of the first ratio, then the next).
+    Shapes as in :func:`grid_anchors`: area s², ratio r = h/w."""
+    out = []
+    for f, level_sizes, level_ratios in zip(feature_sizes, sizes, _per_level(ratios, len(sizes))):
+        fh, fw = _pair(f)
+        shapes = torch.tensor([(s / math.sqrt(r), s * math.sqrt(r)) for r in level_ratios for s in level_sizes],
+                              dtype=torch.float32)
+        centers = _cell_centers(fh, fw, image_size[0] // fh, image_size[1] // fw, 0.0)
+        out.append(_tile(centers, 2 * torch.round(shapes / 2)))
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou, distance_box_iou
 
-from detkit.boxes import elementwise_iou
+from detkit.boxes import elementwise_iou, remove_small
 
 __all__ = ["MATRIX_LIMIT", "batched_diou_nms", "batched_soft_nms", "best_per_class", "postprocess_detections"]
 
@@ -304,9 +304,10 @@ def best_per_class(scores: Tensor, labels: Tensor, k: int) -> Tensor:
 
 @torch.no_grad()
 def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float = 0.05, nms_threshold: float = 0.5,
-                           max_detections: int = 100, method: str = "nms", pre_nms_topk: int = 1000,
+                           max_detections: int = 100, method: str = "nms", pre_nms_topk: int | None = 1000,
                            image_size: Sequence[int] | None = None, soft_method: str = "linear",
-                           sigma: float = 0.5, class_topk: int | None = None) -> list[dict[str, Tensor]]:
+                           sigma: float = 0.5, class_topk: int | None = None, min_size: float = 0.0
+                           ) -> list[dict[str, Tensor]]:
     """Per image: keep (box, class) pairs scoring above ``score_threshold``, the ``pre_nms_topk`` best of
     them (and with ``class_topk``, first the ``class_topk`` best of each class: :func:`best_per_class`),
     class-aware NMS, then the ``max_detections`` best. Greedy NMS (``nms``, ``diou``) stops as soon as
@@ -320,8 +321,11 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float
         method: ``nms`` (torchvision ``batched_nms``), ``diou`` (:func:`batched_diou_nms`) or ``soft``
             (:func:`batched_soft_nms` with ``nms_threshold``, ``soft_method`` and ``sigma``; the decayed scores
             are returned and ``score_threshold`` also drops boxes decayed below it).
+        pre_nms_topk: None keeps every pair above the threshold (torchvision's Faster R-CNN).
         image_size: (height, width) to clip boxes to before NMS; None leaves them as they are.
         class_topk: candidates kept per class before the overall ``pre_nms_topk``; None: no per-class limit.
+        min_size: after clipping, boxes narrower or lower than this (pixels) are dropped before NMS
+            (torchvision's Faster R-CNN: 0.01); 0 keeps all.
 
     Returns:
         one dict per image: ``boxes`` (K, 4) xyxy, ``scores`` (K,) decreasing, ``labels`` (K,) long.
@@ -341,7 +345,8 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float
         if class_topk is not None and len(cand):
             top = best_per_class(cand_scores, cand % num_classes, class_topk)
             cand, cand_scores = cand[top], cand_scores[top]
-        if len(cand) > pre_nms_topk:  # top-k leaves the order of equal scores unspecified: index order
+        # top-k leaves the order of equal scores unspecified: index order
+        if pre_nms_topk is not None and len(cand) > pre_nms_topk:
             top = cand_scores.topk(pre_nms_topk).indices.sort().values
             cand, cand_scores = cand[top], cand_scores[top]
         cand_scores, top = cand_scores.sort(descending=True, stable=True)
@@ -351,6 +356,9 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, score_threshold: float
         if image_size is not None:
             h, w = image_size
             cand_boxes = torch.min(cand_boxes.clamp(min=0), cand_boxes.new_tensor([w, h, w, h]))
+        if min_size > 0:
+            large = remove_small(cand_boxes, min_size)
+            cand_boxes, cand_scores, labels = cand_boxes[large], cand_scores[large], labels[large]
         if method == "soft":
             keep, kept_scores = batched_soft_nms(cand_boxes, cand_scores, labels, nms_threshold, sigma, soft_method,
                                                  score_threshold)

@@ -1,7 +1,9 @@
 """Convert published weights: ``python tools/convert.py source=darknet weights=FILE model=NAME out=PATH
 [img_size=416] [model.KEY=VALUE ...]``; ``source=torchvision weights=FILE|NAME model=ssd300 out=PATH`` (torchvision's
 ssd300_vgg16, :mod:`detkit.convert.tv_ssd`); ``source=torchvision weights=FILE|NAME backbone=ARCH out=PATH`` (a
-classifier's features as a ``backbone.pretrained=`` file).
+classifier's features as a ``backbone.pretrained=`` file); ``source=torchvision model=fpn_rcnn|retinanet
+img_size=800`` (fasterrcnn_resnet50_fpn / retinanet_resnet50_fpn, :mod:`detkit.convert.tv_rcnn`; ``weights=`` a
+state-dict file or a weights name such as ``FasterRCNN_ResNet50_FPN_Weights.COCO_V1``).
 
 Writes a detkit checkpoint (``detkit.load``, ``tools/eval.py checkpoint=``, ``predict.py``, ``export.py``,
 ``train.py weights=``) holding the weights, the config that rebuilds the model (with the published model's
@@ -38,8 +40,12 @@ def main(cfg: DictConfig) -> None:
 
 def convert_torchvision(cfg: DictConfig, name: str) -> None:
     """source=torchvision: a backbone file (``backbone=``) or, by model name, a detector checkpoint."""
-    from detkit.convert import tv_ssd
+    from detkit.convert import tv_rcnn, tv_ssd
 
+    if name in tv_rcnn.TORCHVISION_MODELS and not cfg.get("backbone"):
+        path = tv_rcnn.convert_torchvision(cfg.weights, cfg.out, cfg.model, int(cfg.img_size))
+        print(f"wrote {path}: model={name} from {cfg.weights} (torchvision), evaluated at {cfg.img_size} px")
+        return
     if cfg.get("backbone"):
         path = tv_ssd.convert_backbone(cfg.weights, cfg.backbone, cfg.out)
         print(f"wrote {path}: {cfg.backbone} features from {cfg.weights}, for model.backbone.pretrained={path}")
@@ -49,7 +55,8 @@ def convert_torchvision(cfg: DictConfig, name: str) -> None:
             print(f"these weights take input normalised with model.image_mean={mean} model.image_std={std}")
         return
     if name != "ssd300":
-        raise ConfigError(f"source=torchvision converts model=ssd300 (or a backbone=), got model={name}")
+        raise ConfigError(f"source=torchvision converts model={', '.join(tv_rcnn.TORCHVISION_MODELS)} or ssd300 (or a "
+                          f"backbone=), got model={name}")
     named = any(o.split("=", 1)[0].lstrip("+~") == "img_size" for o in HydraConfig.get().overrides.task)
     size = int(cfg.img_size) if named else 300
     path = tv_ssd.convert_torchvision_ssd(cfg.weights, cfg.out, size)

@@ -20,9 +20,12 @@ def activation(name: str) -> nn.Module:
 
 
 def set_bn_eps(model: nn.Module, eps: float) -> None:
-    """Set every BatchNorm's ε in ``model`` (converted weights keep the ε they were trained with)."""
+    """Set every BatchNorm's (and FrozenBatchNorm2d's) ε in ``model`` (converted weights keep the ε they were
+    trained with)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
             module.eps = float(eps)
 
 

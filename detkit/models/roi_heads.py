@@ -92,16 +92,22 @@ class RoIBoxHead(nn.Module):
         background_box: also give the background class a (never trained, never used) regressor, as
             torchvision's and Detectron's heads do: 4(K + 1) outputs, the last four dropped in ``predict``. Only
             for parameter parity with those implementations (and their checkpoints' shapes).
+        background_logits: ``cls_score`` rows that all mean background (K + B outputs), merged into one logit
+            by log-sum-exp in ``predict``: the softmax over K + 1 then equals the softmax over K + B. 1 is the
+            plain head; torchvision's COCO models have 11 (background and the 10 ids COCO leaves unused).
     """
 
     def __init__(self, pooler: nn.Module, in_channels: int, pool_size: int, num_classes: int,
-                 representation: int = 1024, dropout: float = 0.0, background_box: bool = False) -> None:
+                 representation: int = 1024, dropout: float = 0.0, background_box: bool = False,
+                 background_logits: int = 1) -> None:
         super().__init__()
+        if background_logits < 1:
+            raise ValueError(f"background_logits must be at least 1, got {background_logits}")
         self.pooler, self.num_classes = pooler, num_classes
         self.fc6 = nn.Linear(in_channels * pool_size * pool_size, representation)
         self.fc7 = nn.Linear(representation, representation)
         self.dropout = nn.Dropout(dropout)
-        self.cls_score = nn.Linear(representation, num_classes + 1)
+        self.cls_score = nn.Linear(representation, num_classes + background_logits)
         self.bbox_pred = nn.Linear(representation, 4 * (num_classes + int(background_box)))
         # The paper's initialisation: small Gaussians, so that early deltas stay near zero.
         nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -113,7 +119,11 @@ class RoIBoxHead(nn.Module):
         """Pooled (R, C, P, P) → class logits (R, K + 1), box deltas (R, 4K)."""
         x = self.dropout(F.relu(self.fc6(pooled.flatten(1))))
         x = self.dropout(F.relu(self.fc7(x)))
-        return self.cls_score(x), self.bbox_pred(x)[:, : 4 * self.num_classes]
+        logits = self.cls_score(x)
+        if logits.shape[1] > self.num_classes + 1:
+            k = self.num_classes
+            logits = torch.cat([logits[:, :k], logits[:, k:].logsumexp(dim=1, keepdim=True)], dim=1)
+        return logits, self.bbox_pred(x)[:, : 4 * self.num_classes]
 
     def forward(self, features, rois: Sequence[Tensor], image_sizes) -> tuple[Tensor, Tensor]:
         """RoIs: one (N_i, 4) xyxy tensor per image → class logits (R, K + 1), box deltas (R, 4K), R = Σ N_i."""
@@ -220,13 +230,15 @@ def roi_head_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, regr
 def roi_detections(class_logits: Tensor, box_deltas: Tensor, rois: Sequence[Tensor],
                    image_sizes: Sequence[tuple[int, int]], score_threshold: float = 0.05, nms_threshold: float = 0.5,
                    max_detections: int = 100, coder: DeltaCoder | None = None, method: str = "nms",
-                   pre_nms_topk: int = 1000) -> list[dict[str, Tensor]]:
+                   pre_nms_topk: int | None = 1000, min_size: float = 0.0) -> list[dict[str, Tensor]]:
     """Detections from the head's outputs: softmax, each class's box decoded by its own regressor, then per
     image :func:`~detkit.postprocess.postprocess_detections` (class-aware NMS, boxes clipped to the image).
 
     Args:
         class_logits: (R, K + 1); box_deltas: (R, 4K); rois: per image (N_i, 4) xyxy, Σ N_i = R.
         image_sizes: per image (height, width).
+        pre_nms_topk, min_size: see :func:`~detkit.postprocess.postprocess_detections` (None and 0.01 are
+            torchvision's).
 
     Returns:
         per image ``boxes`` (D, 4) xyxy pixels, ``scores`` (D,), ``labels`` (D,) 0-based (never background).
@@ -242,5 +254,6 @@ def roi_detections(class_logits: Tensor, box_deltas: Tensor, rois: Sequence[Tens
     results = []
     for image_boxes, image_scores, size in zip(decoded.split(counts), scores.split(counts), image_sizes):
         results += postprocess_detections(image_boxes[None], image_scores[None], score_threshold, nms_threshold,
-                                          max_detections, method, pre_nms_topk, image_size=tuple(size))
+                                          max_detections, method, pre_nms_topk, image_size=tuple(size),
+                                          min_size=min_size)
     return results

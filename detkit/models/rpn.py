@@ -5,8 +5,8 @@ location, one objectness logit and 4 deltas (:class:`~detkit.boxes.DeltaCoder`, 
 come from :func:`~detkit.anchors.grid_anchors` (FPN: one size per level × 3 ratios). Training samples 256
 anchors per image, half positive at most (IoU ≥ 0.7, or an object's best anchor), negatives below 0.3
 (:func:`~detkit.matching.match_by_iou`); objectness BCE plus smooth-L1 on the positives' deltas. Proposals:
-per level the top-k anchors by objectness, decoded, clipped, small ones removed, NMS per level, then the
-best of all levels per image. Boxes are xyxy in input pixels.
+per level the top-k anchors by objectness, decoded, clipped, small ones removed, NMS per level (on objectness
+probabilities, as torchvision ranks them), then the best of all levels per image. Boxes are xyxy in input pixels.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou
 
-from detkit.anchors import anchors_per_location, grid_anchors
+from detkit.anchors import ANCHOR_LAYOUTS, anchors_per_location, grid_anchors, torchvision_anchors
 from detkit.boxes import DeltaCoder, clip_boxes, remove_small
 from detkit.losses.box import box_loss
 from detkit.matching import BACKGROUND, match_by_iou
@@ -99,6 +99,9 @@ class RegionProposalNetwork(nn.Module):
         beta: smooth-L1 transition of the box loss (1/9 as in Detectron and torchvision; 0 gives L1).
         conv_depth: 3×3 convs of the head.
         anchor_offset: anchor centres at (j + offset)·stride (see :func:`~detkit.anchors.grid_anchors`).
+        anchor_layout: ``centered`` (:func:`~detkit.anchors.grid_anchors` at the levels' strides with
+            ``anchor_offset``) or ``torchvision`` (:func:`~detkit.anchors.torchvision_anchors` of the padded
+            input: torchvision's ``AnchorGenerator``, for converted torchvision weights).
     """
 
     def __init__(self, in_channels: int, sizes: Sequence[Sequence[float]] = FPN_SIZES,
@@ -106,8 +109,10 @@ class RegionProposalNetwork(nn.Module):
                  batch_per_image: int = 256, positive_fraction: float = 0.5,
                  pre_nms_topk: dict | None = None, post_nms_topk: dict | None = None, nms_threshold: float = 0.7,
                  min_size: float = 1e-3, beta: float = 1 / 9, conv_depth: int = 1,
-                 anchor_offset: float = 0.5) -> None:
+                 anchor_offset: float = 0.5, anchor_layout: str = "centered") -> None:
         super().__init__()
+        if anchor_layout not in ANCHOR_LAYOUTS:
+            raise ValueError(f"unknown anchor layout {anchor_layout!r}; expected one of {', '.join(ANCHOR_LAYOUTS)}")
         self.sizes, self.ratios = plain(sizes, tuple), plain(ratios, tuple)  # hashable cache keys
         counts = set(anchors_per_location(self.sizes, self.ratios))
         if len(counts) != 1:
@@ -122,24 +127,31 @@ class RegionProposalNetwork(nn.Module):
             if set(value) != {"train", "test"}:
                 raise ValueError(f"{name} needs a train and a test value, got {sorted(value)}")
         self.nms_threshold, self.min_size, self.beta = nms_threshold, min_size, beta
-        self.anchor_offset = anchor_offset
+        self.anchor_offset, self.anchor_layout = anchor_offset, anchor_layout
         self.coder = DeltaCoder((1.0, 1.0, 1.0, 1.0))
         self._anchors: dict[tuple, list[Tensor]] = {}
 
     def anchors(self, feature_sizes: Sequence[Sequence[int]], strides: Sequence[int],
-                device: torch.device | str = "cpu") -> list[Tensor]:
-        """(H_l·W_l·A, 4) xyxy anchors per level for maps of ``feature_sizes`` and ``strides``; cached."""
-        key = (tuple(map(tuple, feature_sizes)), tuple(strides), str(device))
+                device: torch.device | str = "cpu", padded_size: Sequence[int] | None = None) -> list[Tensor]:
+        """(H_l·W_l·A, 4) xyxy anchors per level for maps of ``feature_sizes`` and ``strides`` (the
+        ``torchvision`` layout derives its strides from ``padded_size``, the (H, W) of the padded input);
+        cached."""
+        key = (tuple(map(tuple, feature_sizes)), tuple(strides), tuple(padded_size or ()), str(device))
         if key not in self._anchors:
-            self._anchors[key] = [a.to(device) for a in grid_anchors(feature_sizes, strides, self.sizes,
-                                                                      self.ratios, self.anchor_offset)]
+            if self.anchor_layout == "torchvision":
+                levels = torchvision_anchors(feature_sizes, padded_size, self.sizes, self.ratios)
+            else:
+                levels = grid_anchors(feature_sizes, strides, self.sizes, self.ratios, self.anchor_offset)
+            self._anchors[key] = [a.to(device) for a in levels]
         return self._anchors[key]
 
     def forward(self, maps: Sequence[Tensor], image_size: Sequence[int], targets: Sequence[dict] | None = None,
-                strides: Sequence[int] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+                strides: Sequence[int] | None = None, padded_size: Sequence[int] | None = None
+                ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Levels (B, C, H_l, W_l) of an input of ``image_size`` = (H, W) → proposals, one (P_i, 4) xyxy tensor
         per image clipped to ``image_size`` (best first), and in training the losses ``loss_objectness`` and
-        ``loss_rpn_box``. ``strides`` of the levels default to :func:`level_strides`."""
+        ``loss_rpn_box``. ``strides`` of the levels default to :func:`level_strides`; ``padded_size`` is the
+        (H, W) of the zero-padded input the maps come from (default ``image_size``)."""
         if len(maps) != len(self.sizes):
             raise ValueError(f"RPN configured with anchor sizes for {len(self.sizes)} levels, got {len(maps)} "
                              f"feature maps")
@@ -147,7 +159,7 @@ class RegionProposalNetwork(nn.Module):
         objectness, deltas = (t.float() for t in self.head(maps))
         feature_sizes = [m.shape[-2:] for m in maps]
         strides = strides or level_strides(image_size, feature_sizes)
-        anchors = self.anchors(feature_sizes, strides, objectness.device)
+        anchors = self.anchors(feature_sizes, strides, objectness.device, tuple(padded_size or image_size))
         proposals = self.propose(objectness.detach(), deltas.detach(), anchors, image_size)
         losses = {}
         if self.training:
@@ -177,7 +189,8 @@ class RegionProposalNetwork(nn.Module):
         for b in range(batch):
             img_boxes = clip_boxes(boxes[b], tuple(image_size))
             keep = remove_small(img_boxes, self.min_size)
-            keep = keep[batched_nms(img_boxes[keep], scores[b, keep], levels[b, keep], self.nms_threshold)]
+            # Probabilities, not logits: saturated ones tie, and torchvision's NMS breaks those ties its way.
+            keep = keep[batched_nms(img_boxes[keep], scores[b, keep].sigmoid(), levels[b, keep], self.nms_threshold)]
             proposals.append(img_boxes[keep[:post]])
         return proposals
 

@@ -2,8 +2,10 @@
 
 At the standard width (64) the layers are torchvision's own ``resnet18/34/50/101/152(weights=None)`` without the
 classifier, as ``torchvision.models.detection`` builds them when given no weights: BatchNorm layers stay
-trainable. A reduced ``width`` (the stem's channels; stages have width·(1, 2, 4, 8) planes) and fewer blocks per
-stage (``depths``) give small backbones for CPU runs, with torchvision's block classes and initialisation.
+trainable. ``frozen_bn`` and ``trainable_layers`` build them as it does from pretrained weights instead
+(``FrozenBatchNorm2d``; the stem and the first stages frozen). A reduced ``width`` (the stem's channels;
+stages have width·(1, 2, 4, 8) planes) and fewer blocks per stage (``depths``) give small backbones for CPU
+runs, with torchvision's block classes and initialisation.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import FrozenBatchNorm2d
 
 from detkit.convert.pretrained import load_state_dict
 from detkit.models.backbones.darknet import StagedBackbone
@@ -52,6 +55,12 @@ class ResNet(StagedBackbone):
         depths: blocks per stage, overriding the depth's (e.g. ``[1, 1, 1, 1]`` for a tiny CPU backbone).
         pretrained: a local torchvision state dict file of the same architecture, or a torchvision weights
             name (``ResNet50_Weights.IMAGENET1K_V1``; see :mod:`detkit.convert.pretrained`); ``fc.*`` is ignored.
+        frozen_bn: ``torchvision.ops.FrozenBatchNorm2d`` (fixed statistics and affine, ε 1e-5 unless
+            ``model.bn_eps`` says otherwise) instead of BatchNorm2d, as torchvision's detectors built from
+            pretrained weights have; standard width only.
+        trainable_layers: torchvision's ``trainable_backbone_layers``: how many of layer4, layer3, layer2,
+            layer1 and the stem (counted from the top) keep gradients; 5 trains everything, 3 is torchvision's
+            detectors' default from pretrained weights.
 
     ``out_channels``: channels of C2–C5 (256, 512, 1024, 2048 for ResNet-50; 64, 128, 256, 512 for ResNet-18).
     Forward: (B, 3, H, W) → [C2, C3, C4, C5], (B, out_channels[i], H/2^(i+2), W/2^(i+2)) (rounded up).
@@ -60,8 +69,11 @@ class ResNet(StagedBackbone):
     num_outputs = 4
 
     def __init__(self, depth: int = 50, width: int = 64, depths: Sequence[int] | None = None,
-                 pretrained: str | None = None) -> None:
+                 pretrained: str | None = None, frozen_bn: bool = False, trainable_layers: int = 5) -> None:
         super().__init__()
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in 0..5 (5: the stem and all four stages), got "
+                             f"{trainable_layers}")
         if depth not in _DEPTHS:
             raise ValueError(f"unknown ResNet depth {depth}; expected one of {sorted(_DEPTHS)}")
         if width < 1:
@@ -70,8 +82,12 @@ class ResNet(StagedBackbone):
         depths = tuple(depths or default_depths)
         if len(depths) != 4 or min(depths) < 1:
             raise ValueError(f"ResNet depths must be 4 positive block counts, got {list(depths)}")
-        if width == 64 and depths == default_depths:
-            net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        standard = width == 64 and depths == default_depths
+        if frozen_bn and not standard:
+            raise ValueError("frozen_bn is for torchvision's standard ResNets (width 64, default depths)")
+        if standard:
+            net = getattr(torchvision.models, f"resnet{depth}")(weights=None,
+                                                                 norm_layer=FrozenBatchNorm2d if frozen_bn else None)
             self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
             self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         else:
@@ -86,14 +102,12 @@ class ResNet(StagedBackbone):
         self.out_channels = [width * 2**i * block.expansion for i in range(4)]
         if pretrained:
             self.load_torchvision_state(load_state_dict(pretrained))
+        frozen = [self.stem, *self.stages][: 5 - trainable_layers]
+        for module in frozen:
+            module.requires_grad_(False)
 
     def load_torchvision_state(self, state: dict[str, Tensor]) -> None:
         """Load a ``torchvision.models.resnetXX`` state dict (classifier entries ignored)."""
-        renamed = {}
-        for key, value in state.items():
-            head, _, rest = key.partition(".")
-            if head in ("conv1", "bn1"):
-                renamed[f"stem.{0 if head == 'conv1' else 1}.{rest}"] = value
-            elif head.startswith("layer"):
-                renamed[f"stages.{int(head[5:]) - 1}.{rest}"] = value
-        self.load_state_dict(renamed)
+        from detkit.convert.tv_rcnn import resnet_state
+
+        self.load_state_dict(resnet_state(state))

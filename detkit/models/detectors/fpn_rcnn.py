@@ -54,6 +54,10 @@ class FPNRCNN(nn.Module):
         size_divisible: inputs are zero-padded to a multiple of this (the coarsest stride).
         background_box: the box head also has the background class's (unused) regressor, as torchvision's
             Faster R-CNN does: the same parameter count as ``fasterrcnn_resnet50_fpn``.
+        background_logits: class-score rows that mean background (:class:`~detkit.models.roi_heads.RoIBoxHead`;
+            11 for torchvision's 91-way COCO weights).
+        det_pre_nms_topk, det_min_size: the best (box, class) pairs kept before the box head's NMS (None: all)
+            and the smallest side a detection may have (torchvision: None and 0.01).
     """
 
     def __init__(self, num_classes: int, backbone: nn.Module, fpn_channels: int = 256, rpn: Mapping | None = None,
@@ -61,7 +65,8 @@ class FPNRCNN(nn.Module):
                  roi_fg_fraction: float = 0.25, roi_fg_iou: float = 0.5,
                  roi_bg_iou: Sequence[float] = (0.0, 0.5), box_beta: float = 1.0, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, max_det: int = 100, size_divisible: int = 32, background_box: bool = True,
-                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD) -> None:
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+                 background_logits: int = 1, det_pre_nms_topk: int | None = 1000, det_min_size: float = 0.0) -> None:
         super().__init__()
         if len(backbone.out_channels) != 4:
             raise ValueError(f"FPN R-CNN needs a backbone with 4 maps (C2–C5), got {len(backbone.out_channels)}")
@@ -72,11 +77,12 @@ class FPNRCNN(nn.Module):
         self.rpn = RegionProposalNetwork(fpn_channels, **dict(rpn or {}))
         pooler = MultiScaleRoIAlign(self.level_names[:4], pool_size, sampling_ratio)
         self.roi_head = RoIBoxHead(pooler, fpn_channels, pool_size, num_classes, representation,
-                                   background_box=background_box)
+                                   background_box=background_box, background_logits=background_logits)
         self.roi_sampling = dict(batch_per_image=roi_batch, fg_fraction=roi_fg_fraction, fg_iou=roi_fg_iou,
                                  bg_iou=tuple(roi_bg_iou))
         self.box_beta = box_beta
         self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det
+        self.det_pre_nms_topk, self.det_min_size = det_pre_nms_topk, det_min_size
         self.size_divisible = size_divisible
         register_normalization(self, image_mean, image_std)
 
@@ -91,8 +97,8 @@ class FPNRCNN(nn.Module):
         if self.training:
             check_targets(targets, batch, self.num_classes)
         features = self.features(x)
-        proposals, losses = self.rpn(list(features.values()), size, targets, self.neck.strides)
         padded = [tuple(x.shape[-2:])] * batch  # the pooler infers each level's scale from it
+        proposals, losses = self.rpn(list(features.values()), size, targets, self.neck.strides, padded[0])
         if self.training:
             rois, labels, regression = sample_rois(proposals, targets, **self.roi_sampling,
                                                    num_classes=self.num_classes)
@@ -102,4 +108,5 @@ class FPNRCNN(nn.Module):
             return losses
         class_logits, box_deltas = self.roi_head(features, proposals, padded)
         return roi_detections(class_logits, box_deltas, proposals, [size] * batch, self.score_thresh,
-                              self.nms_thresh, self.max_det)
+                              self.nms_thresh, self.max_det, pre_nms_topk=self.det_pre_nms_topk,
+                              min_size=self.det_min_size)

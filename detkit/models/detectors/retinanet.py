@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from detkit.anchors import anchors_per_location, grid_anchors
+from detkit.anchors import ANCHOR_LAYOUTS, anchors_per_location, grid_anchors, torchvision_anchors
 from detkit.boxes import DeltaCoder
 from detkit.losses.box import box_loss
 from detkit.losses.focal import sigmoid_focal_loss
@@ -105,7 +105,11 @@ class RetinaNet(nn.Module):
         p6_from: ``c5`` (the paper) or ``p5`` (torchvision's ``retinanet_resnet50_fpn``).
         num_convs: convs per subnet (4); ``head_norm``: ``none`` (the paper) or ``gn`` (:class:`RetinaNetHead`).
         anchor_sizes, anchor_scales: base size of each level (P3–P7) and the octave scales applied to it
-            (:func:`retinanet_sizes`); ``ratios`` (h/w) shared by all levels.
+            (:func:`retinanet_sizes`); with ``anchor_scales`` None, ``anchor_sizes`` lists each level's sizes
+            (torchvision's truncated ones: [[32, 40, 50], [64, 80, 101], …]). ``ratios`` (h/w) shared by all
+            levels.
+        anchor_layout: ``centered`` (:func:`~detkit.anchors.grid_anchors`, centres at cell centres) or
+            ``torchvision`` (:func:`~detkit.anchors.torchvision_anchors`, for converted torchvision weights).
         fg_iou, bg_iou: positive at IoU ≥ ``fg_iou`` (or as an object's best anchor), negative below ``bg_iou``.
         alpha, gamma: focal loss; ``prior``: initial foreground probability π of every class score.
         box_beta: smooth-L1 transition of the box loss (0.11 as in Detectron; 0 gives L1, torchvision's).
@@ -116,20 +120,27 @@ class RetinaNet(nn.Module):
     """
 
     def __init__(self, num_classes: int, backbone: nn.Module, fpn_channels: int = 256, p6_from: str = "c5",
-                 num_convs: int = 4, head_norm: str = "none", anchor_sizes: Sequence[float] = (32, 64, 128, 256, 512),
-                 anchor_scales: Sequence[float] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
+                 num_convs: int = 4, head_norm: str = "none",
+                 anchor_sizes: Sequence[float] | Sequence[Sequence[float]] = (32, 64, 128, 256, 512),
+                 anchor_scales: Sequence[float] | None = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
                  ratios: Sequence[float] = (0.5, 1.0, 2.0), fg_iou: float = 0.5, bg_iou: float = 0.4,
                  alpha: float = 0.25, gamma: float = 2.0, prior: float = 0.01, box_beta: float = 0.11,
                  score_thresh: float = 0.05, topk_per_level: int = 1000, nms_thresh: float = 0.5,
                  max_det: int = 100, size_divisible: int = 32, image_mean: Sequence[float] = IMAGENET_MEAN,
-                 image_std: Sequence[float] = IMAGENET_STD) -> None:
+                 image_std: Sequence[float] = IMAGENET_STD, anchor_layout: str = "centered") -> None:
         super().__init__()
+        if anchor_layout not in ANCHOR_LAYOUTS:
+            raise ValueError(f"unknown anchor layout {anchor_layout!r}; expected one of {', '.join(ANCHOR_LAYOUTS)}")
         if len(backbone.out_channels) != 4:
             raise ValueError(f"RetinaNet needs a backbone with 4 maps (C2–C5), got {len(backbone.out_channels)}")
         self.num_classes = num_classes
         self.backbone = backbone
         self.neck = FPN(backbone.out_channels, fpn_channels, first_level=1, extra="p6p7", p6_from=p6_from)
-        self.sizes = retinanet_sizes([float(s) for s in anchor_sizes], [float(s) for s in anchor_scales])
+        if anchor_scales is None:
+            self.sizes = [[float(s) for s in level] for level in anchor_sizes]
+        else:
+            self.sizes = retinanet_sizes([float(s) for s in anchor_sizes], [float(s) for s in anchor_scales])
+        self.anchor_layout = anchor_layout
         self.ratios = [float(r) for r in ratios]
         if len(self.sizes) != self.neck.num_levels:
             raise ValueError(f"anchor sizes for {len(self.sizes)} levels, but the FPN has {self.neck.num_levels}")
@@ -146,11 +157,16 @@ class RetinaNet(nn.Module):
         register_normalization(self, image_mean, image_std)
         self._anchors: dict[tuple, list[Tensor]] = {}
 
-    def anchors(self, feature_sizes: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> list[Tensor]:
-        """(H_l·W_l·A, 4) xyxy anchors per level for maps of ``feature_sizes`` (P3–P7); cached."""
-        key = (tuple(map(tuple, feature_sizes)), str(device))
+    def anchors(self, feature_sizes: Sequence[Sequence[int]], device: torch.device | str = "cpu",
+                padded_size: Sequence[int] | None = None) -> list[Tensor]:
+        """(H_l·W_l·A, 4) xyxy anchors per level for maps of ``feature_sizes`` (P3–P7) of a padded input of
+        ``padded_size`` (H, W) (read by the ``torchvision`` layout only); cached."""
+        key = (tuple(map(tuple, feature_sizes)), tuple(padded_size or ()), str(device))
         if key not in self._anchors:
-            levels = grid_anchors(feature_sizes, self.neck.strides, self.sizes, self.ratios)
+            if self.anchor_layout == "torchvision":
+                levels = torchvision_anchors(feature_sizes, padded_size, self.sizes, self.ratios)
+            else:
+                levels = grid_anchors(feature_sizes, self.neck.strides, self.sizes, self.ratios)
             self._anchors[key] = [a.to(device) for a in levels]
         return self._anchors[key]
 
@@ -159,7 +175,7 @@ class RetinaNet(nn.Module):
         maps = self.neck(self.backbone(x))
         # The subnets may run under autocast; matching, decoding and losses need float32.
         logits, deltas = (t.float() for t in self.head(maps))
-        return logits, deltas, self.anchors([m.shape[-2:] for m in maps], x.device)
+        return logits, deltas, self.anchors([m.shape[-2:] for m in maps], x.device, tuple(x.shape[-2:]))
 
     def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None):
         x = batch_images(images, self.image_mean, self.image_std, self.size_divisible)
