@@ -38,12 +38,12 @@ def train(overrides: Sequence[str] = (), out_dir: str | Path | None = None) -> d
 def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Detector:
     """The trained detector in ``checkpoint`` (a ``last.pt``/``best.pt`` of a training run, or a converted or
     compressed one), in eval mode on ``device``, with its evaluation size and classes."""
-    from detkit.app.build import eval_img_size
+    from detkit.app.build import eval_img_size, eval_letterbox
     from detkit.app.evaluate import load_trained
 
     model, cfg, state = load_trained(checkpoint, str(device))
     return Detector(model, state["class_names"], eval_img_size(cfg.data), checkpoint, device,
-                    pad_value=cfg.data.get("pad_value"))
+                    letterbox=eval_letterbox(cfg.data))
 
 
 def _as_rgb(image, index: int) -> np.ndarray:
@@ -65,13 +65,13 @@ def _as_rgb(image, index: int) -> np.ndarray:
 class Detector:
     """A trained detector ready to use: :meth:`predict`, :meth:`evaluate`, :meth:`export`. ``model`` is the
     underlying torch module (torchvision's detection interface); ``class_names`` its classes; ``img_size`` the
-    letterbox size images are resized to (the run's ``data.test_size``) and ``pad_value`` its border (0–255;
-    None: detkit's 114; darknet's 127.5 for converted darknet weights)."""
+    letterbox size images are resized to (the run's ``data.test_size``); ``letterbox`` the transform that does it
+    (:class:`~detkit.data.transforms.Letterbox`: the run's data.resize, data.pad_value; None: detkit's letterbox)."""
 
     def __init__(self, model: nn.Module, class_names: Sequence[str], img_size: int, checkpoint: str | Path,
-                 device: str | torch.device = "cpu", pad_value: float | None = None) -> None:
+                 device: str | torch.device = "cpu", letterbox=None) -> None:
         self.model, self.class_names, self.img_size = model.eval(), list(class_names), int(img_size)
-        self.pad_value = pad_value
+        self.letterbox = letterbox
         self.checkpoint, self.device = Path(checkpoint), torch.device(device)
 
     def predict(self, images, score_threshold: float = 0.25, batch_size: int = 8) -> list[dict]:
@@ -85,7 +85,7 @@ class Detector:
         results = []
         for start in range(0, len(arrays), max(int(batch_size), 1)):
             chunk = arrays[start:start + max(int(batch_size), 1)]
-            results += detect(self.model, chunk, self.img_size, self.device, score_threshold, self.pad_value)
+            results += detect(self.model, chunk, self.img_size, self.device, score_threshold, self.letterbox)
         for det in results:
             det["names"] = [self.class_names[i] for i in det["labels"].tolist()]
         return results

@@ -31,9 +31,9 @@ def main(cfg: DictConfig) -> None:
         if cfg.source == "torchvision":
             convert_torchvision(cfg, name)
             return
-        from detkit.convert.checkpoint import convert_darknet, published_class_names
+        from detkit.convert.checkpoint import convert_darknet, published_class_names, published_input
 
-        path = convert_darknet(cfg.weights, cfg.out, cfg.model, int(cfg.img_size),
+        path = convert_darknet(cfg.weights, cfg.out, cfg.model, int(cfg.img_size), published_input(name),
                                class_names=published_class_names(name))
     print(f"wrote {path}: model={name} from {cfg.weights} ({cfg.source}), evaluated at {cfg.img_size} px")
 
@@ -42,9 +42,11 @@ def convert_torchvision(cfg: DictConfig, name: str) -> None:
     """source=torchvision: a backbone file (``backbone=``) or, by model name, a detector checkpoint."""
     from detkit.convert import tv_rcnn, tv_ssd
 
+    named = any(o.split("=", 1)[0].lstrip("+~") == "img_size" for o in HydraConfig.get().overrides.task)
     if name in tv_rcnn.TORCHVISION_MODELS and not cfg.get("backbone"):
-        path = tv_rcnn.convert_torchvision(cfg.weights, cfg.out, cfg.model, int(cfg.img_size))
-        print(f"wrote {path}: model={name} from {cfg.weights} (torchvision), evaluated at {cfg.img_size} px")
+        size = int(cfg.img_size) if named else tv_rcnn.MIN_SIZE
+        path = tv_rcnn.convert_torchvision(cfg.weights, cfg.out, cfg.model, size)
+        print(f"wrote {path}: model={name} from {cfg.weights} (torchvision), evaluated at shorter side {size} px")
         return
     if cfg.get("backbone"):
         path = tv_ssd.convert_backbone(cfg.weights, cfg.backbone, cfg.out)
@@ -57,7 +59,6 @@ def convert_torchvision(cfg: DictConfig, name: str) -> None:
     if name != "ssd300":
         raise ConfigError(f"source=torchvision converts model={', '.join(tv_rcnn.TORCHVISION_MODELS)} or ssd300 (or a "
                           f"backbone=), got model={name}")
-    named = any(o.split("=", 1)[0].lstrip("+~") == "img_size" for o in HydraConfig.get().overrides.task)
     size = int(cfg.img_size) if named else 300
     path = tv_ssd.convert_torchvision_ssd(cfg.weights, cfg.out, size)
     print(f"wrote {path}: model=ssd300 from {cfg.weights} (torchvision ssd300_vgg16), at {size} px")

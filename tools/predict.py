@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detkit.app.build import eval_img_size
+from detkit.app.build import eval_img_size, eval_letterbox
 from detkit.app.errors import user_errors
 from detkit.app.evaluate import load_trained
 from detkit.app.predict import coco_results, predict_files
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
         size = cfg.test_size or eval_img_size(train_cfg.data)
         records = predict_files(model, cfg.source, out_dir, size, state["class_names"],
                                 cfg.score_thresh, cfg.device, cfg.batch_size, cfg.save_images,
-                                pad_value=train_cfg.data.get("pad_value"))
+                                letterbox=eval_letterbox(train_cfg.data, size))
         write_json(records, f"{out_dir}/detections.json")
         if cfg.save_json:
             ids = None

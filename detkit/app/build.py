@@ -60,9 +60,11 @@ def eval_img_size(data_cfg: DictConfig) -> int:
 
 
 def eval_letterbox(data_cfg: DictConfig, size: int | None = None) -> Letterbox:
-    """The evaluation/inference letterbox: to ``size`` or :func:`eval_img_size`, filled with ``data.pad_value``
+    """The evaluation/inference transform: to ``size`` or :func:`eval_img_size` in the ``data.resize`` mode
+    (letterbox when the config has none; ``data.max_size`` for shorter_side), filled with ``data.pad_value``
     (detkit's 114 when the config has none)."""
-    return Letterbox(size or eval_img_size(data_cfg), data_cfg.get("pad_value"))
+    return Letterbox(size or eval_img_size(data_cfg), data_cfg.get("pad_value"), data_cfg.get("resize") or "letterbox",
+                     data_cfg.get("max_size"))
 
 
 def raw_dataset(data_cfg: DictConfig, split: str, transforms=None):

@@ -65,9 +65,10 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_cfg: D
     check_metric(metric)
     if data_cfg is None:
         data_cfg = cfg.data
-    else:  # another dataset: at the model's own sizes and letterbox grey unless it sets them (data=coco|voc|yolo
-        # leave them null)
-        sizes = {key: cfg.data.get(key) for key in ("img_size", "test_size", "pad_value") if data_cfg.get(key) is None}
+    else:  # another dataset: at the model's own sizes and input transform (resize mode, grey) unless it sets
+        # them (data=coco|voc|yolo leave them null)
+        sizes = {key: cfg.data.get(key) for key in ("img_size", "test_size", "pad_value", "resize", "max_size")
+                 if data_cfg.get(key) is None}
         data_cfg = OmegaConf.merge(data_cfg, sizes)
     if test_size:
         data_cfg = OmegaConf.merge(data_cfg, {"test_size": int(test_size)})

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from detkit.app.errors import check_input_size
+from detkit.data.loader import stack_if_same, to_device
 from detkit.data.transforms import Letterbox, unletterbox
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -65,13 +66,13 @@ def draw(image: np.ndarray, det: dict, class_names: Sequence[str]) -> Image.Imag
 
 @torch.no_grad()
 def detect(model: nn.Module, images: Sequence[np.ndarray], img_size: int, device: str | torch.device = "cpu",
-           score_thresh: float = 0.0, pad_value: float | None = None) -> list[dict[str, torch.Tensor]]:
+           score_thresh: float = 0.0, letterbox: Letterbox | None = None) -> list[dict[str, torch.Tensor]]:
     """Detections of ``model`` (eval mode) on RGB ``images`` (H×W×3 uint8 arrays of any sizes), each letterboxed
     to ``img_size`` as in evaluation: per image ``boxes`` (N, 4) xyxy in the image's own pixels, ``scores``
     (N,), ``labels`` (N,) 0-based class indices, on the CPU, scores ≥ ``score_thresh``."""
-    letterbox = Letterbox(img_size, pad_value)
+    letterbox = letterbox or Letterbox(img_size)
     pairs = [letterbox(_FileSample(image), 0) for image in images]
-    batch = torch.stack([tensor for tensor, _ in pairs]).to(device)
+    batch = to_device(stack_if_same([tensor for tensor, _ in pairs]), device)
     results = []
     for (_, meta), det in zip(pairs, model(batch)):
         boxes = unletterbox(det["boxes"].cpu(), meta["ratio"], meta["pad"], meta["orig_size"])
@@ -83,7 +84,7 @@ def detect(model: nn.Module, images: Sequence[np.ndarray], img_size: int, device
 @torch.no_grad()
 def predict_files(model: nn.Module, source: str | Path, out_dir: str | Path, img_size: int,
                   class_names: Sequence[str], score_thresh: float = 0.25, device: str = "cpu", batch_size: int = 1,
-                  save_images: bool = True, progress: bool = True, pad_value: float | None = None) -> list[dict]:
+                  save_images: bool = True, progress: bool = True, letterbox: Letterbox | None = None) -> list[dict]:
     """Detect on every image of ``source`` (a file or a folder), ``batch_size`` images per forward pass, with a
     progress bar; write ``<name>.jpg`` with boxes drawn into ``out_dir`` (``save_images``) and return the
     detections (xyxy pixels, class names) as JSON-ready dicts, one per image. A size the model cannot take
@@ -99,7 +100,7 @@ def predict_files(model: nn.Module, source: str | Path, out_dir: str | Path, img
             paths = files[start:start + max(batch_size, 1)]
             images = [read_rgb(path) for path in paths]
             for path, image, det in zip(paths, images, detect(model, images, img_size, device, score_thresh,
-                                                                      pad_value)):
+                                                                      letterbox)):
                 if save_images:
                     draw(image, det, class_names).save(out_dir / f"{path.stem}.jpg", quality=92)
                 records.append({

@@ -16,10 +16,21 @@ from detkit.engine.checkpoint import save_checkpoint
 PUBLISHED_CLASS_NAMES = {"yolov1_darknet": VOC_CLASSES}
 
 
+# How published darknet models take their input when it is not darknet's letterbox, by configs/model name:
+# darknet's YOLOv1 resizes the image to 448 x 448 (resize_image), ignoring its aspect ratio.
+PUBLISHED_INPUT = {"yolov1_darknet": ["data.resize=stretch"]}
+
+
 def published_class_names(model: str) -> tuple[str, ...]:
     """The class names of the published weights of the configs/model ``model``: COCO's 80 unless
     :data:`PUBLISHED_CLASS_NAMES` says otherwise."""
     return tuple(PUBLISHED_CLASS_NAMES.get(model, COCO80_NAMES))
+
+
+def published_input(model: str) -> list[str]:
+    """Config overrides for how the published weights of configs/model ``model`` take their input
+    (:data:`PUBLISHED_INPUT`; none: darknet's letterbox)."""
+    return list(PUBLISHED_INPUT.get(model, []))
 
 
 # A converted model's data config: COCO-format data whose files the user names when evaluating or fine-tuning

@@ -58,7 +58,11 @@ def _retinanet_anchor_sizes() -> list[list[int]]:
     return [[x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))] for x in (32, 64, 128, 256, 512)]
 
 
-_BACKBONE = {"model.bn_eps": 0.0, "model.backbone.frozen_bn": True, "model.backbone.trainable_layers": 3}
+# torchvision's GeneralizedRCNNTransform: the shorter side to min_size (800), the longer at most max_size (1333),
+# bilinear; images of a batch padded at the bottom and right (detkit's data.resize=shorter_side).
+MIN_SIZE, MAX_SIZE = 800, 1333
+_BACKBONE = {"model.bn_eps": 0.0, "model.backbone.frozen_bn": True, "model.backbone.trainable_layers": 3,
+             "data.resize": "shorter_side", "data.max_size": MAX_SIZE}
 CONVERTED_VALUES = {
     "fpn_rcnn": {**_BACKBONE, "model.rpn.anchor_layout": "torchvision", "model.rpn.pre_nms_topk.test": 1000,
                  "model.rpn.post_nms_topk.test": 1000, "model.rpn.nms_threshold": 0.7, "model.rpn.min_size": 1e-3,

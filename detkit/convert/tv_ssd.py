@@ -52,6 +52,7 @@ TORCHVISION_SSD300 = {
     "model.nms_thresh": 0.45,
     "model.max_det": 200,
     "model.resize_to": [300, 300],
+    "data.resize": "stretch",  # torchvision resizes any image to 300 x 300, ignoring its aspect ratio
 }
 
 _CONV5 = 23  # torchvision's extra.0 starts at VGG16 features index 23 (pool4), detkit's features go on to 29

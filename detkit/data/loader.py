@@ -51,10 +51,21 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples - self.start
 
 
-def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
-    """Stack same-size (3, S, S) images into (B, 3, S, S); keep targets as a list of dicts."""
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor | list[torch.Tensor], list[dict]]:
+    """Stack same-size (3, H, W) images into (B, 3, H, W) (a list when their sizes differ: ``data.resize=
+    shorter_side``, which the R-CNNs pad as torchvision does); keep targets as a list of dicts."""
     images, targets = zip(*batch)
-    return torch.stack(images), list(targets)
+    return stack_if_same(images), list(targets)
+
+
+def stack_if_same(images) -> torch.Tensor | list[torch.Tensor]:
+    """(B, 3, H, W) from same-size (3, H, W) images, else the list of them."""
+    return torch.stack(images) if len({im.shape for im in images}) == 1 else list(images)
+
+
+def to_device(images: torch.Tensor | list[torch.Tensor], device) -> torch.Tensor | list[torch.Tensor]:
+    """A batch from :func:`collate` on ``device``."""
+    return images.to(device) if isinstance(images, torch.Tensor) else [im.to(device) for im in images]
 
 
 def build_loader(

@@ -44,13 +44,16 @@ def warp(image: np.ndarray, ratio: float, left: int, top: int, size: int, fill: 
     return canvas
 
 
-def unletterbox(boxes: Tensor, ratio: float, pad: Sequence[float], orig_size: Sequence[int]) -> Tensor:
+def unletterbox(boxes: Tensor, ratio: float | Sequence[float], pad: Sequence[float], orig_size: Sequence[int]
+                ) -> Tensor:
     """Map (N, 4) xyxy boxes from letterboxed pixels back to the original image's pixels, clipped to it.
 
-    ``pad`` is (left, top), ``orig_size`` is (height, width) — the values a letterbox transform recorded.
+    ``pad`` is (left, top), ``orig_size`` is (height, width) — the values a letterbox transform recorded;
+    ``ratio`` one factor, or (x, y) factors (:class:`Letterbox`'s stretch and shorter_side modes).
     """
     offset = boxes.new_tensor([pad[0], pad[1], pad[0], pad[1]])
-    out = (boxes - offset) / ratio
+    scale = boxes.new_tensor([*ratio, *ratio]) if isinstance(ratio, (tuple, list)) else ratio
+    out = (boxes - offset) / scale
     h, w = orig_size
     return torch.stack(
         [out[:, 0].clamp(0, w), out[:, 1].clamp(0, h), out[:, 2].clamp(0, w), out[:, 3].clamp(0, h)], dim=1
@@ -82,7 +85,7 @@ def to_target(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sample, 
         "labels": torch.from_numpy(labels.astype(np.int64)),
         "image_id": int(sample.image_id),
         "orig_size": tuple(int(v) for v in sample.orig_size),
-        "ratio": float(ratio),
+        "ratio": tuple(float(r) for r in ratio) if isinstance(ratio, tuple) else float(ratio),
         "pad": (float(pad[0]), float(pad[1])),
     }
     if proposals is not None:
@@ -95,19 +98,47 @@ def _proposals(sample, ratio: float, left: int, top: int, size: int, flip: bool 
     return None if proposals is None else place_proposals(proposals, ratio, left, top, size, flip)
 
 
-class Letterbox:
-    """Evaluation transform: fit into a ``size``² canvas keeping the aspect ratio, centred, the border filled
-    with ``fill`` (0–255; None: detkit's 114; darknet's grey 0.5 = 127.5 for converted darknet weights, the
-    ``data.pad_value`` of their config); returns (image, target)."""
+RESIZE_MODES = ("letterbox", "stretch", "shorter_side")
 
-    def __init__(self, size: int, fill: float | None = None) -> None:
+
+class Letterbox:
+    """Evaluation/inference transform to a detector's input; returns (image, target).
+
+    ``mode`` ``letterbox`` (detkit's): fit into a ``size``² canvas keeping the aspect ratio, centred, the border
+    filled with ``fill`` (0–255; None: detkit's 114; darknet's grey 0.5 = 127.5 for converted darknet weights).
+    ``stretch``: resize to ``size``² ignoring the aspect ratio (darknet's YOLOv1, torchvision's SSD300).
+    ``shorter_side``: resize so the shorter side is ``size`` unless the longer one would pass ``max_size``, no
+    canvas (torchvision's R-CNN transform, min_size/max_size: images of a batch then differ in size, and the
+    R-CNNs pad them as torchvision does). The last two resize bilinearly as torchvision does; ``target["ratio"]``
+    is then (x, y) per axis. The mode and fill are ``data.resize`` / ``data.max_size`` / ``data.pad_value``.
+    """
+
+    def __init__(self, size: int, fill: float | None = None, mode: str = "letterbox",
+                 max_size: int | None = None) -> None:
         fill = PAD_VALUE if fill is None else fill
         if not 0 <= fill <= 255:
             raise ValueError(f"letterbox fill must be a pixel value in 0..255, got {fill}")
-        self.size, self.fill = size, float(fill)
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+        self.size, self.fill, self.mode, self.max_size = size, float(fill), mode, max_size
 
     def __call__(self, sample, index: int) -> tuple[Tensor, dict]:
         h, w = sample.image.shape[:2]
+        if self.mode != "letterbox":
+            if self.mode == "stretch":
+                new_h = new_w = self.size
+            else:  # torchvision's _resize_image_and_masks: one scale, sizes floored
+                scale = self.size / min(h, w)
+                if self.max_size and max(h, w) * scale > self.max_size:
+                    scale = self.max_size / max(h, w)
+                new_h, new_w = int(h * scale), int(w * scale)
+            image = cv2.resize(sample.image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            ratio = (new_w / w, new_h / h)
+            boxes = sample.boxes * np.array([*ratio, *ratio], dtype=np.float32)
+            if getattr(sample, "proposals", None) is not None:
+                raise ValueError(f"data.resize={self.mode} does not map external proposals (data.proposals_file): "
+                                 "use data.resize=letterbox")
+            return to_target(image, boxes, sample.labels, sample, ratio, (0, 0))
         ratio, left, top = letterbox_geometry(h, w, self.size)
         image = warp(sample.image, ratio, left, top, self.size, self.fill)
         boxes = sample.boxes * ratio + np.array([left, top, left, top], dtype=np.float32)

@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from detkit.data.loader import to_device
 from detkit.data.transforms import unletterbox
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -30,9 +31,9 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device | str = "cp
     out = []
     for images, targets in loader:
         if all("proposals" in t for t in targets):
-            detections = model(images.to(device), proposals=[t["proposals"].to(device) for t in targets])
+            detections = model(to_device(images, device), proposals=[t["proposals"].to(device) for t in targets])
         else:
-            detections = model(images.to(device))
+            detections = model(to_device(images, device))
         for det, target in zip(detections, targets):
             boxes = unletterbox(det["boxes"].cpu(), target["ratio"], target["pad"], target["orig_size"])
             out.append(

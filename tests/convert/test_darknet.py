@@ -182,7 +182,7 @@ def test_the_converter_tool_writes_a_checkpoint_every_tool_loads(tmp_path):
     assert all(m.eps == DARKNET_BN_EPS for m in detector.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     stored = torch.load(out, weights_only=True)
     assert stored["converted_from"]["format"] == "darknet" and stored["config"]["model"]["bn_eps"] == 1e-5
-    assert detector.pad_value == stored["config"]["data"]["pad_value"] == 127.5  # darknet's letterbox grey 0.5
+    assert detector.letterbox.fill == stored["config"]["data"]["pad_value"] == 127.5  # darknet's letterbox grey 0.5
     # evaluated on COCO-format data, its predictions carry COCO's own category ids (1-90 with gaps)
     cfg = OmegaConf.to_container(compose_config("train", ["data=coco", *coco_val(tmp_path / "coco"),
                                                           "data.train_json=null", "data.train_images=null"]).data,

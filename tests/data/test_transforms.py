@@ -88,3 +88,46 @@ def test_train_transform_keeps_boxes_on_their_content():
 def test_letterbox_geometry_scale_jitter():
     ratio, left, top = letterbox_geometry(100, 200, 128, scale=1.5)
     assert ratio == pytest.approx(0.96) and left == (128 - 192) // 2
+
+
+@pytest.mark.parametrize(("h", "w"), [(120, 200), (333, 250), (90, 600)])
+def test_shorter_side_resizes_as_torchvisions_rcnn_transform_and_maps_boxes_back(h, w):
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    s = sample(h, w)
+    s.boxes = np.array([[0.0, 0.0, w, h], [w * 0.25, h * 0.5, w * 0.75, h * 0.9]], dtype=np.float32)
+    image, target = Letterbox(160, mode="shorter_side", max_size=400)(s, 0)
+    reference = GeneralizedRCNNTransform(160, 400, [0.0] * 3, [1.0] * 3)
+    reference.eval()
+    images, _ = reference([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255])
+    assert tuple(image.shape[-2:]) == tuple(images.image_sizes[0])  # same resized size, no canvas
+    assert torch.allclose(image, images.tensors[0, :, :image.shape[1], :image.shape[2]], atol=2 / 255)
+    rx, ry = target["ratio"]
+    assert target["boxes"][0].tolist() == pytest.approx([0, 0, w * rx, h * ry], abs=1e-3)
+    back = unletterbox(target["boxes"], target["ratio"], target["pad"], target["orig_size"])
+    assert torch.allclose(back, torch.from_numpy(s.boxes), atol=1e-3)
+
+
+def test_stretch_fills_the_square_and_maps_boxes_back():
+    s = sample(64, 128)
+    s.boxes = np.array([[10.0, 20.0, 60.0, 50.0], [100.0, 5.0, 127.0, 64.0]], dtype=np.float32)
+    image, target = Letterbox(96, mode="stretch")(s, 0)
+    assert image.shape == (3, 96, 96) and target["ratio"] == (0.75, 1.5) and target["pad"] == (0.0, 0.0)
+    back = unletterbox(target["boxes"], target["ratio"], target["pad"], target["orig_size"])
+    assert torch.allclose(back, torch.from_numpy(s.boxes), atol=1e-4)
+    with pytest.raises(ValueError, match="data.resize must be one of"):
+        Letterbox(96, mode="crop")
+
+
+def test_rcnn_batches_of_different_sizes_are_padded_as_torchvision_pads_them():
+    from detkit.data.loader import collate
+    from detkit.models.detectors.common import batch_images
+
+    a, b = torch.rand(3, 40, 56), torch.rand(3, 48, 30)
+    images, _ = collate([(a, {}), (b, {})])
+    assert isinstance(images, list)  # sizes differ: the model pads them
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)
+    x = batch_images(images, mean, std, 32)
+    assert x.shape == (2, 3, 64, 64)
+    assert torch.allclose(x[0, :, :40, :56], (a - mean[0]) / std[0]) and (x[0, :, 40:] == 0).all()
+    assert torch.allclose(x[1, :, :48, :30], (b - mean[0]) / std[0]) and (x[1, :, :, 30:] == 0).all()

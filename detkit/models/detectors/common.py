@@ -54,12 +54,20 @@ def stack_images(images: Tensor | Sequence[Tensor]) -> Tensor:
 
 
 def batch_images(images: Tensor | Sequence[Tensor], mean: Tensor, std: Tensor, size_divisible: int) -> Tensor:
-    """0–1 RGB images, (B, 3, H, W) or a list of same-size (3, H, W) → normalised (B, 3, H', W'), zero-padded at
-    the bottom and right to multiples of ``size_divisible`` (so every pyramid level halves the previous one)."""
-    images = stack_images(images)
-    if images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    x = normalize(images, mean, std)
+    """0–1 RGB images, (B, 3, H, W) or a list of (3, H, W) → normalised (B, 3, H', W'), zero-padded at the bottom
+    and right to the largest image (images of different sizes, as torchvision's R-CNN transform batches them)
+    and then to multiples of ``size_divisible`` (so every pyramid level halves the previous one)."""
+    if not isinstance(images, Tensor) and len({tuple(im.shape) for im in images}) > 1:
+        if any(im.dim() != 3 or im.shape[0] != 3 for im in images):
+            raise ValueError(f"expected (3, H, W) images, got {sorted({tuple(im.shape) for im in images})}")
+        h, w = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+        x = torch.stack([F.pad(normalize(im[None], mean, std)[0], (0, w - im.shape[2], 0, h - im.shape[1]))
+                         for im in images])
+    else:
+        images = stack_images(images)
+        if images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        x = normalize(images, mean, std)
     h, w = x.shape[-2:]
     pad_h, pad_w = -h % size_divisible, -w % size_divisible
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
