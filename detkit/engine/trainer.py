@@ -132,6 +132,8 @@ class Trainer:
         for i, (images, targets) in enumerate(batches):
             images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
             targets = to_device(targets, self.device)
+            for hook in self.hooks:
+                images = hook.transform_images(self, images, targets)
             with self.sync_context(last=i == len(batches) - 1):
                 with self.forward_context():
                     losses = self.forward_module(images, targets)

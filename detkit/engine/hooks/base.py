@@ -34,6 +34,12 @@ class Hook:
     def before_epoch(self, trainer: Trainer) -> None: ...
     def before_step(self, trainer: Trainer) -> None: ...
 
+    def transform_images(self, trainer: Trainer, images: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+        """The images the training forward pass runs on instead of one loader batch's ``images`` ((B, 3, H, W),
+        0–1 RGB, on the device in the trainer's memory format; ``targets`` as the model takes them); called
+        before the forward, outside autocast. Default: ``images`` unchanged; e.g. SAT's adversarial images."""
+        return images
+
     def extra_losses(self, trainer: Trainer, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         """Loss terms to add to the model's, computed right after its forward pass on ``images`` (under the
         same autocast); e.g. distillation, which reads the student's outputs through forward hooks."""
