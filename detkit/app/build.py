@@ -67,15 +67,23 @@ def eval_letterbox(data_cfg: DictConfig, size: int | None = None) -> Letterbox:
                      data_cfg.get("max_size"))
 
 
-def raw_dataset(data_cfg: DictConfig, split: str, transforms=None):
+def raw_dataset(data_cfg: DictConfig, split: str, transforms=None, with_extra: bool = True):
     """The reader of ``data.<split>`` with ``transforms`` (None: it serves untransformed samples); a bad
-    dataset raises the reader's own error, not Hydra's wrapper around it."""
+    dataset raises the reader's own error, not Hydra's wrapper around it. The train split is followed by the
+    COCO sets of ``data.extra_train`` (e.g. Data Distillation's pseudo-labels) unless ``with_extra`` is False:
+    a :class:`~detkit.data.concat.ConcatDetection` whose parts share the training set's categories."""
+    extra = list(data_cfg.get("extra_train") or []) if split == "train" and with_extra else []
     try:
-        return instantiate(data_cfg[split], transforms=transforms)
+        dataset = instantiate(data_cfg[split], transforms=None if extra else transforms)
     except InstantiationException as exc:
         if isinstance(exc.__cause__, (DatasetError, FileNotFoundError)):
             raise exc.__cause__ from None
         raise
+    if extra:
+        from detkit.data.concat import with_extra_sets
+
+        dataset = with_extra_sets(dataset, extra, data_cfg.get("on_invalid", "error"), transforms)
+    return dataset
 
 
 def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool | None = None):
@@ -91,6 +99,8 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
     use_mosaic = train and data_cfg.mosaic.prob > 0
     dataset = raw_dataset(data_cfg, split, transforms=None if use_mosaic else transforms)
     if data_cfg.get("proposals_file"):
+        if train and data_cfg.get("extra_train"):  # proposals are found by image id, which parts may share
+            raise ConfigError("data.proposals_file cannot be combined with data.extra_train")
         if use_mosaic:
             raise ValueError("data.proposals_file needs data.mosaic.prob=0: a mosaic of four images has no proposals")
         dataset = WithProposals(dataset, data_cfg.proposals_file)

@@ -56,14 +56,26 @@ class TestTimeAugmentation(nn.Module):
         per_image: list[list[dict]] = [[] for _ in range(images.shape[0])]
         for view, fx, fy, flipped in self._views(images):
             for merged, det in zip(per_image, self.model(view)):
-                boxes = det["boxes"].float()
-                if flipped:  # the view is the input mirrored, so x maps to width - x and x1, x2 swap
-                    boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
-                merged.append({"boxes": boxes * boxes.new_tensor([fx, fy, fx, fy]), "scores": det["scores"],
-                               "labels": det["labels"]})
-        out = []
-        for dets in per_image:
-            boxes, scores, labels = (torch.cat([d[k] for d in dets]) for k in ("boxes", "scores", "labels"))
-            keep = batched_nms(boxes, scores.float(), labels, self.iou_threshold)[: self.max_detections]
-            out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return out
+                boxes = to_input_frame(det["boxes"], fx, fy, flipped, width)
+                merged.append({"boxes": boxes, "scores": det["scores"], "labels": det["labels"]})
+        return [merge_detections(dets, self.iou_threshold, self.max_detections) for dets in per_image]
+
+
+def to_input_frame(boxes: Tensor, fx: float, fy: float, flipped: bool, width: int) -> Tensor:
+    """(N, 4) xyxy boxes of one view in pixels of the input: un-mirrored about a ``width``-pixel-wide view if
+    ``flipped`` (x becomes width - x, so x1 and x2 swap), then multiplied by the view-to-input factors."""
+    boxes = boxes.float()
+    if flipped:
+        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+    return boxes * boxes.new_tensor([fx, fy, fx, fy])
+
+
+def merge_detections(views: Sequence[dict], iou_threshold: float = 0.5, max_detections: int = 300) -> dict:
+    """One image's detections from several views (each ``boxes`` (N_v, 4) xyxy in the same pixel frame,
+    ``scores`` (N_v,), ``labels`` (N_v,)) merged into one set: their union, thinned by class-aware NMS at
+    ``iou_threshold``, best first, at most ``max_detections``. A box found by several views is kept once, with
+    its highest score; views that agree exactly give back one view's detections (when those hold no same-class
+    pair above ``iou_threshold``, as a detector's NMS output does not)."""
+    boxes, scores, labels = (torch.cat([d[k] for d in views]) for k in ("boxes", "scores", "labels"))
+    keep = batched_nms(boxes, scores.float(), labels, iou_threshold)[:max_detections]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from detkit.evaluation.tta import TestTimeAugmentation
+from detkit.evaluation.tta import TestTimeAugmentation, merge_detections, to_input_frame
 
 
 class RelativeBoxDetector(nn.Module):
@@ -39,3 +39,38 @@ def test_views_map_back_and_merge():
 def test_no_flip_keeps_one_box():
     out = TestTimeAugmentation(RelativeBoxDetector(), scales=(0.75,), flip=False)(torch.zeros(1, 3, 64, 64))
     assert len(out[0]["boxes"]) == 1
+
+
+class BrightRegionDetector(nn.Module):
+    """Detects the bounding box of the pixels of channel 0 brighter than 0.5 (class 1, score 0.8)."""
+
+    def forward(self, images):
+        out = []
+        for image in images:
+            ys, xs = torch.nonzero(image[0] > 0.5, as_tuple=True)
+            box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()[None]
+            out.append({"boxes": box, "scores": torch.tensor([0.8]), "labels": torch.tensor([1])})
+        return out
+
+
+def test_merging_identical_prediction_sets_changes_nothing():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 5, 40, 30], [50, 50, 60, 70], [21, 6, 39, 31]])
+    single = {"boxes": boxes, "scores": torch.tensor([0.9, 0.7, 0.6, 0.4, 0.3]),
+              "labels": torch.tensor([0, 2, 0, 1, 2])}  # the same box twice in two classes: class-aware NMS keeps both
+    for n in (1, 2, 5):
+        merged = merge_detections([{k: v.clone() for k, v in single.items()} for _ in range(n)])
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(merged[key], single[key], rtol=0, atol=0)
+
+
+def test_a_flipped_view_maps_back_onto_the_input():
+    image = torch.zeros(1, 3, 64, 96)
+    image[:, 0, 5:20, 10:30] = 1.0  # off-centre: the mirror image's box is elsewhere
+    detector = BrightRegionDetector()
+    mirrored = detector(image.flip(-1))[0]["boxes"]
+    torch.testing.assert_close(mirrored, torch.tensor([[66.0, 5, 86, 20]]))
+    torch.testing.assert_close(to_input_frame(mirrored, 1.0, 1.0, True, 96), torch.tensor([[10.0, 5, 30, 20]]))
+    # the two views agree once mapped back, so the merged set is the single box
+    out = TestTimeAugmentation(detector, scales=(), flip=True)(image)[0]
+    torch.testing.assert_close(out["boxes"], torch.tensor([[10.0, 5, 30, 20]]))
+    assert out["labels"].tolist() == [1]
