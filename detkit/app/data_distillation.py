@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 from tqdm import tqdm
 
-from detkit.app.build import eval_img_size, prepare_data, raw_dataset
+from detkit.app.build import eval_img_size, eval_letterbox, prepare_data, raw_dataset
 from detkit.app.errors import check_input_size
 from detkit.app.evaluate import load_trained
 from detkit.app.predict import detect, list_images, read_rgb
@@ -75,10 +75,11 @@ def image_records(images: str | Path, images_json: str | Path | None = None) -> 
 @torch.no_grad()
 def multi_transform_detections(model: torch.nn.Module, files: Sequence[Path], img_size: int, scales: Sequence[float],
                                flip: bool, iou_threshold: float = 0.5, max_detections: int = 300,
-                               device: str = "cpu", batch_size: int = 8, pad_value: float | None = None,
+                               device: str = "cpu", batch_size: int = 8, letterbox=None,
                                progress: bool = True) -> list[tuple[tuple[int, int], dict]]:
     """Per file: ((height, width), detections merged over the views) of ``model`` (eval mode) letterboxed to
-    ``img_size`` as in evaluation, then seen as is, mirrored (``flip``) and resized by each of ``scales``
+    ``img_size`` as in evaluation (``letterbox``: the teacher's input transform, :func:`~detkit.app.build.eval_letterbox`;
+    None: detkit's letterbox), then seen as is, mirrored (``flip``) and resized by each of ``scales``
     (:class:`~detkit.evaluation.tta.TestTimeAugmentation`); detections are ``boxes`` (N, 4) xyxy in the file's
     pixels, ``scores`` (N,), ``labels`` (N,) 0-based, every score the model returns."""
     strides = getattr(model, "strides", None)
@@ -88,7 +89,7 @@ def multi_transform_detections(model: torch.nn.Module, files: Sequence[Path], im
     with tqdm(total=len(files), desc="pseudo-label", unit="img", disable=not progress) as bar:
         for start in range(0, len(files), max(batch_size, 1)):
             images = [read_rgb(path) for path in files[start:start + max(batch_size, 1)]]
-            found = detect(ensemble, images, img_size, device, pad_value=pad_value)
+            found = detect(ensemble, images, img_size, device, letterbox=letterbox)
             out += [(image.shape[:2], det) for image, det in zip(images, found)]
             bar.update(len(images))
     return out
@@ -152,7 +153,7 @@ def distill_data(cfg: DictConfig) -> dict:
     records = image_records(cfg.images, cfg.images_json)
     detections = multi_transform_detections(model, [path for path, _ in records], size, list(cfg.scales),
                                             bool(cfg.flip), cfg.iou_threshold, cfg.max_detections, cfg.device,
-                                            cfg.batch_size, train_cfg.data.get("pad_value"))
+                                            cfg.batch_size, eval_letterbox(train_cfg.data, size))
     scores = torch.cat([det["scores"].float() for _, det in detections]) if detections else torch.zeros(0)
     threshold = auto_score_threshold(scores, len(records), target) if auto else float(cfg.score_thresh)
     info = {"description": "Data Distillation pseudo-labels (tools/distill_data.py)", "teacher": str(cfg.teacher),
