@@ -79,7 +79,8 @@ def multi_transform_detections(model: torch.nn.Module, files: Sequence[Path], im
                                progress: bool = True) -> list[tuple[tuple[int, int], dict]]:
     """Per file: ((height, width), detections merged over the views) of ``model`` (eval mode) letterboxed to
     ``img_size`` as in evaluation (``letterbox``: the teacher's input transform,
-    :func:`~detkit.app.build.eval_letterbox`; None: detkit's letterbox), then seen as is, mirrored (``flip``) and resized by each of ``scales``
+    :func:`~detkit.app.build.eval_letterbox`; None: detkit's letterbox), then seen as is, mirrored (``flip``)
+    and resized by each of ``scales``
     (:class:`~detkit.evaluation.tta.TestTimeAugmentation`); detections are ``boxes`` (N, 4) xyxy in the file's
     pixels, ``scores`` (N,), ``labels`` (N,) 0-based, every score the model returns."""
     strides = getattr(model, "strides", None)
