@@ -84,6 +84,8 @@ def convert_darknet(weights: str | Path, out: str | Path, model: str | DictConfi
 
     config = converted_config(model, img_size, overrides,
                               {"model.bn_eps": DARKNET_BN_EPS, "data.pad_value": DARKNET_PAD_VALUE})
+    if config["model"].get("nms") == "diou":  # yolov4.cfg's [yolo] layers evaluate with nms_kind=greedynms
+        config["model"]["nms"] = "nms"
     detector = build_converted(config, len(class_names))
     header = load_weights(detector, weights)
     source = {"format": "darknet", "file": str(weights), "version": f"{header.major}.{header.minor}.{header.revision}",

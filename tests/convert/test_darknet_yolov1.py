@@ -277,3 +277,4 @@ def test_the_converter_tool_writes_a_voc_checkpoint(tmp_path):
     assert all(m.eps == DARKNET_BN_EPS for m in detector.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     stored = torch.load(out, weights_only=True)
     assert stored["converted_from"]["version"] == "0.1.0" and stored["config"]["model"]["head"] == "darknet"
+    assert stored["config"]["data"]["resize"] == "stretch" and detector.letterbox.mode == "stretch"  # resize_image

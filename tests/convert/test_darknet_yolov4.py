@@ -39,6 +39,7 @@ def test_a_converted_small_yolov4_computes_what_darknets_layers_compute(tmp_path
     # what tools/convert.py source=darknet model=yolov4 … runs, with the width/depth overrides
     out = convert_darknet(path, tmp_path / "small80.pt", "yolov4", 96, SMALL)
     converted = detkit.load(out).model.eval()
+    assert converted.nms == "nms"  # yolov4.cfg evaluates with greedy NMS (nms_kind=greedynms), not DIoU-NMS
     reference = DarknetReference(yolov4_cfg(WIDTH, DEPTHS, num_classes=80), path)  # reads every value itself
     for size in (64, 96):
         images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size))

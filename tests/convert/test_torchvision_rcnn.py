@@ -142,6 +142,7 @@ def test_converted_retinanet_gives_torchvisions_detections(retinanet, min_size):
 def test_a_converted_checkpoint_loads_and_predicts(fasterrcnn):
     detector = detkit.load(fasterrcnn[1])
     assert detector.class_names == list(COCO80_NAMES) and detector.img_size == 128
+    assert (detector.letterbox.mode, detector.letterbox.max_size) == ("shorter_side", 1333)  # torchvision's resize
     backbone = detector.model.backbone
     assert all(not p.requires_grad for p in [*backbone.stem.parameters(), *backbone.stages[0].parameters()])
     assert all(m.eps == 0.0 for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d))

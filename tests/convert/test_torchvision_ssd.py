@@ -125,6 +125,7 @@ def test_the_checkpoint_predicts_through_detkit_load_and_writes_coco_ids(convert
     stored = torch.load(path, weights_only=True)
     assert stored["converted_from"]["model"] == "ssd300_vgg16" and stored["config"]["model"]["extra_logits"] == 10
     assert detector.img_size == 300 and detector.class_names == list(COCO80_NAMES)
+    assert detector.letterbox.mode == "stretch"  # torchvision resizes to 300 x 300 whatever the aspect ratio
     pixels = np.random.default_rng(2).integers(0, 256, (300, 300, 3), dtype=np.uint8)
     ours = detector.predict(pixels, score_threshold=0.0)[0]
     with torch.no_grad():
