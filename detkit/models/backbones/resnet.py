@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from detkit.convert.pretrained import load_state_dict
+from detkit.models.backbones.conv_options import replace_3x3_convs, stage_indices
 from detkit.models.backbones.darknet import StagedBackbone
+from detkit.models.deformable import DeformableConv2d
 
 __all__ = ["ResNet"]
 
@@ -52,6 +54,9 @@ class ResNet(StagedBackbone):
         depths: blocks per stage, overriding the depth's (e.g. ``[1, 1, 1, 1]`` for a tiny CPU backbone).
         pretrained: a local torchvision state dict file of the same architecture, or a torchvision weights
             name (``ResNet50_Weights.IMAGENET1K_V1``; see :mod:`detkit.convert.pretrained`); ``fc.*`` is ignored.
+        deform_stages: indices of the stages (0 = C2 … 3 = C5) whose blocks' 3×3 convs (a bottleneck's conv2,
+            both convs of a basic block) become :class:`~detkit.models.deformable.DeformableConv2d` with zero
+            offsets, after the weights are initialised or loaded (the paper's ResNet-101 setting is ``[3]``).
 
     ``out_channels``: channels of C2–C5 (256, 512, 1024, 2048 for ResNet-50; 64, 128, 256, 512 for ResNet-18).
     Forward: (B, 3, H, W) → [C2, C3, C4, C5], (B, out_channels[i], H/2^(i+2), W/2^(i+2)) (rounded up).
@@ -60,7 +65,7 @@ class ResNet(StagedBackbone):
     num_outputs = 4
 
     def __init__(self, depth: int = 50, width: int = 64, depths: Sequence[int] | None = None,
-                 pretrained: str | None = None) -> None:
+                 pretrained: str | None = None, deform_stages: Sequence[int] | None = None) -> None:
         super().__init__()
         if depth not in _DEPTHS:
             raise ValueError(f"unknown ResNet depth {depth}; expected one of {sorted(_DEPTHS)}")
@@ -86,9 +91,12 @@ class ResNet(StagedBackbone):
         self.out_channels = [width * 2**i * block.expansion for i in range(4)]
         if pretrained:
             self.load_torchvision_state(load_state_dict(pretrained))
+        for i in stage_indices(deform_stages, 4, "deform_stages"):
+            replace_3x3_convs(self.stages[i], DeformableConv2d.from_conv)
 
     def load_torchvision_state(self, state: dict[str, Tensor]) -> None:
-        """Load a ``torchvision.models.resnetXX`` state dict (classifier entries ignored)."""
+        """Load a ``torchvision.models.resnetXX`` state dict (classifier entries ignored); deformable convs take
+        its conv weights and keep their own offset predictors."""
         renamed = {}
         for key, value in state.items():
             head, _, rest = key.partition(".")
@@ -96,4 +104,5 @@ class ResNet(StagedBackbone):
                 renamed[f"stem.{0 if head == 'conv1' else 1}.{rest}"] = value
             elif head.startswith("layer"):
                 renamed[f"stages.{int(head[5:]) - 1}.{rest}"] = value
-        self.load_state_dict(renamed)
+        own_offsets = {key: value for key, value in self.state_dict().items() if ".offset." in key}
+        self.load_state_dict({**own_offsets, **renamed})
