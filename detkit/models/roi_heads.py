@@ -54,7 +54,8 @@ class SingleLevelPooler(nn.Module):
         self.kind, self.output_size, self.spatial_scale = kind, int(output_size), float(spatial_scale)
         self.sampling_ratio, self.aligned, self.feature = int(sampling_ratio), aligned, feature
 
-    def _map(self, features: Tensor | Mapping[str, Tensor]) -> Tensor:
+    def feature_map(self, features: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """The map to pool: ``features`` itself, or its ``feature`` entry (the only one when None)."""
         if isinstance(features, Tensor):
             return features
         if self.feature is not None:
@@ -70,7 +71,7 @@ class SingleLevelPooler(nn.Module):
                 image_sizes: Sequence[tuple[int, int]] | None = None) -> Tensor:
         """``features`` (B, C, H, W) (or a dict holding it), ``rois`` B tensors (N_i, 4) xyxy input pixels →
         (Σ N_i, C, P, P). ``image_sizes`` is unused (one map has one scale); it keeps FPN's call shape."""
-        x = self._map(features)
+        x = self.feature_map(features)
         if len(rois) != x.shape[0]:
             raise ValueError(f"got RoIs for {len(rois)} images but features for {x.shape[0]}")
         rois = [r.to(x.dtype) for r in rois]

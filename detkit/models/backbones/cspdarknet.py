@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from detkit.models.backbones.conv_options import apply_residual_options
 from detkit.models.backbones.darknet import StagedBackbone
 from detkit.models.layers import ConvBNAct, DarknetResidual
 
@@ -48,12 +49,14 @@ class CSPDarknet(StagedBackbone):
     ``CSPDarknet(depths=(1, 2, 8, 8, 4), width=32)`` is YOLOv4's CSPDarknet53. Arguments and outputs as
     :class:`detkit.models.backbones.darknet.Darknet`: stage ``i`` has ``2 * width * 2 ** i`` channels and
     stride ``stem_stride * 2 ** (i + 1)``; input H, W multiples of the deepest stride. ``wide_first_stage``
-    makes the first stage darknet's (:class:`CSPStage` ``wide``), as yolov4.cfg has it.
+    makes the first stage darknet's (:class:`CSPStage` ``wide``), as yolov4.cfg has it. ``deform_stages``,
+    ``block`` and ``igc_groups`` as Darknet's: they change the 3×3 convs of the residual units (in ``main``).
     """
 
     def __init__(
         self, depths: Sequence[int] = (1, 2, 8, 8, 4), width: int = 32, num_outputs: int = 3, act: str = "mish",
-        stem_stride: int = 1, wide_first_stage: bool = False,
+        stem_stride: int = 1, wide_first_stage: bool = False, deform_stages: Sequence[int] | None = None,
+        block: str = "plain", igc_groups: Sequence[int] = (4, 4),
     ) -> None:
         super().__init__()
         if not 1 <= num_outputs <= len(depths):
@@ -64,6 +67,7 @@ class CSPDarknet(StagedBackbone):
             CSPStage(channels[i - 1] if i else width, channels[i], depth, act, wide=wide_first_stage and i == 0)
             for i, depth in enumerate(depths)
         )
+        apply_residual_options(self.stages, deform_stages, block, igc_groups)
         self.num_outputs = num_outputs
         self.out_channels = channels[-num_outputs:]
         self.strides = [stem_stride * 2 ** (i + 1) for i in range(len(depths))][-num_outputs:]

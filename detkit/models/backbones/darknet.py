@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from detkit.models.backbones.conv_options import apply_residual_options
 from detkit.models.layers import ConvBNAct, DarknetResidual
 
 
@@ -40,6 +41,10 @@ class Darknet(StagedBackbone):
         stem_stride: 1 as in Darknet-53; 2 halves the resolution before the first stage (every stride
             doubles), which keeps full-resolution activations out of a CPU budget.
         se: a squeeze-and-excitation block in every residual unit (default off).
+        deform_stages: indices into the stages (0 = the first) whose residual units' 3×3 convs become
+            deformable (:mod:`detkit.models.backbones.conv_options`; default none).
+        block: ``plain``, or ``igc``: every residual unit's 3×3 conv is an interleaved group convolution with
+            ``igc_groups`` = [L, M] (primary, secondary groups).
 
     Input ``(B, 3, H, W)`` with H, W multiples of ``2 ** len(depths)``; output a list of
     ``(B, out_channels[i], H / strides[i], W / strides[i])`` maps, shallowest first.
@@ -47,7 +52,8 @@ class Darknet(StagedBackbone):
 
     def __init__(
         self, depths: Sequence[int] = (1, 2, 8, 8, 4), width: int = 32, num_outputs: int = 3, act: str = "leaky",
-        stem_stride: int = 1, se: bool = False,
+        stem_stride: int = 1, se: bool = False, deform_stages: Sequence[int] | None = None, block: str = "plain",
+        igc_groups: Sequence[int] = (4, 4),
     ) -> None:
         super().__init__()
         if not 1 <= num_outputs <= len(depths):
@@ -62,6 +68,7 @@ class Darknet(StagedBackbone):
             stages.append(nn.Sequential(*layers))
             c_in = c_out
         self.stages = nn.ModuleList(stages)
+        apply_residual_options(self.stages, deform_stages, block, igc_groups)
         self.num_outputs = num_outputs
         self.out_channels = [2 * width * 2**i for i in range(len(depths))][-num_outputs:]
         self.strides = [stem_stride * 2 ** (i + 1) for i in range(len(depths))][-num_outputs:]

@@ -18,7 +18,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from detkit.convert.pretrained import load_state_dict
+from detkit.models.backbones.conv_options import replace_3x3_convs, stage_indices
 from detkit.models.backbones.darknet import StagedBackbone
+from detkit.models.deformable import DeformableConv2d
 
 __all__ = ["ResNet"]
 
@@ -61,6 +63,9 @@ class ResNet(StagedBackbone):
         trainable_layers: torchvision's ``trainable_backbone_layers``: how many of layer4, layer3, layer2,
             layer1 and the stem (counted from the top) keep gradients; 5 trains everything, 3 is torchvision's
             detectors' default from pretrained weights.
+        deform_stages: indices of the stages (0 = C2 … 3 = C5) whose blocks' 3×3 convs (a bottleneck's conv2,
+            both convs of a basic block) become :class:`~detkit.models.deformable.DeformableConv2d` with zero
+            offsets, after the weights are initialised or loaded (the paper's ResNet-101 setting is ``[3]``).
 
     ``out_channels``: channels of C2–C5 (256, 512, 1024, 2048 for ResNet-50; 64, 128, 256, 512 for ResNet-18).
     Forward: (B, 3, H, W) → [C2, C3, C4, C5], (B, out_channels[i], H/2^(i+2), W/2^(i+2)) (rounded up).
@@ -69,7 +74,8 @@ class ResNet(StagedBackbone):
     num_outputs = 4
 
     def __init__(self, depth: int = 50, width: int = 64, depths: Sequence[int] | None = None,
-                 pretrained: str | None = None, frozen_bn: bool = False, trainable_layers: int = 5) -> None:
+                 pretrained: str | None = None, frozen_bn: bool = False, trainable_layers: int = 5,
+                 deform_stages: Sequence[int] | None = None) -> None:
         super().__init__()
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in 0..5 (5: the stem and all four stages), got "
@@ -102,12 +108,16 @@ class ResNet(StagedBackbone):
         self.out_channels = [width * 2**i * block.expansion for i in range(4)]
         if pretrained:
             self.load_torchvision_state(load_state_dict(pretrained))
-        frozen = [self.stem, *self.stages][: 5 - trainable_layers]
+        for i in stage_indices(deform_stages, 4, "deform_stages"):
+            replace_3x3_convs(self.stages[i], DeformableConv2d.from_conv)
+        frozen = [self.stem, *self.stages][: 5 - trainable_layers]  # after the swap: its convs freeze too
         for module in frozen:
             module.requires_grad_(False)
 
     def load_torchvision_state(self, state: dict[str, Tensor]) -> None:
-        """Load a ``torchvision.models.resnetXX`` state dict (classifier entries ignored)."""
+        """Load a ``torchvision.models.resnetXX`` state dict (classifier entries ignored); deformable convs take
+        its conv weights and keep their own offset predictors."""
         from detkit.convert.tv_rcnn import resnet_state
 
-        self.load_state_dict(resnet_state(state))
+        own_offsets = {key: value for key, value in self.state_dict().items() if ".offset." in key}
+        self.load_state_dict({**own_offsets, **resnet_state(state)})

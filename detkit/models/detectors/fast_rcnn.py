@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from detkit.anchors import grid_anchors
 from detkit.boxes import clip_boxes
+from detkit.models.deformable import DeformableRoIPooler
 from detkit.models.detectors.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -79,6 +80,8 @@ class RoIDetector(nn.Module):
         backbone: module returning a list of maps with ``out_channels`` and ``strides``; the last map is pooled.
         pooler: ``roi_pool`` (the papers) or ``roi_align``.
         pool_size, sampling_ratio: the pooled grid P×P; ``roi_align``'s samples per bin side.
+        deformable_roi: deformable RoI pooling (:class:`~detkit.models.deformable.DeformableRoIPooler`, with
+            ``pooler='roi_align'``): each bin moved by an offset predicted from the RoI's pooled features.
         representation, dropout: fc6/fc7 width and dropout.
         score_thresh, nms_thresh, max_det: per-class score threshold, NMS IoU and detections kept per image.
         image_mean, image_std: per RGB channel normalisation of 0–1 images.
@@ -87,12 +90,15 @@ class RoIDetector(nn.Module):
     def __init__(self, num_classes: int, backbone: nn.Module, pooler: str = "roi_pool", pool_size: int = 7,
                  sampling_ratio: int = 2, representation: int = 1024, dropout: float = 0.0,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, max_det: int = 100,
-                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD) -> None:
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+                 deformable_roi: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.backbone = backbone
         stride = list(backbone.strides)[-1]
         roi_pooler = SingleLevelPooler(pooler, pool_size, 1.0 / stride, sampling_ratio)
+        if deformable_roi:
+            roi_pooler = DeformableRoIPooler(roi_pooler, list(backbone.out_channels)[-1])
         self.head = RoIBoxHead(roi_pooler, list(backbone.out_channels)[-1], pool_size, num_classes,
                                representation, dropout)
         self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
+from detkit.models.deformable import DeformableRoIPooler
 from detkit.models.detectors.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -45,6 +46,8 @@ class FPNRCNN(nn.Module):
         rpn: keyword arguments of :class:`~detkit.models.rpn.RegionProposalNetwork` (anchor sizes, IoU
             thresholds, sampling, top-k before/after NMS for train and test).
         pool_size, sampling_ratio: RoIAlign output side and samples per bin.
+        deformable_roi: deformable RoI pooling (:class:`~detkit.models.deformable.DeformableRoIPooler`) around
+            the RoIAlign: each bin moved by an offset predicted from the RoI's pooled features.
         representation: width of the box head's two FC layers (1024).
         roi_batch, roi_fg_fraction, roi_fg_iou, roi_bg_iou: RoIs sampled per image for the box head, the
             foreground share, foreground IoU and background IoU range (:func:`~detkit.models.roi_heads.
@@ -66,7 +69,8 @@ class FPNRCNN(nn.Module):
                  roi_bg_iou: Sequence[float] = (0.0, 0.5), box_beta: float = 1.0, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, max_det: int = 100, size_divisible: int = 32, background_box: bool = True,
                  image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
-                 background_logits: int = 1, det_pre_nms_topk: int | None = 1000, det_min_size: float = 0.0) -> None:
+                 background_logits: int = 1, det_pre_nms_topk: int | None = 1000, det_min_size: float = 0.0,
+                 deformable_roi: bool = False) -> None:
         super().__init__()
         if len(backbone.out_channels) != 4:
             raise ValueError(f"FPN R-CNN needs a backbone with 4 maps (C2–C5), got {len(backbone.out_channels)}")
@@ -76,6 +80,8 @@ class FPNRCNN(nn.Module):
         self.level_names = [f"p{i + 2}" for i in range(self.neck.num_levels)]
         self.rpn = RegionProposalNetwork(fpn_channels, **dict(rpn or {}))
         pooler = MultiScaleRoIAlign(self.level_names[:4], pool_size, sampling_ratio)
+        if deformable_roi:
+            pooler = DeformableRoIPooler(pooler, fpn_channels)
         self.roi_head = RoIBoxHead(pooler, fpn_channels, pool_size, num_classes, representation,
                                    background_box=background_box, background_logits=background_logits)
         self.roi_sampling = dict(batch_per_image=roi_batch, fg_fraction=roi_fg_fraction, fg_iou=roi_fg_iou,
