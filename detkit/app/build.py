@@ -71,18 +71,21 @@ def raw_dataset(data_cfg: DictConfig, split: str, transforms=None, with_extra: b
     """The reader of ``data.<split>`` with ``transforms`` (None: it serves untransformed samples); a bad
     dataset raises the reader's own error, not Hydra's wrapper around it. The train split is followed by the
     COCO sets of ``data.extra_train`` (e.g. Data Distillation's pseudo-labels) unless ``with_extra`` is False:
-    a :class:`~detkit.data.concat.ConcatDetection` whose parts share the training set's categories."""
+    a :class:`~detkit.data.concat.ConcatDetection` whose parts share the training set's categories; then by
+    the classification sets of ``data.classification_train`` (images with ``image_label``, no boxes: YOLO9000's
+    joint training)."""
     extra = list(data_cfg.get("extra_train") or []) if split == "train" and with_extra else []
+    classification = list(data_cfg.get("classification_train") or []) if split == "train" and with_extra else []
     try:
-        dataset = instantiate(data_cfg[split], transforms=None if extra else transforms)
+        dataset = instantiate(data_cfg[split], transforms=None if extra or classification else transforms)
     except InstantiationException as exc:
         if isinstance(exc.__cause__, (DatasetError, FileNotFoundError)):
             raise exc.__cause__ from None
         raise
-    if extra:
+    if extra or classification:
         from detkit.data.concat import with_extra_sets
 
-        dataset = with_extra_sets(dataset, extra, data_cfg.get("on_invalid", "error"), transforms)
+        dataset = with_extra_sets(dataset, extra, data_cfg.get("on_invalid", "error"), transforms, classification)
     return dataset
 
 
@@ -97,6 +100,9 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
         raise ConfigError(_UNSIZED)
     transforms = build_train_transform(data_cfg.augment, size, seed) if train else eval_letterbox(data_cfg)
     use_mosaic = train and data_cfg.mosaic.prob > 0
+    if train and data_cfg.get("classification_train") and (use_mosaic or data_cfg.get("proposals_file")):
+        raise ConfigError("data.classification_train needs data.mosaic.prob=0 and no data.proposals_file: a "
+                          "classification image's label belongs to the whole image")
     dataset = raw_dataset(data_cfg, split, transforms=None if use_mosaic else transforms)
     if data_cfg.get("proposals_file"):
         if train and data_cfg.get("extra_train"):  # proposals are found by image id, which parts may share

@@ -21,6 +21,7 @@ from pycocotools.coco import COCO
 
 from detkit.data.sample import DetectionDataset, Sample, read_checked_rgb
 from detkit.data.validation import ON_INVALID, UNREADABLE_JSON, DatasetError, Problem, count_kinds, image_file_problem
+from detkit.errors import ConfigError
 
 BOX_TOLERANCE = 1.0  # pixels a box may pass the image border (rounding in annotation tools); it is clipped
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
@@ -238,6 +239,10 @@ class CocoDetection(DetectionDataset):
     every image header.
     Label ``i`` is dataset category ``category_ids[i]`` (sorted ids); ``data`` is the cleaned json dict and
     ``images`` its image records in ``image_ids`` (sorted) order.
+    An image record with an ``image_label`` (a category id, this file's own extension of COCO) is a
+    classification image: it has that label and no boxes (YOLO9000's joint training, ``data.classification_train``);
+    an unknown category id there, or boxes on such an image, is a :class:`~detkit.errors.ConfigError` naming
+    the file and image (``on_invalid=drop`` cannot mend a label).
     """
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path,
@@ -263,6 +268,7 @@ class CocoDetection(DetectionDataset):
         self.images = sorted(self.data["images"], key=lambda im: im["id"])
         self.image_ids = [im["id"] for im in self.images]
         self._targets = self._index_targets()
+        self._image_labels = self._index_image_labels()
         self._coco: COCO | None = None
 
     def _warn_dropped(self, raw: dict, problems: list[Problem], shown: int = 5) -> None:
@@ -285,6 +291,26 @@ class CocoDetection(DetectionDataset):
             labels = np.array([self.category_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
             targets.append((boxes, labels))
         return targets
+
+    def _index_image_labels(self) -> list[int | None]:
+        labels = []
+        for im, (boxes, _) in zip(self.images, self._targets):
+            category = im.get("image_label")
+            label = self.category_id_to_label.get(category) if _is_int(category) else None
+            where = f"{self.ann_file}: image id {im['id']} ({im['file_name']})"
+            if category is not None and label is None:
+                known = ", ".join(f"{c} {n!r}" for c, n in zip(self.category_ids, self.class_names))
+                raise ConfigError(f"{where} has image_label {category!r}, which is not a category id of this file "
+                                  f"(known: {known})")
+            if category is not None and len(boxes):
+                raise ConfigError(f"{where} has an image_label and {len(boxes)} boxes: a classification image has "
+                                  "none")
+            labels.append(label)
+        return labels
+
+    def image_label(self, index: int) -> int | None:
+        """The 0-based class of image ``index`` when its record has an ``image_label``, else None."""
+        return self._image_labels[index]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -83,6 +83,10 @@ class ConcatDetection(DetectionDataset):
         part, i = self._locate(index)
         return part.targets(i)
 
+    def image_label(self, index: int) -> int | None:
+        part, i = self._locate(index)
+        return part.image_label(i)
+
     def difficult(self, index: int) -> np.ndarray:
         """(N,) bool flags aligned with :meth:`annotations`: the part's, all False for parts without them."""
         part, i = self._locate(index)
@@ -92,13 +96,17 @@ class ConcatDetection(DetectionDataset):
 
 
 def with_extra_sets(main: DetectionDataset, entries: Sequence[Mapping], on_invalid: str = "error",
-                    transforms: Callable[[Sample, int], Any] | None = None) -> ConcatDetection:
+                    transforms: Callable[[Sample, int], Any] | None = None,
+                    classification: Sequence[Mapping] = ()) -> ConcatDetection:
     """``main`` followed by the COCO sets of ``entries`` (``data.extra_train``: each ``{json: FILE, images:
-    DIR}``), validated like any COCO set; an entry without both keys, or whose categories are not ``main``'s,
-    is a :class:`~detkit.errors.ConfigError` naming it."""
+    DIR}``), validated like any COCO set, then those of ``classification`` (``data.classification_train``, the
+    same form: every image record has an ``image_label`` and no annotation; YOLO9000's joint training); an
+    entry without both keys, whose categories are not ``main``'s, or a classification set with an image
+    lacking ``image_label``, is a :class:`~detkit.errors.ConfigError` naming it."""
     parts = [main]
-    for k, entry in enumerate(entries):
-        where = f"data.extra_train[{k}]"
+    named = [(f"data.extra_train[{k}]", e) for k, e in enumerate(entries)]
+    named += [(f"data.classification_train[{k}]", e) for k, e in enumerate(classification)]
+    for k, (where, entry) in enumerate(named):
         if not isinstance(entry, Mapping) or not {"json", "images"} <= set(entry):
             raise ConfigError(f"{where} must be {{json: FILE, images: DIR}} (a COCO json and its image folder), "
                               f"got {entry!r}")
@@ -107,5 +115,9 @@ def with_extra_sets(main: DetectionDataset, entries: Sequence[Mapping], on_inval
         if mismatch:
             raise ConfigError(f"{where}: {entry['json']} {mismatch}; an extra training set needs the training "
                               "set's categories (pseudo-labels of a teacher trained on it)")
+        unlabelled = [im["id"] for i, im in enumerate(extra.images) if extra.image_label(i) is None]
+        if k >= len(entries) and unlabelled:
+            raise ConfigError(f"{where}: {entry['json']} has {len(unlabelled)} images without an image_label (image "
+                              f"ids {unlabelled[:5]}...): every image of a classification set needs one")
         parts.append(extra)
     return ConcatDetection(parts, transforms)

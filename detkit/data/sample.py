@@ -24,6 +24,7 @@ class Sample:
     image_id: int
     orig_size: tuple[int, int]  # (height, width) of the file
     proposals: np.ndarray | None = None  # (P, 4) float32 xyxy pixels of `image`: region proposals, if any
+    image_label: int | None = None  # 0-based class of a classification image (no boxes; YOLO9000's joint training)
 
 
 def read_rgb(path: str | Path) -> np.ndarray | None:
@@ -60,7 +61,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     """What every reader shares: ``get_sample`` from ``load_image`` and ``targets``, then ``transforms``.
 
     Subclasses provide ``load_image(index)``, ``targets(index)`` (training boxes and labels), ``image_ids``
-    and a ``transforms(sample, index)`` attribute (None: samples are returned as they are).
+    and a ``transforms(sample, index)`` attribute (None: samples are returned as they are); readers of
+    classification images override ``image_label(index)``.
     """
 
     transforms: Any = None
@@ -68,7 +70,12 @@ class DetectionDataset(torch.utils.data.Dataset):
     def get_sample(self, index: int) -> Sample:
         image = self.load_image(index)
         boxes, labels = self.targets(index)
-        return Sample(image, boxes, labels, self.image_ids[index], (image.shape[0], image.shape[1]))
+        return Sample(image, boxes, labels, self.image_ids[index], (image.shape[0], image.shape[1]),
+                      image_label=self.image_label(index))
+
+    def image_label(self, index: int) -> int | None:
+        """The 0-based class of image ``index`` if it is a classification image (a label, no boxes), else None."""
+        return None
 
     def __getitem__(self, index: int) -> Any:
         sample = self.get_sample(index)

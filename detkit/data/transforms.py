@@ -75,7 +75,8 @@ def place_proposals(proposals: np.ndarray, ratio: float, left: int, top: int, si
 def to_target(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sample, ratio: float, pad,
               proposals: np.ndarray | None = None) -> tuple:
     """(3, H, W) 0–1 float image and its target dict; ``proposals`` (P, 4) input pixels, given by the transforms
-    that map a sample's proposals (a transform that cannot would silently drop them: that is an error)."""
+    that map a sample's proposals (a transform that cannot would silently drop them: that is an error). A
+    classification sample's ``image_label`` is kept as the target's ``image_label`` (int)."""
     if proposals is None and getattr(sample, "proposals", None) is not None:
         raise ValueError(f"{type(sample).__name__} of image_id {sample.image_id} carries proposals that this "
                          "transform does not map: use augment@data.augment=default with data.proposals_file")
@@ -90,6 +91,8 @@ def to_target(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sample, 
     }
     if proposals is not None:
         target["proposals"] = torch.from_numpy(proposals.astype(np.float32)).reshape(-1, 4)
+    if getattr(sample, "image_label", None) is not None:
+        target["image_label"] = int(sample.image_label)
     return tensor, target
 
 

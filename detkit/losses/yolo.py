@@ -1,5 +1,5 @@
 """YOLOv3-family loss: anchor assignment by shape, IoU-family box loss, BCE objectness and classes (or
-YOLOv2's softmax cross-entropy classes)."""
+YOLOv2's softmax cross-entropy classes, or YOLO9000's WordTree classes with joint classification training)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from detkit.boxes import elementwise_iou, pairwise_iou
 from detkit.losses.box import box_loss
 from detkit.losses.focal import sigmoid_focal_loss
+from detkit.wordtree import WordTree
 
 IOU_KINDS = ("iou", "giou", "diou", "ciou")
 
@@ -60,7 +61,17 @@ class YOLOLoss(nn.Module):
     objectness term instead of being pushed to 0: it is a good box, merely not the assigned one. With
     ``class_softmax`` (YOLOv2's [region] layer) the class term is softmax cross-entropy on responsible
     predictions, a mean over them (label smoothing ε spread as :func:`torch.nn.functional.cross_entropy` does;
-    ``focal`` then applies to objectness only).
+    ``focal`` then applies to objectness only). With ``wordtree`` (YOLO9000) it is the tree cross-entropy
+    (:meth:`detkit.wordtree.WordTree.loss`: one softmax cross-entropy per sibling set on the label's path).
+
+    Joint training (YOLO9000): a target with ``image_label`` (a class index) and no boxes is a classification
+    image. It adds no box term and, but for one prediction, no objectness term (its unlabelled objects must not
+    be pushed to background). Its class loss is taken at the single prediction, over every anchor, cell and
+    level of the image, whose class probability for ``image_label`` is highest (the path product with
+    ``wordtree``, the softmax or sigmoid probability otherwise; objectness is not part of the choice), and
+    counts as one more positive. ``class_only_objectness`` is that prediction's objectness target (YOLO9000
+    assumes the predicted box overlaps the unknown ground truth by IoU ≥ 0.3: 0.3 here), one more prediction in
+    its level's objectness mean; None leaves objectness out for classification images.
     """
 
     def __init__(
@@ -79,6 +90,8 @@ class YOLOLoss(nn.Module):
         label_smoothing: float = 0.0,
         ignore_thresh: float | None = None,
         class_softmax: bool = False,
+        wordtree: WordTree | None = None,
+        class_only_objectness: float | None = 0.3,
     ) -> None:
         super().__init__()
         if box_loss not in IOU_KINDS:
@@ -89,6 +102,8 @@ class YOLOLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.ignore_thresh = ignore_thresh
         self.class_softmax = class_softmax
+        self.wordtree = wordtree
+        self.class_only_objectness = class_only_objectness
         self.num_classes = num_classes
         self.box_loss = box_loss
         self.box_weight, self.obj_weight, self.cls_weight = box_weight, obj_weight, cls_weight
@@ -104,10 +119,13 @@ class YOLOLoss(nn.Module):
         Args:
             outputs: per level, raw head output (B, A, H, W, 5 + C): tx, ty, tw, th, objectness, classes.
             boxes: per level, the decoded predicted boxes (B, A, H, W, 4), xyxy pixels.
-            targets: per image, ``boxes`` (N, 4) xyxy pixels of the input tensor and ``labels`` (N,).
+            targets: per image, ``boxes`` (N, 4) xyxy pixels of the input tensor and ``labels`` (N,); a
+                classification image has ``image_label`` (int) and no boxes.
             anchors: (L, A, 2) pixels. strides: per level.
         """
         device = outputs[0].device
+        class_only = classification_images(targets)
+        chosen = self.best_class_predictions(outputs, targets, class_only)
         gt = torch.cat([t["boxes"].to(device, torch.float32) for t in targets])
         labels = torch.cat([t["labels"].to(device) for t in targets])
         image_index = torch.cat(
@@ -118,13 +136,24 @@ class YOLOLoss(nn.Module):
 
         zero = outputs[0].sum() * 0.0
         loss_box, loss_cls, loss_obj = zero, zero, zero
-        num_pos = 0
+        num_pos, num_class_only = 0, 0
         for level, (out, pred_boxes, stride) in enumerate(zip(outputs, boxes, strides)):
             _, _, h, w, _ = out.shape
             gt_idx, anchor_idx = match[:, level].nonzero(as_tuple=True)
             gt_idx, anchor_idx, gx, gy = self.assign_cells(centers[gt_idx] / stride, gt_idx, anchor_idx, w, h)
             b = image_index[gt_idx]
             obj_target = torch.zeros_like(out[..., 4])
+            weight = None
+            if class_only:
+                weight = torch.ones_like(obj_target)
+                weight[class_only] = 0.0
+                b_c, a_c, y_c, x_c, label_c = chosen[level]
+                if len(b_c):
+                    loss_cls = loss_cls + self._class_loss(out[b_c, a_c, y_c, x_c, 5:], label_c)
+                    num_class_only += len(b_c)
+                    if self.class_only_objectness is not None:
+                        weight[b_c, a_c, y_c, x_c] = 1.0
+                        obj_target[b_c, a_c, y_c, x_c] = self.class_only_objectness
             if len(gt_idx):
                 pred = pred_boxes[b, anchor_idx, gy, gx]
                 target = gt[gt_idx]
@@ -133,18 +162,21 @@ class YOLOLoss(nn.Module):
                 iou = elementwise_iou(pred.detach(), target, self.box_loss).clamp(min=0.0)
                 obj_target[b, anchor_idx, gy, gx] = iou.to(obj_target.dtype)
                 loss_cls = loss_cls + self._class_loss(out[b, anchor_idx, gy, gx, 5:], labels[gt_idx])
-            if self.ignore_thresh is None:
+            if self.ignore_thresh is not None:
+                kept = self.not_ignored(pred_boxes, gt, image_index, obj_target)
+                weight = kept if weight is None else weight * kept
+            if weight is None:
                 level_obj = self._bce(out[..., 4], obj_target)
             else:
-                kept = self.not_ignored(pred_boxes, gt, image_index, obj_target)
-                level_obj = (self._bce(out[..., 4], obj_target, "none") * kept).sum() / kept.sum().clamp(min=1.0)
+                level_obj = (self._bce(out[..., 4], obj_target, "none") * weight).sum() / weight.sum().clamp(min=1.0)
             loss_obj = loss_obj + self.level_weights[level] * level_obj
+        num_cls = max(num_pos + num_class_only, 1)
         num_pos = max(num_pos, 1)
-        per_class = 1 if self.class_softmax else self.num_classes  # BCE: a mean over classes too
+        per_class = 1 if self.class_softmax or self.wordtree is not None else self.num_classes  # BCE: a class mean
         return {
             "loss_box": self.box_weight * loss_box / num_pos,
             "loss_obj": self.obj_weight * loss_obj,
-            "loss_cls": self.cls_weight * loss_cls / (num_pos * per_class),
+            "loss_cls": self.cls_weight * loss_cls / (num_cls * per_class),
         }
 
     @torch.no_grad()
@@ -159,8 +191,47 @@ class YOLOLoss(nn.Module):
                 keep[b][(best > self.ignore_thresh) & (obj_target[b] == 0)] = 0.0
         return keep
 
+    @torch.no_grad()
+    def best_class_predictions(self, outputs: Sequence[Tensor], targets: Sequence[dict], class_only: list[int]
+                               ) -> list[tuple[Tensor, ...]]:
+        """Per level, (batch, anchor, y, x, label) index tensors of the predictions chosen for the classification
+        images ``class_only`` (indices into ``targets``): each image's single prediction, over all levels, with
+        the highest class log-probability (:meth:`class_log_prob`) for its ``image_label``."""
+        device = outputs[0].device
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        if not class_only:
+            return [(empty,) * 5 for _ in outputs]
+        images = torch.tensor(class_only, device=device)
+        labels = torch.tensor([int(targets[i]["image_label"]) for i in class_only], device=device)
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"image_label must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
+        best = []
+        for out in outputs:
+            logp = self.class_log_prob(out[images, ..., 5:])  # (K, A, H, W, C)
+            index = labels.view(-1, 1, 1, 1, 1).expand(*logp.shape[:-1], 1)
+            best.append(logp.gather(-1, index).flatten(1).max(dim=1))
+        level = torch.stack([v for v, _ in best]).argmax(dim=0)
+        chosen = []
+        for lvl, out in enumerate(outputs):
+            _, a, h, w, _ = out.shape
+            here = level == lvl
+            flat = best[lvl][1][here]
+            chosen.append((images[here], flat // (h * w), flat % (h * w) // w, flat % w, labels[here]))
+        return chosen
+
+    def class_log_prob(self, logits: Tensor) -> Tensor:
+        """(..., C) class logits → (..., C) log-probability of each class as this loss reads them: the WordTree
+        path product, the softmax, or independent sigmoids."""
+        if self.wordtree is not None:
+            return self.wordtree.log_absolute(logits)
+        if self.class_softmax:
+            return logits.log_softmax(dim=-1)
+        return F.logsigmoid(logits)
+
     def _class_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Summed class loss of responsible predictions: ``logits`` (P, C), ``labels`` (P,) 0-based."""
+        if self.wordtree is not None:
+            return self.wordtree.loss(logits, labels)
         if self.class_softmax:
             return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=self.label_smoothing)
         target = F.one_hot(labels, self.num_classes).to(logits.dtype)
@@ -191,3 +262,14 @@ class YOLOLoss(nn.Module):
             torch.cat([gx, nx[ok_x], gx[ok_y]]),
             torch.cat([gy, gy[ok_x], ny[ok_y]]),
         )
+
+
+def classification_images(targets: Sequence[dict]) -> list[int]:
+    """Indices of the classification images of ``targets`` (those with ``image_label``); one that also has
+    boxes is a ValueError: an image is either a detection image or a classification image."""
+    found = [i for i, t in enumerate(targets) if t.get("image_label") is not None]
+    for i in found:
+        if len(targets[i]["boxes"]):
+            raise ValueError(f"target {i} has an image_label and {len(targets[i]['boxes'])} boxes: a classification "
+                             "image (image_label) must have no boxes")
+    return found

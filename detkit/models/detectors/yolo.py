@@ -11,7 +11,8 @@ adds ``spp``; YOLOv4 a CSPDarknet53 backbone with Mish, ``spp``, the :class:`~de
 neck, CIoU, ``xy_scale`` > 1 and DIoU-NMS, with optional label smoothing, SAM and DropBlock. Darknet's tiny
 models (``yolov2_tiny``, ``yolov3_tiny``, ``yolov4_tiny``) use :mod:`detkit.models.backbones.darknet_tiny` and
 :mod:`detkit.models.necks.tiny` with ``head_channels``, and yolov2-tiny ``class_softmax``. YOLOv1 has no
-anchors and lives in :mod:`detkit.models.detectors.yolov1`.
+anchors and lives in :mod:`detkit.models.detectors.yolov1`. YOLO9000's hierarchical classes and joint
+detection + classification training are the ``wordtree`` option (``configs/model/yolov2_wordtree_cpu.yaml``).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from torch import Tensor, nn
 
 from detkit.errors import ConfigError
 from detkit.losses.yolo import YOLOLoss
-from detkit.models.detectors.common import check_targets, stack_images
+from detkit.models.detectors.common import check_targets, plain, stack_images
 from detkit.models.layers import ConvBNAct, DropBlock2d, SpatialAttention
 from detkit.models.necks.spp import SPPBlock
 from detkit.models.necks.yolo_fpn import YOLOv3Neck
 from detkit.postprocess import postprocess_detections
+from detkit.wordtree import WordTree
 
 NMS_METHODS = ("nms", "diou")
 
@@ -71,6 +73,15 @@ class YOLOv3(nn.Module):
         class_softmax: inference scores σ(objectness)·softmax(classes), as darknet's ``[region]`` layer
             (yolov2, yolov2-tiny) scores, instead of σ(objectness)·σ(class); training then uses a softmax
             cross-entropy class loss instead of BCE.
+        wordtree: YOLO9000's hierarchical classes, ``{parents: [...]}``: class ``i``'s parent class index, −1 for
+            a root, one entry per class (internal nodes are classes too; :class:`~detkit.wordtree.WordTree`).
+            Classes become one softmax per sibling set, trained with the tree cross-entropy; each box reports
+            the node :meth:`~detkit.wordtree.WordTree.walk_down` reaches with ``wordtree_thresh`` (darknet's
+            ``hier_thresh``, 0.5), scored σ(objectness)·P(node) (the node's path product), every other class
+            scoring 0. Replaces ``class_softmax``.
+        class_only_objectness: joint training's objectness target for the prediction chosen in a
+            classification image (a target with ``image_label`` and no boxes): see
+            :class:`~detkit.losses.yolo.YOLOLoss`; None: no objectness term for classification images.
     """
 
     def __init__(
@@ -106,6 +117,9 @@ class YOLOv3(nn.Module):
         nms: str = "nms",
         head_channels: Sequence[int] | None = None,
         class_softmax: bool = False,
+        wordtree: dict | None = None,
+        wordtree_thresh: float = 0.5,
+        class_only_objectness: float | None = 0.3,
     ) -> None:
         super().__init__()
         if nms not in NMS_METHODS:
@@ -113,6 +127,8 @@ class YOLOv3(nn.Module):
         if len({len(a) for a in anchors}) != 1:
             raise ValueError("every level needs the same number of anchors")
         self.num_classes = num_classes
+        self.wordtree = self._build_wordtree(wordtree, num_classes, class_softmax, label_smoothing)
+        self.wordtree_thresh = wordtree_thresh
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32), persistent=False)
         num_anchors = self.anchors.shape[1]
         in_channels = list(backbone.out_channels)
@@ -146,7 +162,8 @@ class YOLOv3(nn.Module):
         self.loss = YOLOLoss(num_classes, box_loss, **(loss_weights or {}), level_weights=level_weights,
                              ratio_thresh=ratio_thresh, neighbor_cells=neighbor_cells, focal=focal,
                              focal_gamma=focal_gamma, focal_alpha=focal_alpha, label_smoothing=label_smoothing,
-                             ignore_thresh=ignore_thresh, class_softmax=class_softmax)
+                             ignore_thresh=ignore_thresh, class_softmax=class_softmax, wordtree=self.wordtree,
+                             class_only_objectness=class_only_objectness)
         scales = [float(xy_scale)] * len(strides) if isinstance(xy_scale, (int, float)) else list(xy_scale)
         if len(scales) != len(strides):
             raise ConfigError(f"model.xy_scale has {len(scales)} values for {len(strides)} levels: give one value, "
@@ -159,6 +176,22 @@ class YOLOv3(nn.Module):
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.max_det, self.pre_nms_topk = max_det, pre_nms_topk
         self._init_head_bias()
+
+    @staticmethod
+    def _build_wordtree(wordtree: dict | None, num_classes: int, class_softmax: bool, label_smoothing: float
+                        ) -> WordTree | None:
+        if wordtree is None:
+            return None
+        if "parents" not in wordtree or set(wordtree) - {"parents"}:
+            raise ConfigError(f"model.wordtree must be {{parents: [...]}}, got keys {sorted(wordtree)}")
+        if class_softmax or label_smoothing:
+            raise ConfigError("model.wordtree replaces class_softmax and takes no label_smoothing: set "
+                              "model.class_softmax=false and model.label_smoothing=0")
+        tree = WordTree(plain(wordtree["parents"]))
+        if tree.num_classes != num_classes:
+            raise ConfigError(f"model.wordtree.parents has {tree.num_classes} entries for {num_classes} classes: "
+                              "one per class of the dataset, internal nodes included")
+        return tree
 
     def _init_head_bias(self) -> None:
         # Start objectness near "a few objects per image" and classes near 1/C so that the first steps are
@@ -220,12 +253,17 @@ class YOLOv3(nn.Module):
         batch = outputs[0].shape[0]
         all_boxes = torch.cat([b.reshape(batch, -1, 4) for b in boxes], dim=1)
         raw = torch.cat([o.reshape(batch, -1, 5 + self.num_classes) for o in outputs], dim=1)
-        classes = raw[..., 5:].softmax(dim=-1) if self.class_softmax else raw[..., 5:].sigmoid()
+        if self.wordtree is not None:
+            node, prob = self.wordtree.walk_down(raw[..., 5:], self.wordtree_thresh)
+            classes = torch.zeros_like(raw[..., 5:]).scatter_(-1, node[..., None], prob[..., None].to(raw.dtype))
+        else:
+            classes = raw[..., 5:].softmax(dim=-1) if self.class_softmax else raw[..., 5:].sigmoid()
         return all_boxes, raw[..., 4:5].sigmoid() * classes
 
     def dense_predictions(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Every anchor's box (B, N, 4) xyxy input pixels and class scores (B, N, C) = σ(objectness)·σ(class)
-        (softmax over classes with ``class_softmax``): what post-processing starts from, and what an exported
+        (softmax over classes with ``class_softmax``; with ``wordtree`` the walked-down node's path product, 0 for
+        the other classes): what post-processing starts from, and what an exported
         graph returns (:mod:`detkit.deploy.onnx`)."""
         outputs = self.raw_outputs(stack_images(images))
         return self._dense(outputs, self.decode(outputs))
@@ -237,7 +275,8 @@ class YOLOv3(nn.Module):
 
     @torch.no_grad()
     def postprocess(self, outputs: Sequence[Tensor], boxes: Sequence[Tensor], size: Sequence[int]) -> list[dict]:
-        """Score = σ(objectness)·σ(class) (softmax over classes with ``class_softmax``); threshold, top-k,
+        """Score = σ(objectness)·σ(class) (softmax over classes with ``class_softmax``, one walked-down node per
+        box with ``wordtree``); threshold, top-k,
         class-aware NMS (``self.nms``), clip to the input: :func:`~detkit.postprocess.postprocess_detections`
         with :meth:`postprocess_settings`."""
         all_boxes, scores = self._dense(outputs, boxes)

@@ -1,0 +1,109 @@
+"""A COCO set cut for YOLO9000-style joint training, without copying an image: a detection split, a
+classification split and the val set, three json files over the original image folders.
+
+The categories become the nodes of a class tree: the set's own categories (the leaves), then ``internal_nodes``
+appended with new ids, so their labels come after the leaves' in the given order (the tree's parent indices,
+``data.wordtree.parents``, refer to that label order). A fraction of the training images become classification
+images: their record carries ``image_label`` (one category id) and they have no annotation. The boxes of the
+``classification_only`` classes are removed from the detection split, so those classes are seen in training only
+as image labels; the val set keeps every box. ``configs/data/builtin_wordtree.yaml`` cuts the built-in data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from detkit.data.coco import load_coco_json
+from detkit.data.generated import ensure_complete, write_atomically
+from detkit.errors import ConfigError
+
+DETECTION, CLASSIFICATION, VAL = "detection.json", "classification.json", "val.json"
+
+
+def tree_categories(categories: list[dict], internal_nodes: Sequence[str]) -> list[dict]:
+    """``categories`` followed by one new category per name of ``internal_nodes``, ids above theirs, in order."""
+    top = max((c["id"] for c in categories), default=0)
+    names = {str(c["name"]) for c in categories}
+    clash = [n for n in internal_nodes if n in names]
+    if clash or len(set(internal_nodes)) != len(internal_nodes):
+        raise ConfigError(f"internal_nodes {list(internal_nodes)} repeat a name or reuse a category name {clash}")
+    return [*categories, *({"id": top + 1 + i, "name": n, "supercategory": "wordtree"}
+                           for i, n in enumerate(internal_nodes))]
+
+
+def split_joint(train: dict, internal_nodes: Sequence[str], classification_only: Sequence[str],
+                classification_fraction: float = 0.5, seed: int = 0) -> tuple[dict, dict]:
+    """(detection, classification) COCO dicts from the parsed COCO dict ``train``.
+
+    ``classification_fraction`` of the images, drawn at random (``seed``) among those with objects, become
+    classification images: no annotation, ``image_label`` the category of their largest box of a
+    ``classification_only`` class if they have one, else of their largest box. The others keep their
+    annotations, less those of ``classification_only`` classes. Both have :func:`tree_categories`.
+    """
+    by_name = {str(c["name"]): c["id"] for c in train["categories"]}
+    unknown = [n for n in classification_only if n not in by_name]
+    if unknown:
+        raise ConfigError(f"classification_only names {unknown}, which are not categories (known: {sorted(by_name)})")
+    if not 0.0 < classification_fraction < 1.0:
+        raise ConfigError(f"classification_fraction must be in (0, 1), got {classification_fraction}")
+    held_out = {by_name[n] for n in classification_only}
+    per_image: dict[int, list[dict]] = {}
+    for ann in train["annotations"]:
+        per_image.setdefault(ann["image_id"], []).append(ann)
+    images = sorted(train["images"], key=lambda im: im["id"])
+    with_objects = [im for im in images if per_image.get(im["id"])]
+    order = np.random.default_rng(seed).permutation(len(with_objects))
+    chosen = {with_objects[i]["id"] for i in order[: round(classification_fraction * len(with_objects))]}
+    classification_images = []
+    for im in images:
+        if im["id"] in chosen:
+            anns = per_image[im["id"]]
+            pool = [a for a in anns if a["category_id"] in held_out] or anns
+            label = max(pool, key=lambda a: a["bbox"][2] * a["bbox"][3])["category_id"]
+            classification_images.append({**im, "image_label": label})
+    info = {**train.get("info", {}), "joint_split": {
+        "internal_nodes": list(internal_nodes), "classification_only": list(classification_only),
+        "classification_fraction": classification_fraction, "seed": seed}}
+    categories = tree_categories(train["categories"], internal_nodes)
+    detection = {"info": info, "categories": categories,
+                 "images": [im for im in images if im["id"] not in chosen],
+                 "annotations": [a for a in train["annotations"]
+                                 if a["image_id"] not in chosen and a["category_id"] not in held_out]}
+    classification = {"info": info, "categories": categories, "images": classification_images, "annotations": []}
+    return detection, classification
+
+
+def ensure_joint_split(ann_file: str | Path, val_ann_file: str | Path, out_dir: str | Path,
+                       internal_nodes: Sequence[str], classification_only: Sequence[str],
+                       classification_fraction: float = 0.5, seed: int = 0) -> Path:
+    """Write ``out_dir/detection.json`` and ``out_dir/classification.json`` (:func:`split_joint` of ``ann_file``)
+    and ``out_dir/val.json`` (``val_ann_file`` with :func:`tree_categories`) unless ``out_dir`` already holds
+    them for these files' content and settings. Image paths stay those of the source folders. Returns
+    ``out_dir``."""
+    sources = [Path(ann_file), Path(val_ann_file)]
+    fingerprint = {"source_sha1": [hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else None
+                                   for p in sources],
+                   "internal_nodes": list(internal_nodes), "classification_only": list(classification_only),
+                   "classification_fraction": classification_fraction, "seed": seed}
+
+    def write(folder: Path, pool) -> None:
+        parts = split_joint(load_coco_json(sources[0]), list(internal_nodes), list(classification_only),
+                            classification_fraction, seed)
+        for name, part in zip((DETECTION, CLASSIFICATION), parts):
+            (folder / name).write_text(json.dumps(part))
+        val = load_coco_json(sources[1])
+        (folder / VAL).write_text(json.dumps({**val, "categories": tree_categories(val["categories"],
+                                                                                   list(internal_nodes))}))
+
+    return ensure_complete(out_dir, fingerprint,
+                           lambda: write_atomically(out_dir, write, fingerprint, _nothing, workers=1),
+                           f"cutting {ann_file} into detection and classification splits for joint training")
+
+
+def _nothing() -> None:
+    """The preload of :func:`write_atomically`: splitting needs nothing loaded."""

@@ -1,0 +1,71 @@
+"""YOLO9000's joint training in YOLOLoss: a classification image (``image_label``, no boxes) trains only the class
+outputs (and, if asked, the objectness) of its single best-scoring prediction, with the WordTree loss."""
+
+import pytest
+import torch
+
+from detkit.losses.yolo import YOLOLoss
+from detkit.wordtree import WordTree
+
+PARENTS = [10, 11, 11, 11, 11, 11, 10, 11, 10, 10, -1, -1]
+ANCHORS = torch.tensor([[[16.0, 16.0], [32.0, 32.0]], [[48.0, 48.0], [96.0, 96.0]]])
+STRIDES = [8, 16]
+GT = torch.tensor([[20.0, 36.0, 36.0, 52.0]])  # a 16-px box centred in cell (3, 5) of the stride-8 level
+
+
+def two_levels(seed: int = 0):
+    """Raw outputs (2, 2, H, W, 5 + 12) at 64 px (8×8 and 4×4 cells), leaf tensors that collect gradients, and
+    decoded boxes."""
+    g = torch.Generator().manual_seed(seed)
+    outputs = [torch.randn(2, 2, s, s, 17, generator=g) for s in (8, 4)]
+    boxes = []
+    for out in outputs:
+        xy = torch.rand(*out.shape[:4], 2, generator=g) * 64
+        boxes.append(torch.cat([xy, xy + 4 + torch.rand(*out.shape[:4], 2, generator=g) * 20], dim=-1))
+    return outputs, boxes
+
+
+def loss_fn(**kwargs) -> YOLOLoss:
+    return YOLOLoss(12, "giou", level_weights=[1.0, 1.0], ratio_thresh=1.5, wordtree=WordTree(PARENTS), **kwargs)
+
+
+@pytest.mark.parametrize("objectness", [None, 0.3])
+def test_a_classification_image_trains_only_its_best_prediction_for_its_label(objectness):
+    outputs, boxes = two_levels()
+    # make (level 1, anchor 1, y 2, x 0) of image 1 the one most sure of "9" (loops → 9)
+    outputs[1][1, 1, 2, 0, 5 + 10], outputs[1][1, 1, 2, 0, 5 + 9] = 6.0, 6.0
+    outputs = [o.requires_grad_() for o in outputs]
+    targets = [{"boxes": GT, "labels": torch.tensor([3])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_label": 9}]
+    losses = loss_fn(class_only_objectness=objectness)(outputs, boxes, targets, ANCHORS, STRIDES)
+    sum(losses.values()).backward()
+    grad = [o.grad[1] for o in outputs]  # the classification image's gradients
+    touched = [(lvl, *idx) for lvl, g in enumerate(grad) for idx in g.abs().sum(-1).nonzero().tolist()]
+    assert touched == [(1, 1, 2, 0)]
+    best = grad[1][1, 2, 0]
+    assert best[:4].abs().sum() == 0  # no box outputs
+    assert (best[4] != 0) == (objectness is not None)
+    assert best[5:].abs().sum() > 0
+    assert best[5 + torch.tensor([1, 2, 3, 4, 5, 7])].abs().sum() == 0  # sets off the path of "9" stay untouched
+
+
+def test_the_detection_image_trains_as_without_the_classification_image():
+    outputs, boxes = two_levels(1)
+    detection = {"boxes": GT, "labels": torch.tensor([3])}
+    classification = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_label": 10}
+    joint = loss_fn(class_only_objectness=None)(outputs, boxes, [detection, classification], ANCHORS, STRIDES)
+    alone = loss_fn(class_only_objectness=None)([o[:1] for o in outputs], [b[:1] for b in boxes], [detection],
+                                                ANCHORS, STRIDES)
+    torch.testing.assert_close(joint["loss_box"], alone["loss_box"])
+    torch.testing.assert_close(joint["loss_obj"], alone["loss_obj"])  # the classification image's cells left out
+    assert not torch.allclose(joint["loss_cls"], alone["loss_cls"])
+
+
+def test_a_classification_image_with_boxes_or_a_bad_label_is_an_error():
+    outputs, boxes = two_levels()
+    both = [{"boxes": GT, "labels": torch.tensor([3]), "image_label": 3}, {"boxes": GT, "labels": torch.tensor([3])}]
+    with pytest.raises(ValueError, match="must have no boxes"):
+        loss_fn()(outputs, boxes, both, ANCHORS, STRIDES)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"image_label must be in 0..11"):
+        loss_fn()(outputs, boxes, [empty, {**empty, "image_label": 12}], ANCHORS, STRIDES)
