@@ -13,7 +13,10 @@ torchvision's fasterrcnn_resnet50_fpn and retinanet_resnet50_fpn: training step 
 [--families yolov3_cpu,ssd300,...] [--out outputs/zoo] [--latency-repeats 20] [--no-reference] [overrides ...]``
 (every detector family's CPU config trained by tools/train.py for the same wall-clock budget on the same data, one
 run after another: AP, AP50, APs, params, GFLOPs, train img/s, batch-1 latency, epochs and the command of each
-row, written as zoo.md + zoo.json).
+row, written as zoo.md + zoo.json), ``python tools/benchmark.py parity [--epochs E | --minutes M]
+[--pairs ssdlite,fpn_rcnn,retinanet] [--out outputs/parity] [overrides ...]`` (detkit's SSDLite, FPN R-CNN and
+RetinaNet and torchvision's same detectors trained on the same batches, optimizer, lr schedule and budget, scored
+by the same pycocotools evaluation: AP, AP50 and their ratio, written as parity.md + parity.json).
 
 Prints median milliseconds per call and the ratio to the baseline timed in the same run; on a shared machine
 trust the ratios more than the absolute times.
@@ -30,6 +33,7 @@ import torch
 
 from benchmarks.benchmark import coco_eval_timings, format_table, postprocess_timings, ssd_timings
 from benchmarks.loader_benchmark import format_throughputs, loader_throughputs
+from benchmarks.parity_benchmark import PAIRS, format_parity, run_parity
 from benchmarks.report_benchmark import format_report, run_report
 from benchmarks.twostage_benchmark import twostage_timings
 from benchmarks.yolo_benchmark import format_results, yolo_family
@@ -119,6 +123,14 @@ def zoo(args: argparse.Namespace) -> None:
     print(f"written: {args.out}/zoo.md, {args.out}/zoo.json")
 
 
+def parity(args: argparse.Namespace) -> None:
+    pairs = [name.strip() for name in args.pairs.split(",") if name.strip()]
+    with user_errors():
+        result = run_parity(args.out, pairs, args.overrides, minutes=args.minutes, epochs=args.epochs)
+    print(format_parity(result))
+    print(f"written: {args.out}/parity.md, {args.out}/parity.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sections = parser.add_subparsers(dest="section", required=True)
@@ -183,6 +195,15 @@ def main() -> None:
     zo.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip timing torchvision's SSDLite training step, the machine's reference")
     zo.add_argument("overrides", nargs="*", help="Hydra overrides of every run, e.g. data=coco data.train_json=...")
+    par = sections.add_parser("parity", help="detkit vs torchvision detectors trained on the same batches, "
+                              "optimizer, schedule and budget; AP/AP50 side by side: markdown + JSON")
+    par.set_defaults(run=parity)
+    budget = par.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=None, help="epochs per side (default: trainer.epochs)")
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock training budget per side")
+    par.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated (default: {','.join(PAIRS)})")
+    par.add_argument("--out", default="outputs/parity", help="folder for parity.md and parity.json")
+    par.add_argument("overrides", nargs="*", help="Hydra overrides of both sides, e.g. data=coco data.img_size=320")
     args = parser.parse_args()
     args.run(args)
 

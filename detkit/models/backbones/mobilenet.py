@@ -1,16 +1,16 @@
-"""MobileNetV2 (Sandler et al. 2018) as an SSDLite backbone: torchvision's ``features`` plus depthwise-separable
-extra layers, six maps for a light SSD on CPU.
+"""MobileNetV2 (Sandler et al. 2018) and MobileNetV3-Large (Howard et al. 2019) as SSDLite backbones:
+torchvision's ``features`` plus depthwise-separable extra layers, six maps for a light SSD on CPU.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import mobilenet_v2
+from torchvision.models import mobilenet_v2, mobilenet_v3_large
 
 from detkit.convert.pretrained import load_prefixed
 
-__all__ = ["separable_conv", "MobileNetV2SSD"]
+__all__ = ["separable_conv", "MobileNetV2SSD", "MobileNetV3SSD", "normal_init"]
 
 _STRIDE16 = 13  # last block of torchvision's ``features`` at stride 16 (96 channels at width 1)
 
@@ -75,4 +75,68 @@ class MobileNetV2SSD(nn.Module):
             for extra in self.extras:
                 x = extra(x)
                 maps.append(x)
+        return maps
+
+
+def normal_init(module: nn.Module, std: float) -> None:
+    """Every conv of ``module`` drawn from N(0, std²), its bias 0 (torchvision's SSDLite initialisation)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.normal_(layer.weight, 0.0, std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+class MobileNetV3SSD(nn.Module):
+    """MobileNetV3-Large → six maps, as torchvision's ``ssdlite320_mobilenet_v3_large`` builds its extractor:
+    the output of the expansion 1×1 conv of the last stride-2 block (C4, stride 16: 672 channels at width 1), the
+    end of ``features`` (stride 32: 480 channels with ``reduced_tail``, 960 without), then four
+    depthwise-separable extra layers (strides 64 … 512). At 320 px the maps are 20², 10², 5², 3², 2², 1².
+
+    Args:
+        width: MobileNetV3's width multiplier, also applied to ``extra_channels`` (at least 16, torchvision's
+            ``min_depth``).
+        extra_channels: output channels of the four extra layers at width 1.
+        reduced_tail: halve the channels of the last stage, as torchvision does for a randomly initialised
+            backbone (and for its COCO weights).
+        init_std: every conv of the backbone (unless ``pretrained``) and of the extra layers drawn from
+            N(0, init_std²), biases 0 (torchvision's 0.03); None keeps torchvision's classifier initialisation.
+        pretrained: a local state dict file of ``torchvision.models.mobilenet_v3_large`` with the same ``width``
+            and ``reduced_tail``, or a torchvision weights name; its ``features.*`` entries are read.
+    """
+
+    def __init__(self, width: float = 1.0, extra_channels: tuple[int, ...] = (512, 256, 256, 128),
+                 reduced_tail: bool = True, init_std: float | None = 0.03, pretrained: str | None = None) -> None:
+        super().__init__()
+        self.features = mobilenet_v3_large(weights=None, width_mult=width, reduced_tail=reduced_tail).features
+        # torchvision's C4: the last block that halves the map (its expansion conv runs at stride 16).
+        self.c4 = max(i for i, block in enumerate(self.features) if getattr(block, "_is_cn", False))
+        if self.features[self.c4].use_res_connect:
+            raise ValueError("the C4 block of MobileNetV3 has a residual connection: its expansion cannot be tapped")
+        extras = [max(16, int(c * width)) for c in extra_channels]
+        c4_channels = self.features[self.c4].block[0].out_channels
+        c32 = self.features[-1].out_channels
+        self.extras = nn.ModuleList(_separable_down(c_in, c_out) for c_in, c_out in zip([c32, *extras], extras))
+        self.out_channels = [c4_channels, c32, *extras]
+        if init_std is not None:
+            normal_init(self.extras, init_std)
+            if not pretrained:
+                normal_init(self.features, init_std)
+        if pretrained:
+            load_prefixed(self.features, pretrained)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) normalised images → six maps (B, out_channels[i], H / 16 / 2^i, W / 16 / 2^i), rounded up."""
+        maps = []
+        for i, layer in enumerate(self.features):
+            if i == self.c4:  # no residual here: the block is its expansion followed by the rest
+                x = layer.block[0](x)
+                maps.append(x)
+                x = layer.block[1:](x)
+            else:
+                x = layer(x)
+        maps.append(x)
+        for extra in self.extras:
+            x = extra(x)
+            maps.append(x)
         return maps

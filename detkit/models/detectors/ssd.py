@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from detkit.anchors import SSD300, ssd_default_boxes, ssd_prior_config, ssd_relative_boxes
 from detkit.losses.multibox import multibox_loss, ssd_coder
-from detkit.models.backbones.mobilenet import separable_conv
+from detkit.models.backbones.mobilenet import normal_init, separable_conv
 from detkit.models.detectors.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -104,6 +104,10 @@ class SSD(nn.Module):
         resize_to: (H, W) every image is resized to, bilinearly after normalisation, with detections mapped
             back to its own pixels (and training boxes to the resized image): torchvision's fixed-size transform.
             None: the network sees the images as given.
+        head_init_std: the prediction convs drawn from N(0, std²), biases 0 (torchvision's SSDLite: 0.03);
+            None: PyTorch's default initialisation.
+        batch_norm: ``eps`` and/or ``momentum`` set on every BatchNorm of the model, backbone included
+            (torchvision's SSDLite: eps 0.001, momentum 0.03); None: each keeps its own.
     """
 
     def __init__(self, num_classes: int, backbone: nn.Module, priors: Mapping | None = None,
@@ -112,7 +116,8 @@ class SSD(nn.Module):
                  nms_thresh: float = 0.45, max_det: int = 200, pre_nms_topk: int | None = None,
                  image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
                  extra_logits: int = 0, class_topk: int | None = None,
-                 resize_to: Sequence[int] | None = None) -> None:
+                 resize_to: Sequence[int] | None = None, head_init_std: float | None = None,
+                 batch_norm: Mapping | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.priors_config = {k: plain(v) for k, v in dict(priors or SSD300).items()}
@@ -123,6 +128,14 @@ class SSD(nn.Module):
         self.backbone = backbone
         self.extra_logits = int(extra_logits)
         self.head = SSDHead(backbone.out_channels, num_boxes, num_classes + 1 + self.extra_logits, separable_head)
+        if head_init_std is not None:
+            normal_init(self.head, head_init_std)
+        for module in self.modules() if batch_norm else ():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for key, value in dict(batch_norm).items():
+                    if key not in ("eps", "momentum"):
+                        raise ValueError(f"batch_norm sets eps and momentum, got {key!r}")
+                    setattr(module, key, float(value))
         self.iou_threshold, self.neg_pos_ratio, self.box_weight = iou_threshold, neg_pos_ratio, box_weight
         self.variances = tuple(variances)
         self.coder = ssd_coder(self.variances)
