@@ -65,18 +65,20 @@ def untrained_checkpoint(tmp_path_factory, tiny_builtin) -> Path:
                             "class_names": names, "label_to_category_id": [1, 2, 3]}, path)
 
 
-@pytest.mark.parametrize("kind", ["random", "truncated"])
-def test_unreadable_checkpoint_is_one_line_in_every_tool(kind, untrained_checkpoint, tiny_builtin, tmp_path):
-    bad = tmp_path / f"{kind}.pt"
-    if kind == "random":
-        bad.write_bytes(random.Random(0).randbytes(4096))
-    else:
-        data = untrained_checkpoint.read_bytes()
-        bad.write_bytes(data[: len(data) // 2])
-    results = run_tools(checkpoint_commands(bad, tmp_path / "runs", tiny_builtin), tmp_path / "runs")
+def test_unreadable_checkpoint_is_one_line_in_every_tool(untrained_checkpoint, tiny_builtin, tmp_path):
+    # two kinds of unreadable file, each given to half the tools in turn: every tool and every kind is covered
+    # with one start-up per tool
+    random_file, truncated = tmp_path / "random.pt", tmp_path / "truncated.pt"
+    random_file.write_bytes(random.Random(0).randbytes(4096))
+    data = untrained_checkpoint.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    bad = {name: (random_file, truncated)[i % 2]
+           for i, name in enumerate(checkpoint_commands(random_file, tmp_path, tiny_builtin))}
+    commands = {name: checkpoint_commands(path, tmp_path / "runs", tiny_builtin)[name] for name, path in bad.items()}
+    results = run_tools(commands, tmp_path / "runs")
     for name, result in results.items():
         assert result.returncode == 1, (name, result.stderr[-3000:])
-        assert_one_error_line(result, str(bad), "is not a readable detkit checkpoint")
+        assert_one_error_line(result, str(bad[name]), "is not a readable detkit checkpoint")
 
 
 def test_test_size_not_a_multiple_of_the_stride_is_one_line(untrained_checkpoint, tmp_path):
