@@ -1,9 +1,13 @@
+import os
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The environment of a tool run as a subprocess from the tests: this checkout's detkit first, whatever is installed.
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(CONFIGS.parent),
+                                                                         os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="session")

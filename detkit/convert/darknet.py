@@ -108,6 +108,13 @@ def _conv_bn_units(module: nn.Module, names: dict[nn.Module, str]) -> Iterator[U
             yield Unit(names[sub[0]], sub[0], sub[1])
 
 
+def _head_units(model: nn.Module, level: int, names: dict[nn.Module, str]) -> list[Unit]:
+    """A YOLO head's convolutions in darknet's order: its 3×3 conv with BN, then the linear output conv (the
+    [yolo] or [region] layer's input)."""
+    hidden, output = model.heads[level]
+    return [*_conv_bn_units(hidden, names), Unit(names[output], output, None)]
+
+
 def _yolov3_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
     """yolov3.cfg: Darknet-53, then per level from the deepest: the five-conv set, the 3×3 conv and the linear
     output conv (the [yolo] layer's input), then the 1×1 conv that is upsampled onto the next level.
@@ -129,10 +136,8 @@ def _yolov3_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
     for i, conv_set in enumerate(neck.sets):  # deepest level first
         if i == 0 and model.spp is not None:
             units += list(_conv_bn_units(model.spp, names))
-        head = model.heads[levels - 1 - i]
         units += list(_conv_bn_units(conv_set, names))
-        units += list(_conv_bn_units(head[0], names))
-        units.append(Unit(names[head[1]], head[1], None))
+        units += _head_units(model, levels - 1 - i, names)
         if i < levels - 1:
             units += list(_conv_bn_units(neck.reduce[i], names))
     return units
@@ -171,16 +176,12 @@ def _yolov4_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
                            "spp_pairs 1, lateral convs, top_down_pairs [2, 2, 1], pairs 2, three levels, no "
                            "SAM): model=yolov4 loads darknet's yolov4.weights")
 
-    def head(level: int) -> list[Unit]:
-        conv = model.heads[level][1]
-        return [*_conv_bn_units(model.heads[level][0], names), Unit(names[conv], conv, None)]
-
     units = [*_conv_bn_units(backbone, names), *_conv_bn_units(spp, names), *_conv_bn_units(top_down.sets[0], names)]
     for reduce, lateral, conv_set in zip(top_down.reduce, top_down.laterals, top_down.sets[1:]):
         units += [*_conv_bn_units(reduce, names), *_conv_bn_units(lateral, names), *_conv_bn_units(conv_set, names)]
-    units += head(0)
+    units += _head_units(model, 0, names)
     for level, (down, conv_set) in enumerate(zip(neck.down, neck.sets), start=1):
-        units += [*_conv_bn_units(down, names), *_conv_bn_units(conv_set, names), *head(level)]
+        units += [*_conv_bn_units(down, names), *_conv_bn_units(conv_set, names), *_head_units(model, level, names)]
     return units
 
 
@@ -201,14 +202,11 @@ def _tiny_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
         raise ConvertError("this tiny variant (SPP, SAM or another neck) has no darknet cfg layout: "
                            "model=yolov2_tiny, yolov3_tiny and yolov4_tiny load darknet weights")
 
-    def head(level: int) -> list[Unit]:
-        block = model.heads[level]
-        return [*_conv_bn_units(block[0], names), Unit(names[block[1]], block[1], None)]
-
     units = list(_conv_bn_units(model.backbone, names))
     if isinstance(neck, DeepestMap):
-        return units + head(0)
-    return [*units, *_conv_bn_units(neck.deep, names), *head(-1), *_conv_bn_units(neck.reduce, names), *head(0)]
+        return units + _head_units(model, 0, names)
+    return [*units, *_conv_bn_units(neck.deep, names), *_head_units(model, -1, names),
+            *_conv_bn_units(neck.reduce, names), *_head_units(model, 0, names)]
 
 
 def _yolov2_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
@@ -224,8 +222,7 @@ def _yolov2_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit]:
                            "cfg layout: model=yolov2 loads darknet's yolov2.weights")
     units = list(_conv_bn_units(model.backbone, names))
     units += list(_conv_bn_units(neck.deep, names)) + list(_conv_bn_units(neck.reduce, names))
-    head = model.heads[0]
-    return [*units, *_conv_bn_units(head[0], names), Unit(names[head[1]], head[1], None)]
+    return [*units, *_head_units(model, 0, names)]
 
 
 def layout(model: nn.Module) -> list[Unit | LayerUnit]:

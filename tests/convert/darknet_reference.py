@@ -2,8 +2,7 @@
 YOLOv3 and YOLOv4 at any width/depth and a small interpreter that reads a cfg and a ``.weights`` file its own way
 and runs the network as darknet does (convolutional with BN ε 1e-5 and leaky 0.1 or mish, shortcut, route of one
 or several layers, upsample, maxpool with darknet's padding, reorg, yolo with its ``scale_x_y`` box decoding;
-YOLOv1's local, dropout, connected and detection; YOLOv2's region), with a yolov2.cfg writer
-and :func:`region_decode`.
+YOLOv1's local, dropout, connected and detection; YOLOv2's region), with a yolov2.cfg writer.
 Nothing here imports detkit.
 
 Also cfg writers for yolov3-tiny, yolov4-tiny (route ``groups``/``group_id``) and yolov2-tiny ([region]) at any
@@ -380,28 +379,6 @@ def yolov2_cfg(width: int, num_classes: int, anchors: tuple[float, ...] = YOLOV2
     return "\n\n".join(layers) + "\n"
 
 
-def region_decode(x: torch.Tensor, region: dict, image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Darknet's [region] layer (softmax=1) on its input ``x`` (B, num·(5 + classes), H, W), as
-    get_region_box and get_region_detections read it: a box centre (column + σ(tx)) / W of the image width, its
-    width anchor·e^{tw} / W (anchor in cells), likewise in y; a class's probability σ(objectness)·softmax(classes).
-
-    Returns boxes (B, N, 4) xyxy pixels of an image of size ``image_hw`` and probabilities (B, N, classes), N in
-    the order of darknet's output memory: anchor, row, column."""
-    anchors = torch.tensor([float(v) for v in region["anchors"].split(",")]).view(-1, 2)
-    num, classes = int(region["num"]), int(region["classes"])
-    b, _, h, w = x.shape
-    p = x.view(b, num, 5 + classes, h, w)
-    img_h, img_w = image_hw
-    column, row = torch.arange(w).view(1, 1, 1, w), torch.arange(h).view(1, 1, h, 1)
-    cx = (column + torch.sigmoid(p[:, :, 0])) / w * img_w
-    cy = (row + torch.sigmoid(p[:, :, 1])) / h * img_h
-    bw = torch.exp(p[:, :, 2]) * anchors[:, 0].view(1, num, 1, 1) / w * img_w
-    bh = torch.exp(p[:, :, 3]) * anchors[:, 1].view(1, num, 1, 1) / h * img_h
-    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).reshape(b, -1, 4)
-    probs = torch.sigmoid(p[:, :, 4:5]) * torch.softmax(p[:, :, 5:], dim=2)  # (B, num, classes, H, W)
-    return boxes, probs.permute(0, 1, 3, 4, 2).reshape(b, -1, classes)
-
-
 def parse_cfg(text: str) -> list[dict]:
     sections = []
     for line in text.splitlines():
@@ -528,31 +505,6 @@ class DarknetReference:
                 raise ValueError(f"layer type {kind} is not in this reference")
             outputs.append(x)
         return heads
-
-    def yolo_boxes(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per [yolo] layer, in cfg order, the boxes darknet's yolo layer and get_yolo_box give for the input
-        ``x`` (B, 3, H, W): (B, A, h, w, 4) centre x, y and width, height in input pixels. The layer applies
-        the logistic to t_x, t_y, then s·σ − (s − 1)/2 (s its ``scale_x_y``); get_yolo_box divides
-        (column + that) by the grid width and e^{t_w}·anchor_w by the net width, both relative to the net's
-        size, which are multiplied back here."""
-        heads = self.forward(x)
-        yolos = [section for section in self.sections[1:] if section["type"] == "yolo"]
-        net_h, net_w = x.shape[-2:]
-        boxes = []
-        for head, section in zip(heads, yolos):
-            values = [float(v) for v in section["anchors"].split(",")]
-            mask = [int(v) for v in section["mask"].split(",")]
-            anchor_w = torch.tensor([values[2 * m] for m in mask]).view(1, -1, 1, 1)
-            anchor_h = torch.tensor([values[2 * m + 1] for m in mask]).view(1, -1, 1, 1)
-            s = float(section.get("scale_x_y", 1))
-            b, _, h, w = head.shape
-            t = head.view(b, len(mask), -1, h, w)
-            column, row = torch.arange(w).view(1, 1, 1, w), torch.arange(h).view(1, 1, h, 1)
-            x_rel = (column + torch.sigmoid(t[:, :, 0]) * s - 0.5 * (s - 1)) / w
-            y_rel = (row + torch.sigmoid(t[:, :, 1]) * s - 0.5 * (s - 1)) / h
-            w_rel, h_rel = torch.exp(t[:, :, 2]) * anchor_w / net_w, torch.exp(t[:, :, 3]) * anchor_h / net_h
-            boxes.append(torch.stack([x_rel * net_w, y_rel * net_h, w_rel * net_w, h_rel * net_h], dim=-1))
-        return boxes
 
 
 def darknet_reorg(x: torch.Tensor, stride: int) -> torch.Tensor:

@@ -2,7 +2,6 @@
 errors, and outputs equal to a network run with darknet's layer semantics (tests/convert/darknet_reference.py)."""
 
 import json
-import os
 import re
 import struct
 import subprocess
@@ -27,12 +26,11 @@ from detkit.convert.darknet import (
     read_weights,
     save_weights,
 )
-from tests.conftest import compose_config
+from tests.conftest import CHECKOUT_ENV, compose_config
 from tests.convert.darknet_reference import DarknetReference, darknet_reorg, yolov3_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 # tools/ run as scripts import detkit from the path, not from the installed checkout: this one's
-CHECKOUT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 WIDTH, DEPTHS = 8, [1, 1, 2, 1, 1]
 TINY = [f"model.backbone.width={WIDTH}", f"model.backbone.depths=[{','.join(map(str, DEPTHS))}]"]
 

@@ -26,9 +26,9 @@ from detkit.convert.darknet import (
 from detkit.data.voc import VOC_CLASSES
 from detkit.models.detectors.yolov1 import cells_to_darknet, darknet_to_cells
 from detkit.models.layers import LocallyConnected2d
-from tests.conftest import compose_config
+from tests.conftest import CHECKOUT_ENV, compose_config
 from tests.convert.darknet_reference import DarknetReference, parse_cfg, spatial_sizes, yolov1_cfg
-from tests.convert.test_darknet import CHECKOUT_ENV, write_darknet
+from tests.convert.test_darknet import write_darknet
 
 ROOT = Path(__file__).resolve().parents[2]
 # A small yolov1.cfg: 128 px (a 2×2 map into the local layer), grid 3, 3 boxes, 4 classes.

@@ -10,7 +10,7 @@ from detkit.convert.checkpoint import convert_darknet
 from detkit.convert.darknet import DARKNET_BN_EPS, ConvertError, darknet_parameter_count, layout
 from detkit.models.layers import darknet_reorg
 from tests.conftest import compose_config
-from tests.convert.darknet_reference import DarknetReference, region_decode, yolov2_cfg
+from tests.convert.darknet_reference import DarknetReference, decode_heads, yolov2_cfg
 from tests.convert.darknet_reference import darknet_reorg as reference_reorg
 from tests.convert.test_darknet import random_values, write_darknet
 
@@ -54,7 +54,6 @@ def test_the_converted_yolov2_computes_darknets_region_outputs(tmp_path):
     assert all(m.eps == DARKNET_BN_EPS for m in converted.modules() if isinstance(m, torch.nn.BatchNorm2d))
     cfg = yolov2_cfg(WIDTH, num_classes=80)
     reference = DarknetReference(cfg, path)  # reads every value itself
-    region = next(s for s in reference.sections if s["type"] == "region")
     for size in ((64, 64), (96, 64)):  # (H, W); the non-square one checks the reorg's row/column order
         images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(size[0]))
         with torch.no_grad():
@@ -65,7 +64,8 @@ def test_the_converted_yolov2_computes_darknets_region_outputs(tmp_path):
         assert theirs.shape == (batch, anchors * outputs, h, w) == (2, 425, size[0] // 32, size[1] // 32)
         torch.testing.assert_close(raw.permute(0, 1, 4, 2, 3).reshape(theirs.shape), theirs, atol=1e-4, rtol=1e-4)
         assert raw[..., 2:4].abs().max() < 4  # below detkit's e^t clamp, so darknet's unclamped boxes compare
-        ref_boxes, ref_scores = region_decode(theirs, region, size)
+        ((ref_boxes, ref_scores),) = decode_heads(cfg, [theirs], size)  # (B, A, H, W, ·): darknet's memory order
+        ref_boxes, ref_scores = ref_boxes.reshape(batch, -1, 4), ref_scores.reshape(batch, -1, outputs - 5)
         torch.testing.assert_close(boxes, ref_boxes, atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=1e-4)
         # softmax, not sigmoids: every location's class probabilities sum to its objectness

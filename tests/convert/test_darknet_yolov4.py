@@ -11,7 +11,7 @@ from detkit.app.build import build_model
 from detkit.convert.checkpoint import convert_darknet
 from detkit.convert.darknet import ConvertError, darknet_parameter_count, layout, load_weights
 from tests.conftest import compose_config
-from tests.convert.darknet_reference import DarknetReference, yolov4_cfg
+from tests.convert.darknet_reference import DarknetReference, decode_heads, yolov4_cfg
 from tests.convert.test_darknet import random_values, write_darknet
 from tests.models.roi_common import one_thread  # noqa: F401
 
@@ -58,12 +58,14 @@ def test_decoded_boxes_follow_darknets_scale_x_y_per_level(tmp_path):
     path = write_darknet(tmp_path / "small.weights", random_values(model, seed=5))
     load_weights(model, path)
     model.eval()
-    reference = DarknetReference(yolov4_cfg(WIDTH, DEPTHS, num_classes=3), path)
+    cfg = yolov4_cfg(WIDTH, DEPTHS, num_classes=3)
+    reference = DarknetReference(cfg, path)
     images = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         outputs = model.raw_outputs(images)
         ours = model.decode(outputs)  # xyxy input pixels
-        theirs = reference.yolo_boxes(images)  # centre x, y, w, h input pixels, darknet's way
+        decoded = decode_heads(cfg, reference.forward(images), (64, 96))  # per [yolo] layer, darknet's way
+    theirs = [torch.cat([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], dim=-1) for b, _ in decoded]
     for level, (xyxy, xywh, raw) in enumerate(zip(ours, theirs, outputs)):
         torch.testing.assert_close((xyxy[..., :2] + xyxy[..., 2:]) / 2, xywh[..., :2], atol=1e-4, rtol=1e-5)
         unclamped = raw[..., 2:4] < 4.0  # detkit caps e^t at e^4 against inf boxes from untrained heads

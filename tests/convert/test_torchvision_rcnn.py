@@ -7,7 +7,6 @@ The N/A categories (and RetinaNet's background output) never score above 0.05 in
 training target); here their biases are set low so that they do not either, since a COCO-80 model cannot report
 them. Faster R-CNN's N/A logits still enter the softmax (detkit's ``background_logits``)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from detkit.convert.coco import COCO80_IDS, COCO80_NAMES
 from detkit.convert.darknet import ConvertError
 from detkit.convert.tv_rcnn import convert_torchvision, detector_kind, fasterrcnn_state, resnet_state
 from detkit.models.backbones.resnet import ResNet
+from tests.conftest import CHECKOUT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_COCO80 = [i for i in range(91) if i not in COCO80_IDS]  # background and the 10 N/A ids
@@ -88,7 +88,7 @@ def fasterrcnn(tmp_path_factory):
     out = root / "fasterrcnn_detkit.pt"
     subprocess.run([sys.executable, "tools/convert.py", "source=torchvision", f"weights={root / 'fasterrcnn.pth'}",
                     "model=fpn_rcnn", f"out={out}", "img_size=128"], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})  # this tree's detkit, not another install
+                   env=CHECKOUT_ENV)
     return model, out
 
 

@@ -4,7 +4,6 @@ gives torchvision's own detections, and converted backbone files give torchvisio
 import functools
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from detkit.models.backbones.light import MobileNetV2, MobileNetV3
 from detkit.models.backbones.mobilenet import MobileNetV2SSD
 from detkit.models.backbones.vgg import VGG16SSD, VGG16Conv5
 from detkit.postprocess import best_per_class, postprocess_detections
-from tests.conftest import compose_config
+from tests.conftest import CHECKOUT_ENV, compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
 UNUSED = [i for i in range(1, 91) if i not in COCO80_IDS]
@@ -90,7 +89,7 @@ def converted(tmp_path_factory):
     out = tmp / "ssd300_coco.pt"
     subprocess.run([sys.executable, "tools/convert.py", "source=torchvision", f"weights={tmp / 'ssd300_vgg16.pth'}",
                     "model=ssd300", f"out={out}"], cwd=ROOT, check=True, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=str(ROOT)))  # this checkout's detkit
+                   env=CHECKOUT_ENV)
     return model, out
 
 
