@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from detkit.errors import ConfigError
+
 PAD_VALUE = 114
 
 
@@ -120,9 +122,9 @@ class Letterbox:
                  max_size: int | None = None) -> None:
         fill = PAD_VALUE if fill is None else fill
         if not 0 <= fill <= 255:
-            raise ValueError(f"letterbox fill must be a pixel value in 0..255, got {fill}")
+            raise ConfigError(f"data.pad_value={fill}: the letterbox fill must be a pixel value in 0..255")
         if mode not in RESIZE_MODES:
-            raise ValueError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+            raise ConfigError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
         self.size, self.fill, self.mode, self.max_size = size, float(fill), mode, max_size
 
     def __call__(self, sample, index: int) -> tuple[Tensor, dict]:
@@ -139,7 +141,7 @@ class Letterbox:
             ratio = (new_w / w, new_h / h)
             boxes = sample.boxes * np.array([*ratio, *ratio], dtype=np.float32)
             if getattr(sample, "proposals", None) is not None:
-                raise ValueError(f"data.resize={self.mode} does not map external proposals (data.proposals_file): "
+                raise ConfigError(f"data.resize={self.mode} does not map external proposals (data.proposals_file): "
                                  "use data.resize=letterbox")
             return to_target(image, boxes, sample.labels, sample, ratio, (0, 0))
         ratio, left, top = letterbox_geometry(h, w, self.size)
