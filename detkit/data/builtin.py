@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from detkit.data.generated import ensure_complete, write_atomically, write_coco_split
+from detkit.errors import ConfigError
 
 CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 # Deliberately non-contiguous, like COCO's, so the label <-> category id mapping is exercised by default.
@@ -259,9 +260,12 @@ def place(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, tight: 
     return box
 
 
-def render_image(seed: int, split: int, index: int, min_size: int = 256, max_size: int = 320
+def render_image(seed: int, split: int, index: int, min_size: int = 256, max_size: int = 320,
+                 object_size: tuple[float, float] | None = None, max_objects: int = _MAX_OBJECTS
                  ) -> tuple[bytes, int, int, list[tuple[np.ndarray, int]]]:
-    """Draw image ``index`` of split number ``split`` (0 train, 1 val) for ``seed``.
+    """Draw image ``index`` of split number ``split`` (0 train, 1 val) for ``seed``: 0 (5% of the images) or 1 to
+    ``max_objects`` digits whose heights are log-uniform in ``object_size`` (fractions of the image's shorter
+    side; None: 8 px to a third of it).
 
     Returns (JPEG bytes, width, height, objects) where each object is (float64 (4,) xyxy box in absolute
     pixels, tight around the glyph where its alpha ≥ 0.3; 0-based class index).
@@ -271,8 +275,10 @@ def render_image(seed: int, split: int, index: int, min_size: int = 256, max_siz
     image = np.ascontiguousarray(background(rng, width, height))
     draw_clutter(rng, image, int(rng.integers(0, 7)))
     glyphs, by_class = _digits()
-    count = 0 if rng.random() < _EMPTY_FRACTION else int(rng.integers(1, _MAX_OBJECTS + 1))
-    log_range = (math.log(_MIN_DIGIT_HEIGHT), math.log(min(width, height) / 3))
+    count = 0 if rng.random() < _EMPTY_FRACTION else int(rng.integers(1, max_objects + 1))
+    short = min(width, height)
+    log_range = ((math.log(_MIN_DIGIT_HEIGHT), math.log(short / 3)) if object_size is None else
+                 (math.log(max(object_size[0] * short, 4)), math.log(object_size[1] * short)))
     placed: list[np.ndarray] = []
     objects = []
     for _ in range(count):
@@ -301,7 +307,7 @@ def encode_jpeg(rng: np.random.Generator, image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _render_task(args: tuple[int, int, int, int, int]) -> tuple[bytes, int, int, list]:
+def _render_task(args: tuple) -> tuple[bytes, int, int, list]:
     return render_image(*args)
 
 
@@ -309,9 +315,9 @@ def _preload() -> None:
     _digits(), background_photos()
 
 
-def _write_split(root: Path, split: int, count: int, seed: int, min_size: int, max_size: int, pool) -> None:
+def _write_split(root: Path, split: int, count: int, seed: int, sizes: tuple, pool) -> None:
     name = SPLITS[split]
-    tasks = [(seed, split, i, min_size, max_size) for i in range(count)]
+    tasks = [(seed, split, i, *sizes) for i in range(count)]
     results = pool.imap(_render_task, tasks, chunksize=8) if pool else map(_render_task, tasks)
     categories = [{"id": c, "name": n, "supercategory": "digit"}
                   for c, n in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)]
@@ -320,38 +326,57 @@ def _write_split(root: Path, split: int, count: int, seed: int, min_size: int, m
     write_coco_split(root, name, results, categories, info)
 
 
-def _fingerprint(num_train: int, num_val: int, seed: int, min_size: int, max_size: int) -> dict:
+def _fingerprint(num_train: int, num_val: int, seed: int, min_size: int, max_size: int,
+                 object_size: tuple[float, float] | None, max_objects: int) -> dict:
+    objects = {} if object_size is None and max_objects == _MAX_OBJECTS else \
+        {"object_size": None if object_size is None else [float(v) for v in object_size], "max_objects": max_objects}
     return {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
-            "min_size": min_size, "max_size": max_size}
+            "min_size": min_size, "max_size": max_size, **objects}
+
+
+def _check(min_size: int, max_size: int, num_train: int, num_val: int, object_size, max_objects: int) -> None:
+    """A ConfigError naming the ``data.builtin`` key whose value cannot be generated."""
+    if not 32 <= min_size <= max_size:
+        raise ConfigError(f"data.builtin.min_size={min_size} max_size={max_size}: need 32 <= min_size <= max_size")
+    if num_train < 0 or num_val < 0:
+        raise ConfigError(f"data.builtin.num_train={num_train} num_val={num_val}: image counts must be >= 0")
+    if object_size is not None and (len(object_size) != 2 or not 0 < object_size[0] <= object_size[1] <= 1):
+        raise ConfigError(f"data.builtin.object_size={list(object_size)}: need [min, max], fractions of the shorter "
+                          "image side with 0 < min <= max <= 1 (null: 8 px to a third of it)")
+    if max_objects < 1:
+        raise ConfigError(f"data.builtin.max_objects={max_objects}: need >= 1")
 
 
 def generate_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500, seed: int = 0,
-                     min_size: int = 256, max_size: int = 320, workers: int = 2) -> Path:
+                     min_size: int = 256, max_size: int = 320, workers: int = 2,
+                     object_size: tuple[float, float] | None = None, max_objects: int = _MAX_OBJECTS) -> Path:
     """Write the dataset to ``root``, replacing whatever is there, and return ``root``.
 
-    Images are ``width × height`` with both independently uniform in [min_size, max_size]. Written by
-    :func:`write_atomically`; the bytes depend only on the parameters, not on ``workers``.
+    Images are ``width × height`` with both independently uniform in [min_size, max_size]; ``object_size`` and
+    ``max_objects`` as in :func:`render_image`. Written by :func:`write_atomically`; the bytes depend only on the
+    parameters, not on ``workers``.
     """
-    if not 32 <= min_size <= max_size:
-        raise ValueError(f"need 32 <= min_size <= max_size, got {min_size}, {max_size}")
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"image counts must be >= 0, got {num_train}, {num_val}")
+    _check(min_size, max_size, num_train, num_val, object_size, max_objects)
+    sizes = (min_size, max_size, None if object_size is None else tuple(object_size), max_objects)
 
     def write(folder: Path, pool) -> None:
         for split, count in enumerate((num_train, num_val)):
-            _write_split(folder, split, count, seed, min_size, max_size, pool)
+            _write_split(folder, split, count, seed, sizes, pool)
 
-    return write_atomically(root, write, _fingerprint(num_train, num_val, seed, min_size, max_size), _preload,
+    return write_atomically(root, write, _fingerprint(num_train, num_val, seed, *sizes), _preload,
                             workers if num_train + num_val > 1 else 1)
 
 
 def ensure_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500, seed: int = 0,
-                   min_size: int = 256, max_size: int = 320, workers: int = 2) -> Path:
+                   min_size: int = 256, max_size: int = 320, workers: int = 2,
+                   object_size: tuple[float, float] | None = None, max_objects: int = _MAX_OBJECTS) -> Path:
     """Generate the dataset into ``root`` unless it already holds a complete one with these parameters.
 
     ``workers`` does not change the output, so it is not part of the fingerprint. Returns ``root``.
     """
+    _check(min_size, max_size, num_train, num_val, object_size, max_objects)
+    sizes = (min_size, max_size, None if object_size is None else tuple(object_size), max_objects)
     return ensure_complete(
-        root, _fingerprint(num_train, num_val, seed, min_size, max_size),
-        lambda: generate_builtin(root, num_train, num_val, seed, min_size, max_size, workers),
+        root, _fingerprint(num_train, num_val, seed, *sizes),
+        lambda: generate_builtin(root, num_train, num_val, seed, min_size, max_size, workers, *sizes[2:]),
         f"generating the built-in dataset into {root} ({num_train} train / {num_val} val images, seed {seed})")

@@ -197,3 +197,33 @@ def test_rejects_bad_sizes(tmp_path):
     with pytest.raises(ValueError):
         generate_builtin(tmp_path / "x", num_train=1, num_val=1, min_size=128, max_size=96)
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_object_size_and_count_options(tmp_path):
+    """data.builtin.object_size / max_objects (configs/data/builtin_large.yaml): digit heights within the given
+    fractions of the shorter side (give or take the soft glyph's edge against its tight box), at most
+    max_objects a image, and both in the fingerprint only when set (the default dataset keeps its folder)."""
+    root = generate_builtin(tmp_path / "large", num_train=60, num_val=0, seed=0, min_size=96, max_size=128,
+                            workers=1, object_size=(0.3, 0.6), max_objects=3)
+    coco = _coco(root, "train")
+    sides = {im["id"]: min(im["width"], im["height"]) for im in coco["images"]}
+    heights = np.array([a["bbox"][3] / sides[a["image_id"]] for a in coco["annotations"]])
+    assert heights.max() <= 0.6 * 1.2 and np.median(heights) >= 0.3 * 0.8 and heights.min() >= 0.15
+    counts = np.array([len(b) for b in _boxes_by_image(coco).values()])
+    assert counts.max() <= 3 and counts.mean() >= 1.0
+    fingerprint = json.loads((root / ".complete").read_text())
+    assert fingerprint["object_size"] == [0.3, 0.6] and fingerprint["max_objects"] == 3
+    default = tmp_path / "default"
+    ensure_builtin(default, seed=0, workers=1, **TINY)
+    assert "object_size" not in json.loads((default / ".complete").read_text())
+
+
+@pytest.mark.parametrize("bad, key", [({"object_size": (0.5, 0.2)}, "object_size"),
+                                      ({"object_size": (0.0, 0.5)}, "object_size"),
+                                      ({"max_objects": 0}, "max_objects")])
+def test_rejects_bad_object_options(tmp_path, bad, key):
+    from detkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"data.builtin.{key}"):
+        ensure_builtin(tmp_path / "x", seed=0, workers=1, **TINY, **bad)
+    assert not os.path.exists(tmp_path / "x")
