@@ -4,6 +4,7 @@ same image files; the loader carries image_label to the targets."""
 
 import json
 
+import numpy as np
 import pytest
 
 from detkit.app.build import build_data_loader, build_dataset, prepare_data, raw_dataset
@@ -24,7 +25,7 @@ def joint_cfg(tiny_overrides, tmp_path_factory):
 def test_the_split_holds_the_tree_classes_and_keeps_held_out_boxes_out_of_detection(joint_cfg):
     out = joint_cfg.data.generate.out_dir
     detection = CocoDetection(f"{out}/detection.json", joint_cfg.data.train.image_dir)
-    classification = CocoDetection(f"{out}/classification.json", joint_cfg.data.train.image_dir)
+    classification = CocoDetection(f"{out}/classification.json", f"{out}/images")
     val = CocoDetection(f"{out}/val.json", joint_cfg.data.val.image_dir)
     names = [*map(str, range(10)), "loops", "no_loops"]
     assert detection.class_names == classification.class_names == val.class_names == names
@@ -46,6 +47,30 @@ def test_the_split_holds_the_tree_classes_and_keeps_held_out_boxes_out_of_detect
         present = {classification.category_id_to_label[c] for c in digits[image_id]}
         assert labels[i] in present
         assert (labels[i] in held_out) == bool(present & held_out)
+
+
+def test_classification_images_are_crops_centred_on_their_labelled_digit(joint_cfg):
+    """With crop_context (2 in builtin_wordtree) a classification image is the square around its labelled box,
+    twice its longer side (at least 32 px), clipped to the image: pixel for pixel the source's."""
+    from PIL import Image
+
+    out, context = joint_cfg.data.generate.out_dir, joint_cfg.data.generate.crop_context
+    records = json.loads(open(f"{out}/classification.json").read())["images"]
+    raw = json.loads(open(joint_cfg.data.generate.ann_file).read())
+    source = {im["id"]: im for im in raw["images"]}
+    assert records
+    for rec in records:
+        x, y, w, h = rec["label_bbox"]
+        crop = np.asarray(Image.open(f"{out}/images/{rec['file_name']}").convert("RGB"), dtype=np.float32)
+        assert crop.shape[:2] == (rec["height"], rec["width"])
+        side = max(context * max(w, h), 32.0)
+        full = source[rec["id"]]
+        assert rec["width"] <= int(np.ceil(side)) + 1 and rec["height"] <= int(np.ceil(side)) + 1
+        assert rec["width"] >= min(w, full["width"] - 1) and rec["height"] >= min(h, full["height"] - 1)
+        x0, y0 = max(int(x + w / 2 - side / 2), 0), max(int(y + h / 2 - side / 2), 0)
+        original = Image.open(f"{joint_cfg.data.train.image_dir}/{full['file_name']}").convert("RGB")
+        expected = np.asarray(original.crop((x0, y0, x0 + rec["width"], y0 + rec["height"])), dtype=np.float32)
+        assert np.abs(crop - expected).mean() < 4.0  # the same pixels, through one more JPEG encoding
 
 
 def test_the_loader_carries_image_label_and_joint_data_needs_mosaic_off(joint_cfg):
@@ -71,10 +96,10 @@ def test_a_classification_label_outside_the_tree_is_a_clear_error(joint_cfg, tmp
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"bad.json: image id \d+ .* image_label 99, which is not a category id"):
-        CocoDetection(bad, joint_cfg.data.train.image_dir)
+        CocoDetection(bad, f"{out}/images")
     data["images"][0].pop("image_label")
     bad.write_text(json.dumps(data))
     cfg = joint_cfg.copy()
-    cfg.data.classification_train = [{"json": str(bad), "images": str(joint_cfg.data.train.image_dir)}]
+    cfg.data.classification_train = [{"json": str(bad), "images": f"{out}/images"}]
     with pytest.raises(ConfigError, match=r"data.classification_train\[0\]: .*bad.json has 1 images without an "):
         raw_dataset(cfg.data, "train")

@@ -48,9 +48,10 @@ def test_wordtree_config_errors():
         tiny_yolov2(wordtree={"parents": [1, 0, *PARENTS[2:]]})
 
 
-def test_a_joint_training_epoch_runs_through_the_trainer(tiny_overrides, tmp_path):
-    cfg = compose_config("train", [*tiny_overrides, "data=builtin_wordtree", "model=yolov2_wordtree_cpu",
-                                   "model.backbone.depths=[1,1,1,1,1,1]", "trainer.epochs=1",
+@pytest.mark.parametrize("model", [["model=yolov2_wordtree_cpu", "model.backbone.depths=[1,1,1,1,1,1]"],
+                                   ["model=yolov3_compact_wordtree", "model.backbone.depths=[1,1,1,1]"]])
+def test_a_joint_training_epoch_runs_through_the_trainer(tiny_overrides, tmp_path, model):
+    cfg = compose_config("train", [*tiny_overrides, "data=builtin_wordtree", *model, "trainer.epochs=1",
                                    f"data.generate.out_dir={tmp_path / 'joint'}"])
     metrics = train(cfg, tmp_path / "run")
     assert metrics  # evaluated on val's 12 tree classes
