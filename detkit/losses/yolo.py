@@ -64,14 +64,15 @@ class YOLOLoss(nn.Module):
     ``focal`` then applies to objectness only). With ``wordtree`` (YOLO9000) it is the tree cross-entropy
     (:meth:`detkit.wordtree.WordTree.loss`: one softmax cross-entropy per sibling set on the label's path).
 
-    Joint training (YOLO9000): a target with ``image_label`` (a class index) and no boxes is a classification
-    image. It adds no box term and, but for one prediction, no objectness term (its unlabelled objects must not
-    be pushed to background). Its class loss is taken at the single prediction, over every anchor, cell and
-    level of the image, whose class probability for ``image_label`` is highest (the path product with
-    ``wordtree``, the softmax or sigmoid probability otherwise; objectness is not part of the choice), and
-    counts as one more positive. ``class_only_objectness`` is that prediction's objectness target (YOLO9000
-    assumes the predicted box overlaps the unknown ground truth by IoU ≥ 0.3: 0.3 here), one more prediction in
-    its level's objectness mean; None leaves objectness out for classification images.
+    Joint training (YOLO9000), as darknet's region layer does it: a target with ``image_label`` (a class index)
+    and no boxes is a classification image. It adds no box term. Its class loss is taken at the single
+    prediction, over every anchor, cell and level of the image, with the highest objectness × class probability
+    for ``image_label`` (the path product with ``wordtree``, the softmax or sigmoid probability otherwise), and
+    counts as one more positive. With ``class_only_objectness`` (YOLO9000 assumes the chosen box overlaps the
+    unknown ground truth by IoU ≥ 0.3: 0.3 here) every other prediction of the image has objectness target 0 and
+    the chosen one is raised towards the value while below it (a hinge: no term above it); None leaves
+    objectness out for classification images. Without objectness in the choice and the other predictions held
+    at 0, a prediction once chosen is chosen again whatever the image holds (measured: the detector collapses).
     """
 
     def __init__(
@@ -146,13 +147,16 @@ class YOLOLoss(nn.Module):
             weight = None
             if class_only:
                 weight = torch.ones_like(obj_target)
-                weight[class_only] = 0.0
+                if self.class_only_objectness is None:
+                    weight[class_only] = 0.0  # no objectness term for classification images
                 b_c, a_c, y_c, x_c, label_c = chosen[level]
                 if len(b_c):
                     loss_cls = loss_cls + self._class_loss(out[b_c, a_c, y_c, x_c, 5:], label_c)
                     num_class_only += len(b_c)
                     if self.class_only_objectness is not None:
-                        weight[b_c, a_c, y_c, x_c] = 1.0
+                        # darknet's hinge: raised while below the assumed IoU, left alone above it
+                        low = out[b_c, a_c, y_c, x_c, 4].detach().sigmoid() < self.class_only_objectness
+                        weight[b_c, a_c, y_c, x_c] = low.to(weight.dtype)
                         obj_target[b_c, a_c, y_c, x_c] = self.class_only_objectness
             if len(gt_idx):
                 pred = pred_boxes[b, anchor_idx, gy, gx]
@@ -196,7 +200,8 @@ class YOLOLoss(nn.Module):
                                ) -> list[tuple[Tensor, ...]]:
         """Per level, (batch, anchor, y, x, label) index tensors of the predictions chosen for the classification
         images ``class_only`` (indices into ``targets``): each image's single prediction, over all levels, with
-        the highest class log-probability (:meth:`class_log_prob`) for its ``image_label``."""
+        the highest objectness × class probability (:meth:`class_log_prob`) for its ``image_label``, as darknet's
+        region layer chooses."""
         device = outputs[0].device
         empty = torch.zeros(0, dtype=torch.long, device=device)
         if not class_only:
@@ -207,9 +212,10 @@ class YOLOLoss(nn.Module):
             raise ValueError(f"image_label must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
         best = []
         for out in outputs:
-            logp = self.class_log_prob(out[images, ..., 5:])  # (K, A, H, W, C)
+            logp = self.class_log_prob(out[images, ..., 5:].detach())  # (K, A, H, W, C)
             index = labels.view(-1, 1, 1, 1, 1).expand(*logp.shape[:-1], 1)
-            best.append(logp.gather(-1, index).flatten(1).max(dim=1))
+            score = logp.gather(-1, index).squeeze(-1) + F.logsigmoid(out[images, ..., 4].detach())
+            best.append(score.flatten(1).max(dim=1))
         level = torch.stack([v for v, _ in best]).argmax(dim=0)
         chosen = []
         for lvl, out in enumerate(outputs):

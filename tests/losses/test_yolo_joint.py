@@ -1,5 +1,6 @@
-"""YOLO9000's joint training in YOLOLoss: a classification image (``image_label``, no boxes) trains only the class
-outputs (and, if asked, the objectness) of its single best-scoring prediction, with the WordTree loss."""
+"""YOLO9000's joint training in YOLOLoss: a classification image (``image_label``, no boxes) trains the class
+outputs of its single best-scoring prediction (objectness × path product) with the WordTree loss and, if asked,
+the objectness of its predictions as darknet's region layer does."""
 
 import pytest
 import torch
@@ -32,21 +33,43 @@ def loss_fn(**kwargs) -> YOLOLoss:
 @pytest.mark.parametrize("objectness", [None, 0.3])
 def test_a_classification_image_trains_only_its_best_prediction_for_its_label(objectness):
     outputs, boxes = two_levels()
-    # make (level 1, anchor 1, y 2, x 0) of image 1 the one most sure of "9" (loops → 9)
-    outputs[1][1, 1, 2, 0, 5 + 10], outputs[1][1, 1, 2, 0, 5 + 9] = 6.0, 6.0
+    # make (level 1, anchor 1, y 2, x 0) of image 1 the one most sure of "9" (loops → 9), objectness σ(3)
+    outputs[1][1, 1, 2, 0, 5 + 10], outputs[1][1, 1, 2, 0, 5 + 9], outputs[1][1, 1, 2, 0, 4] = 6.0, 6.0, 3.0
     outputs = [o.requires_grad_() for o in outputs]
     targets = [{"boxes": GT, "labels": torch.tensor([3])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_label": 9}]
     losses = loss_fn(class_only_objectness=objectness)(outputs, boxes, targets, ANCHORS, STRIDES)
     sum(losses.values()).backward()
     grad = [o.grad[1] for o in outputs]  # the classification image's gradients
-    touched = [(lvl, *idx) for lvl, g in enumerate(grad) for idx in g.abs().sum(-1).nonzero().tolist()]
-    assert touched == [(1, 1, 2, 0)]
+    touched = [(lvl, *idx) for lvl, g in enumerate(grad) for idx in g[..., 5:].abs().sum(-1).nonzero().tolist()]
+    assert touched == [(1, 1, 2, 0)]  # class outputs: the chosen prediction only
+    assert all(g[..., :4].abs().sum() == 0 for g in grad)  # no box outputs
     best = grad[1][1, 2, 0]
-    assert best[:4].abs().sum() == 0  # no box outputs
-    assert (best[4] != 0) == (objectness is not None)
+    assert best[4] == 0  # objectness 0.95 is above 0.3: darknet's hinge leaves it
+    others = torch.cat([g[..., 4].flatten() for g in grad])
+    if objectness is None:
+        assert others.abs().sum() == 0
+    else:  # every other prediction of the image is pushed towards objectness 0
+        assert (others > 0).sum() == others.numel() - 1
     assert best[5:].abs().sum() > 0
     assert best[5 + torch.tensor([1, 2, 3, 4, 5, 7])].abs().sum() == 0  # sets off the path of "9" stay untouched
+
+
+def test_the_choice_weighs_objectness_and_a_low_objectness_is_raised_to_the_assumed_iou():
+    """darknet's region layer: the prediction with the highest objectness × path product is chosen, and its
+    objectness is raised towards 0.3 while below it."""
+    outputs, boxes = two_levels()
+    for o in outputs:
+        o[1, ..., 5 + 10], o[1, ..., 5 + 9] = -6.0, -6.0  # nothing sure of "9" ...
+    outputs[0][1, 0, 1, 1, 5 + 10], outputs[0][1, 0, 1, 1, 5 + 9], outputs[0][1, 0, 1, 1, 4] = 6.0, 6.0, -8.0
+    outputs[1][1, 1, 3, 3, 5 + 10], outputs[1][1, 1, 3, 3, 5 + 9], outputs[1][1, 1, 3, 3, 4] = 5.0, 5.0, -1.5
+    outputs = [o.requires_grad_() for o in outputs]  # ... but two: the surer one has objectness σ(-8)
+    targets = [{"boxes": GT, "labels": torch.tensor([3])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_label": 9}]
+    sum(loss_fn(class_only_objectness=0.3)(outputs, boxes, targets, ANCHORS, STRIDES).values()).backward()
+    assert outputs[0].grad[1, 0, 1, 1, 5:].abs().sum() == 0
+    assert outputs[1].grad[1, 1, 3, 3, 5:].abs().sum() > 0  # σ(-1.5) × p beats σ(-8) × p'
+    assert outputs[1].grad[1, 1, 3, 3, 4] < 0  # σ(-1.5) = 0.18 < 0.3: raised
 
 
 def test_the_detection_image_trains_as_without_the_classification_image():
