@@ -334,8 +334,10 @@ def _fingerprint(num_train: int, num_val: int, seed: int, min_size: int, max_siz
             "min_size": min_size, "max_size": max_size, **objects}
 
 
-def _check(min_size: int, max_size: int, num_train: int, num_val: int, object_size, max_objects: int) -> None:
-    """A ConfigError naming the ``data.builtin`` key whose value cannot be generated."""
+def _options(min_size: int, max_size: int, num_train: int, num_val: int, object_size, max_objects: int) -> tuple:
+    """The (min_size, max_size, object_size, max_objects) that :func:`render_image` takes after the images'
+    arguments, ``object_size`` a tuple; a ConfigError naming the ``data.builtin`` key whose value cannot be
+    generated."""
     if not 32 <= min_size <= max_size:
         raise ConfigError(f"data.builtin.min_size={min_size} max_size={max_size}: need 32 <= min_size <= max_size")
     if num_train < 0 or num_val < 0:
@@ -345,6 +347,7 @@ def _check(min_size: int, max_size: int, num_train: int, num_val: int, object_si
                           "image side with 0 < min <= max <= 1 (null: 8 px to a third of it)")
     if max_objects < 1:
         raise ConfigError(f"data.builtin.max_objects={max_objects}: need >= 1")
+    return min_size, max_size, None if object_size is None else tuple(object_size), max_objects
 
 
 def generate_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500, seed: int = 0,
@@ -356,8 +359,7 @@ def generate_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500
     ``max_objects`` as in :func:`render_image`. Written by :func:`write_atomically`; the bytes depend only on the
     parameters, not on ``workers``.
     """
-    _check(min_size, max_size, num_train, num_val, object_size, max_objects)
-    sizes = (min_size, max_size, None if object_size is None else tuple(object_size), max_objects)
+    sizes = _options(min_size, max_size, num_train, num_val, object_size, max_objects)
 
     def write(folder: Path, pool) -> None:
         for split, count in enumerate((num_train, num_val)):
@@ -374,8 +376,7 @@ def ensure_builtin(root: str | Path, num_train: int = 4000, num_val: int = 500, 
 
     ``workers`` does not change the output, so it is not part of the fingerprint. Returns ``root``.
     """
-    _check(min_size, max_size, num_train, num_val, object_size, max_objects)
-    sizes = (min_size, max_size, None if object_size is None else tuple(object_size), max_objects)
+    sizes = _options(min_size, max_size, num_train, num_val, object_size, max_objects)
     return ensure_complete(
         root, _fingerprint(num_train, num_val, seed, *sizes),
         lambda: generate_builtin(root, num_train, num_val, seed, min_size, max_size, workers, *sizes[2:]),

@@ -1,5 +1,5 @@
-"""A COCO set cut for YOLO9000-style joint training, without copying an image: a detection split, a
-classification split and the val set, three json files over the original image folders.
+"""A COCO set cut for YOLO9000-style joint training: a detection split, a classification split and the val set,
+three json files over the original image folders (the classification images optionally as crops, below).
 
 The categories become the nodes of a class tree: the set's own categories (the leaves), then ``internal_nodes``
 appended with new ids, so their labels come after the leaves' in the given order (the tree's parent indices,
@@ -10,9 +10,8 @@ as image labels; the val set keeps every box. ``configs/data/builtin_wordtree.ya
 
 With ``crop_context`` a classification image is not the whole training image but a square crop around its
 labelled box (side ``crop_context`` times the box's longer side, clipped to the image), written into
-``out_dir/images``: an object-centred picture with one label, as ImageNet's are for YOLO9000. A whole image of the
-built-in set holds 1–8 digits under one label, so the prediction that scores the label highest is often on
-another digit, and the class loss there teaches the wrong class.
+``out_dir/images``: an object-centred picture with one label, as ImageNet's are for YOLO9000 (a whole image of
+the built-in set holds 1–8 digits under one label). Without it no image is copied.
 """
 
 from __future__ import annotations
