@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
+from detkit.app.recipe import detector_config
 from detkit.data.augment import build_train_transform
 from detkit.data.loader import build_loader
 from detkit.data.mosaic import Mosaic
@@ -100,9 +101,9 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
         raise ConfigError(_UNSIZED)
     transforms = build_train_transform(data_cfg.augment, size, seed) if train else eval_letterbox(data_cfg)
     use_mosaic = train and data_cfg.mosaic.prob > 0
-    if train and data_cfg.get("classification_train") and (use_mosaic or data_cfg.get("proposals_file")):
-        raise ConfigError("data.classification_train needs data.mosaic.prob=0 and no data.proposals_file: a "
-                          "classification image's label belongs to the whole image")
+    if train and data_cfg.get("classification_train") and data_cfg.get("proposals_file"):
+        raise ConfigError("data.classification_train cannot be combined with data.proposals_file: a "
+                          "classification image has no proposals")
     dataset = raw_dataset(data_cfg, split, transforms=None if use_mosaic else transforms)
     if data_cfg.get("proposals_file"):
         if train and data_cfg.get("extra_train"):  # proposals are found by image id, which parts may share
@@ -138,11 +139,10 @@ def build_model(model_cfg: DictConfig, num_classes: int, channel_spec: Mapping |
     """The detector ``model_cfg`` names; ``channel_spec`` (a pruned model's per-layer channel counts, stored in
     its config by ``tools/slim.py``) rebuilds the slim architecture, so pruned checkpoints load with
     ``weights_only=True`` like any other. ``model.bn_eps`` (optional) sets every BatchNorm's ε after building:
-    converted weights keep the ε they were trained with (darknet 1e-5, torchvision's frozen BN 0)."""
+    converted weights keep the ε they were trained with (darknet 1e-5, torchvision's frozen BN 0); ``model.recipe``
+    (:mod:`detkit.app.recipe`) is the training's, not the detector's."""
     bn_eps = model_cfg.get("bn_eps")
-    if "bn_eps" in model_cfg:
-        model_cfg = OmegaConf.masked_copy(model_cfg, [key for key in model_cfg if key != "bn_eps"])
-    model = instantiate(model_cfg, num_classes=num_classes)
+    model = instantiate(detector_config(model_cfg), num_classes=num_classes)
     if bn_eps is not None:
         from detkit.models.layers import set_bn_eps
 

@@ -29,6 +29,7 @@ from detkit.app.build import (
 from detkit.app.errors import check_input_size
 from detkit.app.evaluate import make_evaluator
 from detkit.app.pretrain import load_backbone_weights
+from detkit.app.recipe import apply_recipe
 from detkit.compression.sparsity import sparsity_hook
 from detkit.data.mosaic import Mosaic
 from detkit.engine import distributed
@@ -131,6 +132,8 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: Iterable[Hook] = ()
         # Deterministic kernels only (an op without one raises, naming itself); cuBLAS needs this workspace.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    # the model's own optimizer and schedule values (model.recipe), unless the run names them
+    apply_recipe(cfg, print if world.is_main else lambda text: None)
     # sizes the datasets are built at and priors the model is built with, chosen from the data (cfg.auto)
     apply_auto(cfg, lambda: raw_dataset(cfg.data, "train"), print if world.is_main else lambda text: None)
     seed_everything(cfg.seed)

@@ -58,7 +58,9 @@ def lowrank_detector(model: DictConfig, ranks: list, num_classes: int, channel_s
     """Hydra target of a factorised model's config: the detector ``model`` (its own config, not instantiated
     yet: ``_recursive_: false``), slimmed by ``channel_spec`` if any, with the layers of ``ranks``
     (``[[layer name, ranks], ...]`` from :func:`~detkit.compression.lowrank.lowrank_spec`) factorised."""
-    detector = instantiate(model, num_classes=num_classes)
+    from detkit.app.recipe import detector_config
+
+    detector = instantiate(detector_config(model), num_classes=num_classes)
     if channel_spec:
         from detkit.compression.channels import apply_channel_spec
 

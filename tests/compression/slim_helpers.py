@@ -1,8 +1,8 @@
 """Shared by the Network Slimming tests (not a conftest, so that it leaves the distillation tests alone)."""
 
 import torch
-from hydra.utils import instantiate
 
+from detkit.app.build import build_model
 from tests.conftest import compose_config
 
 
@@ -11,7 +11,7 @@ def build_detector(name: str, *overrides: str, num_classes: int = 3, seed: int =
     (γ in 0.5–1.5, β, running mean and variance), so that pruning has something to get wrong."""
     cfg = compose_config("train", [f"model={name}", *overrides])
     torch.manual_seed(seed)
-    model = instantiate(cfg.model, num_classes=num_classes)
+    model = build_model(cfg.model, num_classes=num_classes)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

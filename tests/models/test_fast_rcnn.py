@@ -4,9 +4,8 @@ overfitting a 2-image batch."""
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from detkit.app.build import build_dataset
+from detkit.app.build import build_dataset, build_model
 from detkit.data.loader import build_loader
 from detkit.data.proposals import save_proposals
 from detkit.evaluation.coco import predict
@@ -109,7 +108,7 @@ def test_a_proposals_file_reaches_the_model_through_the_dataset(tmp_path):
 
 
 def test_tiny_config_overfits_two_images(toy_batch, precise_batchnorm):
-    model = instantiate(compose_config("train", ["model=fast_rcnn_cpu"]).model, num_classes=3)
+    model = build_model(compose_config("train", ["model=fast_rcnn_cpu"]).model, num_classes=3)
     overfit(model, *toy_batch, steps=80, lr=0.003, shrink=0.3)
     precise_batchnorm(model, *toy_batch)
     assert_finds_the_boxes(model, *toy_batch)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torchvision
-from hydra.utils import instantiate
 
 from detkit.anchors import SSD300, ssd_default_boxes, ssd_prior_config
+from detkit.app.build import build_model
 from detkit.models.backbones.mobilenet import MobileNetV2SSD
 from detkit.models.backbones.vgg import VGG16SSD, L2Norm
 from detkit.models.detectors.ssd import SSD, boxes_per_cell
@@ -114,7 +114,7 @@ def test_ssdlite_forward_backward():
 def test_configs_build():
     for name, size in (("ssd300", 300), ("ssdlite", 320)):
         cfg = compose_config("train", [f"model={name}", f"data.img_size={size}", "model.backbone.width=0.125"])
-        model = instantiate(cfg.model, num_classes=5).eval()
+        model = build_model(cfg.model, num_classes=5).eval()
         with torch.no_grad():
             logits, _, priors = model.raw_outputs(torch.rand(1, 3, size, size))
         assert logits.shape[-1] == 6
