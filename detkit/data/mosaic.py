@@ -8,6 +8,10 @@ lands on the canvas, and dropped when less than ``min_visible`` of their area or
 left. The crop maps canvas point p to ``k·(p - (xc, yc)) + (u, v)`` with zoom k ~ U(scale) and (u, v) ~ U(s/4,
 3s/4)², so the tiles' meeting point stays inside the output. Every random choice comes from
 ``default_rng([seed, epoch, index, 1])`` (the 1 keeps it apart from the transform's own stream).
+
+A classification image (YOLO9000's joint training: a sample with ``image_label`` and no boxes) is never tiled:
+its label belongs to the whole picture. It passes through with the plain transform, and the three other tiles
+of a mosaic, like MixUp's second mosaic, are drawn among the detection images only.
 """
 
 from __future__ import annotations
@@ -91,6 +95,12 @@ class Mosaic(DatasetWrapper):
         self.epochs, self.close_last = epochs, close_last
         self.min_visible, self.min_size = min_visible, min_size
         self.size = size
+        label = getattr(dataset, "image_label", None)
+        classification = [] if label is None else [i for i in range(len(dataset)) if label(i) is not None]
+        self.classification = frozenset(classification)
+        # the tiles' pool: every image, or the detection images when some are classification images
+        self.tiles = (np.setdiff1d(np.arange(len(dataset)), classification) if classification
+                      else np.arange(len(dataset)))
 
     @property
     def size(self) -> int:
@@ -112,12 +122,13 @@ class Mosaic(DatasetWrapper):
     @property
     def active(self) -> bool:
         """Whether this epoch may use mosaics (False in the last ``close_last`` epochs)."""
-        return self.prob > 0 and not (self.close_last and self.epoch >= self.epochs - self.close_last)
+        return (self.prob > 0 and len(self.tiles) > 0
+                and not (self.close_last and self.epoch >= self.epochs - self.close_last))
 
     def mosaic(self, index: int, rng: np.random.Generator) -> Sample:
         """Sample ``index`` tiled with three random others, zoomed and shifted back to size×size."""
         s = self.size
-        indices = [index, *rng.integers(0, len(self.dataset), 3).tolist()]
+        indices = [index, *self.tiles[rng.integers(0, len(self.tiles), 3)].tolist()]
         samples = [self.dataset.get_sample(i) for i in indices]
         centre = (int(rng.uniform(s / 2, 3 * s / 2)), int(rng.uniform(s / 2, 3 * s / 2)))
         canvas, boxes, labels = mosaic_canvas(samples, centre, s, self.min_visible, self.min_size)
@@ -132,10 +143,10 @@ class Mosaic(DatasetWrapper):
 
     def __getitem__(self, index: int) -> Any:
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-        if self.active and rng.random() < self.prob:
+        if self.active and rng.random() < self.prob and index not in self.classification:
             sample = self.mosaic(index, rng)
             if rng.random() < self.mixup:
-                other = self.mosaic(int(rng.integers(len(self.dataset))), rng)
+                other = self.mosaic(int(self.tiles[rng.integers(len(self.tiles))]), rng)
                 weight = rng.beta(32.0, 32.0)
                 image = sample.image * weight + other.image * (1 - weight)
                 sample = Sample(image.round().astype(np.uint8), np.concatenate([sample.boxes, other.boxes]),

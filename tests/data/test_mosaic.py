@@ -107,3 +107,49 @@ def test_transforms_and_size_are_forwarded():
     mosaic.set_epoch(2)
     assert (inner.size, plain.size, inner.epoch, plain.epoch) == (32, 32, 2, 2)
     assert mosaic[1] == ((32, 32, 3), 1)
+
+
+class WithClassification(Painted):
+    """Painted samples of which the odd indices are classification images (an image_label, no boxes)."""
+
+    def __init__(self, n: int = 12) -> None:
+        super().__init__(n)
+        for i in range(1, n, 2):
+            s = self.samples[i]
+            self.samples[i] = Sample(s.image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), s.image_id,
+                                     s.orig_size, image_label=i % 4)
+
+    def image_label(self, index: int) -> int | None:
+        return self.samples[index].image_label
+
+
+def test_classification_images_pass_through_and_are_never_tiled():
+    """YOLO9000's joint data: a classification image's label belongs to the whole picture, so it is never a
+    mosaic nor a tile of one; the detection images are tiled as usual."""
+    data = WithClassification(12)
+    drawn = []
+
+    class Recording(WithClassification):
+        def get_sample(self, index):
+            drawn.append(index)
+            return super().get_sample(index)
+
+    recording = Recording(12)
+    mosaic = Mosaic(recording, None, S, seed=3, prob=1.0, mixup=1.0)
+    for epoch in range(3):
+        mosaic.set_epoch(epoch)
+        for index in range(12):
+            drawn.clear()
+            sample = mosaic[index]
+            if index % 2:
+                assert sample is recording.samples[index] and drawn == [index]
+            else:
+                assert sample.image.shape == (S, S, 3) and len(drawn) == 8  # two mosaics of four (MixUp)
+                assert all(i % 2 == 0 for i in drawn)
+    # every image a classification image: nothing to tile, every sample passes through
+    only = WithClassification(2)
+    only.samples = [only.samples[1]] * 2
+    assert not Mosaic(only, None, S, prob=1.0).active
+    # without classification images the draws are those of before (a run's mosaics do not change)
+    assert (Mosaic(Painted(), None, S, seed=2, prob=1.0).tiles == np.arange(6)).all()
+    assert len(Mosaic(data, None, S, prob=1.0).tiles) == 6

@@ -47,16 +47,27 @@ def test_the_split_holds_the_tree_classes_and_keeps_held_out_boxes_out_of_detect
         present = {classification.category_id_to_label[c] for c in digits[image_id]}
         assert labels[i] in present
         assert (labels[i] in held_out) == bool(present & held_out)
+    # no detection image shows a held-out digit, not even unlabelled (it would be taught as background)
+    for image_id in detection.image_ids:
+        assert not {detection.category_id_to_label[c] for c in digits.get(image_id, ())} & held_out
 
 
-def test_classification_images_are_crops_centred_on_their_labelled_digit(joint_cfg):
+@pytest.mark.parametrize("keep_scale", [False, True])
+def test_classification_images_are_crops_centred_on_their_labelled_digit(joint_cfg, tmp_path, keep_scale):
     """With crop_context (2 in builtin_wordtree) a classification image is the square around its labelled box,
-    twice its longer side (at least 32 px), clipped to the image: pixel for pixel the source's."""
+    twice its longer side (at least 32 px), clipped to the image: pixel for pixel the source's. With
+    crop_keep_scale (builtin_wordtree's) that square stays in place on a grey canvas of the source's size."""
     from PIL import Image
 
-    out, context = joint_cfg.data.generate.out_dir, joint_cfg.data.generate.crop_context
+    from detkit.data.transforms import PAD_VALUE
+    from detkit.data.wordtree_split import ensure_joint_split
+
+    gen, context = joint_cfg.data.generate, joint_cfg.data.generate.crop_context
+    out = ensure_joint_split(gen.ann_file, gen.val_ann_file, tmp_path / "split", gen.internal_nodes,
+                             gen.classification_only, gen.classification_fraction, gen.seed, gen.image_dir,
+                             context, crop_keep_scale=keep_scale)
     records = json.loads(open(f"{out}/classification.json").read())["images"]
-    raw = json.loads(open(joint_cfg.data.generate.ann_file).read())
+    raw = json.loads(open(gen.ann_file).read())
     source = {im["id"]: im for im in raw["images"]}
     assert records
     for rec in records:
@@ -65,15 +76,24 @@ def test_classification_images_are_crops_centred_on_their_labelled_digit(joint_c
         assert crop.shape[:2] == (rec["height"], rec["width"])
         side = max(context * max(w, h), 32.0)
         full = source[rec["id"]]
-        assert rec["width"] <= int(np.ceil(side)) + 1 and rec["height"] <= int(np.ceil(side)) + 1
-        assert rec["width"] >= min(w, full["width"] - 1) and rec["height"] >= min(h, full["height"] - 1)
         x0, y0 = max(int(x + w / 2 - side / 2), 0), max(int(y + h / 2 - side / 2), 0)
+        x1 = min(int(np.ceil(x + w / 2 + side / 2)), full["width"])
+        y1 = min(int(np.ceil(y + h / 2 + side / 2)), full["height"])
         original = Image.open(f"{joint_cfg.data.train.image_dir}/{full['file_name']}").convert("RGB")
-        expected = np.asarray(original.crop((x0, y0, x0 + rec["width"], y0 + rec["height"])), dtype=np.float32)
-        assert np.abs(crop - expected).mean() < 4.0  # the same pixels, through one more JPEG encoding
+        expected = np.asarray(original.crop((x0, y0, x1, y1)), dtype=np.float32)
+        if keep_scale:
+            assert (rec["width"], rec["height"]) == (full["width"], full["height"])
+            inside, expected = crop[y0 + 8 : y1 - 8, x0 + 8 : x1 - 8], expected[8:-8, 8:-8]  # JPEG blurs edges
+            outside = crop.copy()
+            outside[y0:y1, x0:x1] = PAD_VALUE
+            assert np.abs(outside - PAD_VALUE).mean() < 2.0  # grey around, up to JPEG's ringing at the edges
+        else:
+            assert (rec["width"], rec["height"]) == (x1 - x0, y1 - y0)
+            inside = crop
+        assert np.abs(inside - expected).mean() < 4.0  # the same pixels, through one more JPEG encoding
 
 
-def test_the_loader_carries_image_label_and_joint_data_needs_mosaic_off(joint_cfg):
+def test_the_loader_carries_image_label_and_mosaic_leaves_classification_images_whole(joint_cfg):
     train = raw_dataset(joint_cfg.data, "train")
     with_label = [i for i in range(len(train)) if train.image_label(i) is not None]
     assert with_label and len(with_label) < len(train)
@@ -84,9 +104,44 @@ def test_the_loader_carries_image_label_and_joint_data_needs_mosaic_off(joint_cf
     images, targets = next(iter(build_data_loader(dataset, joint_cfg.data, train=True, seed=joint_cfg.seed)))
     assert len(targets) == len(images)
     mosaic = joint_cfg.copy()
-    mosaic.data.mosaic.prob = 0.5
-    with pytest.raises(ConfigError, match="classification_train needs data.mosaic.prob=0"):
-        build_dataset(mosaic.data, "train", joint_cfg.seed)
+    mosaic.data.mosaic.prob = 1.0
+    tiled = build_dataset(mosaic.data, "train", joint_cfg.seed)
+    for i in range(len(train)):
+        _, target = tiled[i]
+        if i in with_label:  # passed through whole, with its label
+            assert target["image_label"] == train.image_label(i) and len(target["boxes"]) == 0
+        else:  # a mosaic of detection images only
+            assert "image_label" not in target
+    with pytest.raises(ConfigError, match="classification_train cannot be combined with data.proposals_file"):
+        proposals = joint_cfg.copy()
+        proposals.data.proposals_file = "proposals.pkl"
+        build_dataset(proposals.data, "train", joint_cfg.seed)
+
+
+def test_classification_images_are_drawn_first_among_those_showing_a_held_out_class():
+    """The fraction of the images with objects drawn as classification images comes first from the images that
+    show a held-out class, then from the others; one showing it and not drawn is no detection image."""
+    from detkit.data.wordtree_split import split_joint
+
+    # image i shows digit i % 4 (and image 0 also a 3): held-out "1" is shown by images 1, 5 and 9
+    categories = [{"id": c + 1, "name": str(c)} for c in range(4)]
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64} for i in range(12)]
+    annotations = [{"id": i, "image_id": i, "category_id": i % 4 + 1, "bbox": [1, 1, 10, 10]} for i in range(12)]
+    annotations.append({"id": 99, "image_id": 0, "category_id": 4, "bbox": [20, 20, 30, 30]})
+    train = {"categories": categories, "images": images, "annotations": annotations}
+    detection, classification = split_joint(train, ["top"], ["1"], classification_fraction=0.1)
+    chosen = {im["id"] for im in classification["images"]}
+    assert len(chosen) == 1 and chosen <= {1, 5, 9}  # 0.1 of 12: one of them; the other two are left out
+    assert {im["image_label"] for im in classification["images"]} == {2}
+    assert {im["id"] for im in detection["images"]} == {0, 2, 3, 4, 6, 7, 8, 10, 11}
+    assert {a["image_id"] for a in detection["annotations"]} == {0, 2, 3, 4, 6, 7, 8, 10, 11}
+    detection, classification = split_joint(train, ["top"], ["1"], classification_fraction=0.5, seed=4)
+    chosen = {im["id"] for im in classification["images"]}
+    assert len(chosen) == 6 and {1, 5, 9} <= chosen  # all three, then three others
+    assert {im["id"] for im in detection["images"]} == set(range(12)) - chosen
+    assert split_joint(train, ["top"], ["1"], 0.5, seed=4) == (detection, classification)  # seeded
+    with pytest.raises(ConfigError, match="no detection image is left: 12 of the 12 training images show one of"):
+        split_joint(train, ["top"], ["0", "1", "2", "3"], 0.5)
 
 
 def test_a_classification_label_outside_the_tree_is_a_clear_error(joint_cfg, tmp_path):

@@ -72,15 +72,28 @@ def test_the_choice_weighs_objectness_and_a_low_objectness_is_raised_to_the_assu
     assert outputs[1].grad[1, 1, 3, 3, 4] < 0  # σ(-1.5) = 0.18 < 0.3: raised
 
 
-def test_the_detection_image_trains_as_without_the_classification_image():
+@pytest.mark.parametrize("objectness", [None, 0.3])
+def test_the_detection_image_trains_as_without_the_classification_image(objectness):
+    """Box and objectness gradients of a detection image are those of a batch without the classification image
+    (its objectness term is not diluted by the classification image's predictions); the class term is shared."""
     outputs, boxes = two_levels(1)
     detection = {"boxes": GT, "labels": torch.tensor([3])}
     classification = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_label": 10}
-    joint = loss_fn(class_only_objectness=None)(outputs, boxes, [detection, classification], ANCHORS, STRIDES)
-    alone = loss_fn(class_only_objectness=None)([o[:1] for o in outputs], [b[:1] for b in boxes], [detection],
-                                                ANCHORS, STRIDES)
+    joint_out = [o.clone().requires_grad_() for o in outputs]
+    alone_out = [o[:1].clone().requires_grad_() for o in outputs]
+    joint = loss_fn(class_only_objectness=objectness)(joint_out, boxes, [detection, classification], ANCHORS,
+                                                      STRIDES)
+    alone = loss_fn(class_only_objectness=objectness)(alone_out, [b[:1] for b in boxes], [detection], ANCHORS,
+                                                      STRIDES)
     torch.testing.assert_close(joint["loss_box"], alone["loss_box"])
-    torch.testing.assert_close(joint["loss_obj"], alone["loss_obj"])  # the classification image's cells left out
+    if objectness is None:  # the classification image's cells left out
+        torch.testing.assert_close(joint["loss_obj"], alone["loss_obj"])
+    else:  # its own mean added at its share of the batch (1/2)
+        assert joint["loss_obj"] > alone["loss_obj"]
+    (joint["loss_obj"] + joint["loss_box"]).backward()
+    (alone["loss_obj"] + alone["loss_box"]).backward()
+    for j, a in zip(joint_out, alone_out):
+        torch.testing.assert_close(j.grad[:1, ..., :5], a.grad[..., :5])
     assert not torch.allclose(joint["loss_cls"], alone["loss_cls"])
 
 
@@ -92,3 +105,25 @@ def test_a_classification_image_with_boxes_or_a_bad_label_is_an_error():
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
     with pytest.raises(ValueError, match=r"image_label must be in 0..11"):
         loss_fn()(outputs, boxes, [empty, {**empty, "image_label": 12}], ANCHORS, STRIDES)
+
+
+@pytest.mark.parametrize("neighbor_cells", [False, True])
+def test_a_classification_image_weighs_as_one_detection_object(neighbor_cells):
+    """darknet gives a box one responsible prediction; here a box has several positives (anchors, neighbour
+    cells), so the classification image's one prediction is weighted by the positives per box: with equal
+    logits and the same label its class gradient is that of all of one box's positives together."""
+    outputs, boxes = two_levels(2)
+    for out in outputs:
+        out[..., 5:] = 0.0  # every prediction's class outputs equal: equal per-prediction gradients
+    outputs = [o.requires_grad_() for o in outputs]
+    targets = [{"boxes": GT, "labels": torch.tensor([9])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_label": 9}]
+    loss = loss_fn(class_only_objectness=0.3, neighbor_cells=neighbor_cells)(outputs, boxes, targets, ANCHORS,
+                                                                             STRIDES)
+    (loss["loss_cls"] + sum(o.sum() * 0 for o in outputs)).backward()  # a level without a term: zero grads
+    detection = torch.cat([o.grad[0, ..., 5:].reshape(-1, 12) for o in outputs])
+    classification = torch.cat([o.grad[1, ..., 5:].reshape(-1, 12) for o in outputs])
+    positives = detection.abs().sum(1) > 0
+    chosen = classification.abs().sum(1) > 0
+    assert int(chosen.sum()) == 1 and int(positives.sum()) == (3 if neighbor_cells else 1)
+    torch.testing.assert_close(classification[chosen].sum(0), detection[positives].sum(0))
