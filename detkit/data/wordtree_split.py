@@ -74,13 +74,15 @@ def split_joint(train: dict, internal_nodes: Sequence[str], classification_only:
     images = sorted(train["images"], key=lambda im: im["id"])
     with_objects = [im for im in images if per_image.get(im["id"])]
     showing = [im for im in with_objects if any(a["category_id"] in held_out for a in per_image[im["id"]])]
-    others = [im for im in with_objects if im not in showing]
+    shown = {im["id"] for im in showing}
+    others = [im for im in with_objects if im["id"] not in shown]
     rng = np.random.default_rng(seed)
     wanted = round(classification_fraction * len(with_objects))
     order = [showing[i] for i in rng.permutation(len(showing))] + [others[i] for i in rng.permutation(len(others))]
     chosen = {im["id"] for im in order[:wanted]}
-    unused = {im["id"] for im in showing} - chosen
-    if len(chosen) + len(unused) == len(with_objects):
+    unused = shown - chosen
+    not_detection = chosen | unused
+    if len(not_detection) == len(with_objects):
         raise ConfigError(f"no detection image is left: {len(showing)} of the {len(with_objects)} training images "
                           f"show one of classification_only {list(classification_only)} and "
                           f"{len(chosen)} become classification images (classification_fraction "
@@ -97,8 +99,8 @@ def split_joint(train: dict, internal_nodes: Sequence[str], classification_only:
         "classification_fraction": classification_fraction, "seed": seed}}
     categories = tree_categories(train["categories"], internal_nodes)
     detection = {"info": info, "categories": categories,
-                 "images": [im for im in images if im["id"] not in chosen | unused],
-                 "annotations": [a for a in train["annotations"] if a["image_id"] not in chosen | unused]}
+                 "images": [im for im in images if im["id"] not in not_detection],
+                 "annotations": [a for a in train["annotations"] if a["image_id"] not in not_detection]}
     classification = {"info": info, "categories": categories, "images": classification_images, "annotations": []}
     return detection, classification
 

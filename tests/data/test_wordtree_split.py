@@ -158,3 +158,14 @@ def test_a_classification_label_outside_the_tree_is_a_clear_error(joint_cfg, tmp
     cfg.data.classification_train = [{"json": str(bad), "images": f"{out}/images"}]
     with pytest.raises(ConfigError, match=r"data.classification_train\[0\]: .*bad.json has 1 images without an "):
         raw_dataset(cfg.data, "train")
+
+
+def test_crop_settings_that_cannot_work_are_clear_errors(tmp_path):
+    from detkit.data.wordtree_split import crop_classification_images, ensure_joint_split
+
+    record = {"id": 1, "file_name": "1.jpg", "width": 64, "height": 64, "image_label": 1, "label_bbox": [1, 1, 9, 9]}
+    with pytest.raises(ConfigError, match=r"crop_context must be >= 1 \(the crop holds the labelled box\), got 0.5"):
+        crop_classification_images({"images": [record]}, tmp_path, tmp_path / "crops", 0.5)
+    with pytest.raises(ConfigError, match="crop_context needs data.generate.image_dir"):
+        ensure_joint_split(tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out", ["top"], ["1"],
+                           crop_context=2.0)
