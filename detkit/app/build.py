@@ -101,13 +101,13 @@ def build_dataset(data_cfg: DictConfig, split: str, seed: int = 0, train: bool |
         raise ConfigError(_UNSIZED)
     transforms = build_train_transform(data_cfg.augment, size, seed) if train else eval_letterbox(data_cfg)
     use_mosaic = train and data_cfg.mosaic.prob > 0
-    if train and data_cfg.get("classification_train") and data_cfg.get("proposals_file"):
-        raise ConfigError("data.classification_train cannot be combined with data.proposals_file: a "
-                          "classification image has no proposals")
     dataset = raw_dataset(data_cfg, split, transforms=None if use_mosaic else transforms)
     if data_cfg.get("proposals_file"):
         if train and data_cfg.get("extra_train"):  # proposals are found by image id, which parts may share
             raise ConfigError("data.proposals_file cannot be combined with data.extra_train")
+        if train and data_cfg.get("classification_train"):
+            raise ConfigError("data.classification_train cannot be combined with data.proposals_file: a "
+                              "classification image has no proposals")
         if use_mosaic:
             raise ValueError("data.proposals_file needs data.mosaic.prob=0: a mosaic of four images has no proposals")
         dataset = WithProposals(dataset, data_cfg.proposals_file)

@@ -25,6 +25,7 @@ from detkit.utils.resolvers import config_dir
 
 GROUPS = ("optim", "schedule")  # the config groups a recipe may set values of
 NOT_CONSTRUCTOR = ("bn_eps", "recipe")  # model config keys that are not the detector's constructor arguments
+_ABSENT = object()  # OmegaConf.select's default for a key the group's config lacks (a null value is a value)
 
 
 def detector_config(model_cfg: DictConfig) -> DictConfig:
@@ -60,9 +61,9 @@ def apply_recipe(cfg: DictConfig, say: Callable[[str], None] = print, cli_keys: 
         if OmegaConf.load(path).get("_target_") != cfg[group].get("_target_"):
             continue  # written for another option of the group
         for key, value in _leaves(values):
-            if OmegaConf.select(cfg[group], key, default=None) is None:
+            current = OmegaConf.select(cfg[group], key, default=_ABSENT)
+            if current is _ABSENT:
                 raise ConfigError(f"model.recipe entry {entry!r}: {group}.{key} is not a key of {path.name}")
-            current = OmegaConf.select(cfg[group], key)
             if named(f"{group}.{key}", cli_keys) or current not in file_values(group, key):
                 kept.append(f"{group}.{key}={current}")
                 continue
