@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from benchmarks.peer_benchmark import ap_ratio, in_repository
+from benchmarks.peer_benchmark import ap_ratio, in_repository, scoped_overrides
 from benchmarks.zoo_benchmark import torch_threads
 from detkit.api import compose_train_config
 from detkit.app.build import (
@@ -163,11 +163,18 @@ def torchvision_model(pair: str, cfg: DictConfig, num_classes: int, ours: nn.Mod
     return TorchvisionDetector(_BUILDERS[pair](cfg.model, num_classes, mean, std), LABEL_OFFSET[pair])
 
 
+def pair_overrides(pair: str, overrides: Sequence[str]) -> list[str]:
+    """The user's ``overrides`` that apply to ``pair``: the plain ones and those written ``PAIR:key=value`` for
+    it (``retinanet:model.head_norm=gn``, a key the other pairs' models lack), unprefixed."""
+    return scoped_overrides(pair, PAIRS, overrides, "parity pair")
+
+
 def pair_config(pair: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The training config of ``pair`` (:data:`PAIR_OVERRIDES`, :data:`COMMON`, then the user's ``overrides``)."""
+    """The training config of ``pair`` (:data:`PAIR_OVERRIDES`, :data:`COMMON`, then the user's ``overrides``
+    that apply to it: :func:`pair_overrides`)."""
     if pair not in PAIRS:
         raise ConfigError(f"unknown parity pair {pair!r}; available: {', '.join(PAIRS)}")
-    return compose_train_config([*PAIR_OVERRIDES[pair], *COMMON, *overrides])
+    return compose_train_config([*PAIR_OVERRIDES[pair], *COMMON, *pair_overrides(pair, overrides)])
 
 
 def train_model(model: nn.Module, cfg: DictConfig, dataset, minutes: float | None = None) -> dict:

@@ -31,6 +31,26 @@ SUITE = ("suite_tiny", "suite_large", "suite_crowded", "suite_wide")  # configs/
 COCO_READER = "detkit.data.coco.CocoDetection"
 
 
+def scoped_overrides(name: str, names: Sequence[str], overrides: Sequence[str], what: str) -> list[str]:
+    """The ``overrides`` that apply to the run ``name`` of a table whose runs are ``names``: the plain ones (every
+    run) and those written ``NAME:key=value`` for this run, unprefixed (a key only one model has, or one run's
+    own data: ``yolov1_cpu:data=builtin_large``). A prefix outside ``names`` is a
+    :class:`~detkit.errors.ConfigError` (``what`` names a run in it: "parity pair")."""
+    from detkit.errors import ConfigError
+
+    chosen = []
+    for override in overrides:
+        prefix, sep, rest = override.partition(":")
+        if sep and "=" not in prefix:  # NAME:key=value (a value may hold ':', a key never does)
+            if prefix not in names:
+                raise ConfigError(f"override {override!r}: unknown {what} {prefix!r}; available: {', '.join(names)}")
+            if prefix == name:
+                chosen.append(rest)
+        else:
+            chosen.append(override)
+    return chosen
+
+
 def _in_repo(path: str | Path) -> Path:
     """A config path as tools/train.py (run from the repository) reads it."""
     path = Path(path)

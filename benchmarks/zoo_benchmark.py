@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from benchmarks.benchmark import inference_fn
-from benchmarks.peer_benchmark import in_repository, run_training, train_arguments
+from benchmarks.peer_benchmark import in_repository, run_training, scoped_overrides, train_arguments
 from detkit.api import compose_train_config
 from detkit.app.build import build_dataset, eval_img_size
 from detkit.app.evaluate import load_trained
@@ -37,7 +37,7 @@ from detkit.utils.timing import median_ms
 # The CPU-size config of every family, in the table's order: the YOLO versions, SSD, then the region-based
 # detectors, G-CNN's grid regressed in steps beside Fast R-CNN's dense proposals.
 ZOO = ("yolov1_cpu", "yolov2_cpu", "yolov3_cpu", "yolov3_spp_cpu", "yolov4_cpu", "yolov3_compact", "ssd300",
-       "ssdlite", "fast_rcnn_cpu", "gcnn_cpu", "fpn_rcnn_cpu", "retinanet_cpu")
+       "ssdlite_cpu", "fast_rcnn_cpu", "gcnn_cpu", "fpn_rcnn_cpu", "retinanet_cpu")
 STATS = ("AP", "AP50", "APs")
 
 
@@ -57,7 +57,8 @@ def family_configs(families: Sequence[str], overrides: Sequence[str] = ()) -> di
         available = ", ".join(sorted(p.stem for p in models.glob("*.yaml")))
         raise ConfigError(f"no model config {', '.join(f'{models}/{name}.yaml' for name in missing)}; "
                           f"available: {available}")
-    configs = {name: compose_train_config([f"model={name}", *overrides]) for name in families}
+    configs = {name: compose_train_config([f"model={name}", *family_overrides(name, families, overrides)])
+               for name in families}
     for name, cfg in configs.items():
         if cfg.eval.metric != "coco":
             raise ConfigError(f"eval.metric={cfg.eval.metric} (model={name}): the zoo table reports COCO's AP, AP50 "
@@ -66,6 +67,12 @@ def family_configs(families: Sequence[str], overrides: Sequence[str] = ()) -> di
             raise ConfigError(f"data.proposals_file={cfg.data.proposals_file}: the zoo compares detectors that find "
                               "their own regions (fast_rcnn_cpu uses dense proposals); leave it null")
     return configs
+
+
+def family_overrides(family: str, families: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """The ``overrides`` of ``family``'s run: the plain ones and those written ``FAMILY:key=value`` for it
+    (``yolov1_cpu:data=builtin_large``: YOLOv1 on its large-object variant), unprefixed."""
+    return scoped_overrides(family, families, overrides, "zoo family")
 
 
 def reproduce_command(family: str, minutes: float, overrides: Sequence[str] = ()) -> str:
@@ -162,7 +169,7 @@ def run_zoo(minutes: float, out_dir: str | Path, families: Sequence[str] = ZOO, 
         log(f"reference: {result['reference']['name']}: {result['reference']['ms']:.1f} ms")
     for i, family in enumerate(families, 1):
         log(f"[{i}/{len(families)}] {family}: {minutes:g} min -> {out_dir / family}")
-        row = run_family(family, minutes, overrides, out_dir, repeats)
+        row = run_family(family, minutes, family_overrides(family, families, overrides), out_dir, repeats)
         log(f"  {row['error']}" if "error" in row else
             f"  AP {row['AP']:.4f}, {row['epochs']:.2f} epochs, {row['train_img_s']:.1f} img/s")
         result["rows"].append(row)

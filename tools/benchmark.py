@@ -194,7 +194,8 @@ def main() -> None:
     zo.add_argument("--latency-repeats", type=int, default=20, help="timed batch-1 inferences per model (default 20)")
     zo.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip timing torchvision's SSDLite training step, the machine's reference")
-    zo.add_argument("overrides", nargs="*", help="Hydra overrides of every run, e.g. data=coco data.train_json=...")
+    zo.add_argument("overrides", nargs="*", help="Hydra overrides of every run, e.g. data=coco data.train_json=...; "
+                    "FAMILY:key=value applies to one family's run only (yolov1_cpu:data=builtin_large)")
     par = sections.add_parser("parity", help="detkit vs torchvision detectors trained on the same batches, "
                               "optimizer, schedule and budget; AP/AP50 side by side: markdown + JSON")
     par.set_defaults(run=parity)
@@ -203,7 +204,8 @@ def main() -> None:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock training budget per side")
     par.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated (default: {','.join(PAIRS)})")
     par.add_argument("--out", default="outputs/parity", help="folder for parity.md and parity.json")
-    par.add_argument("overrides", nargs="*", help="Hydra overrides of both sides, e.g. data=coco data.img_size=320")
+    par.add_argument("overrides", nargs="*", help="Hydra overrides of both sides, e.g. data=coco data.img_size=320; "
+                     "PAIR:key=value applies to one pair only (retinanet:model.head_norm=gn)")
     args = parser.parse_args()
     args.run(args)
 

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.models.detection import SSDLite320_MobileNet_V3_Large_Weights, ssdlite320_mobilenet_v3_large
 
-from benchmarks.parity_benchmark import PAIRS, pair_config, run_pair, torchvision_model
+from benchmarks.parity_benchmark import PAIRS, pair_config, pair_overrides, run_pair, torchvision_model
 from benchmarks.peer_benchmark import ROOT
 from detkit.app.build import build_model
 from detkit.errors import ConfigError
@@ -139,3 +139,15 @@ def test_an_unknown_pair_or_a_non_torchvision_backbone_is_a_config_error():
     cfg = pair_config("fpn_rcnn", ["model.backbone.width=16"])
     with pytest.raises(ConfigError, match="standard ResNet"):
         torchvision_model("fpn_rcnn", cfg, 3, build_model(cfg.model, 3))
+
+
+def test_a_pair_prefixed_override_applies_to_that_pair_only():
+    overrides = ["data.img_size=96", "retinanet:model.head_norm=gn", "fpn_rcnn:model.roi_batch=64"]
+    assert pair_overrides("retinanet", overrides) == ["data.img_size=96", "model.head_norm=gn"]
+    retinanet, rcnn, ssdlite = (pair_config(p, overrides) for p in ("retinanet", "fpn_rcnn", "ssdlite"))
+    assert retinanet.model.head_norm == "gn" and rcnn.model.roi_batch == 64
+    assert retinanet.data.img_size == rcnn.data.img_size == ssdlite.data.img_size == 96
+    assert "roi_batch" not in ssdlite.model  # the plain run would stop on a key its model lacks
+    assert pair_overrides("ssdlite", ["data.train_json=C:/sets/a.json"]) == ["data.train_json=C:/sets/a.json"]
+    with pytest.raises(ConfigError, match="unknown parity pair 'yolo'"):
+        pair_overrides("ssdlite", ["yolo:model.anchors=[]"])

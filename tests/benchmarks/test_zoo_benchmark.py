@@ -127,3 +127,27 @@ def test_a_run_without_training_totals_is_reported(tmp_path):
     torch.save({"hooks": {}}, tmp_path / "last.pt")
     with pytest.raises(ConfigError, match="left out hooks.progress"):
         read_run(tmp_path)
+
+
+def test_a_family_prefixed_override_reaches_that_familys_run_and_command_only(tmp_path, monkeypatch):
+    seen = {}
+
+    def run_training(out, minutes, overrides, **popen):
+        seen[overrides[0]] = overrides
+        (Path(out) / "metrics.json").write_text(json.dumps({"AP": 0.1, "AP50": 0.2, "APs": 0.0}))
+        torch.save({"hooks": {"progress": {"images": 8, "seconds": 1.0, "epochs": 1.0}}}, Path(out) / "last.pt")
+        return 2.0
+
+    measured = {"params": 10, "flops": 2e9, "img_size": 64, "test_size": 64, "threads": 1, "latency_ms": 3.0}
+    monkeypatch.setattr(zoo_benchmark, "run_training", run_training)
+    monkeypatch.setattr(zoo_benchmark, "measure_checkpoint", lambda checkpoint, repeats: measured)
+    overrides = ["yolov1_cpu:data=builtin_large", "eval.plots=false"]
+    result = run_zoo(1, tmp_path, ["yolov3_cpu", "yolov1_cpu"], overrides, reference=False, log=lambda _: None)
+    assert seen["model=yolov1_cpu"] == ["model=yolov1_cpu", "data=builtin_large", "eval.plots=false"]
+    assert seen["model=yolov3_cpu"] == ["model=yolov3_cpu", "eval.plots=false"]
+    commands = {r["model"]: r["command"] for r in result["rows"]}
+    assert "data=builtin_large" in commands["yolov1_cpu"] and "builtin_large" not in commands["yolov3_cpu"]
+    assert family_configs(["yolov1_cpu", "yolov3_cpu"], overrides)["yolov1_cpu"].data.builtin.root == \
+        "data/builtin_large"
+    with pytest.raises(ConfigError, match="unknown zoo family 'ssdlite'"):
+        family_configs(["yolov3_cpu"], ["ssdlite:model.backbone.width=0.5"])

@@ -130,6 +130,36 @@ def test_overfits_a_tiny_batch():
     assert_finds_the_boxes(model, images, targets)
 
 
+def small_object_batch(size: int = 160):
+    """Two ``size``² images with three small rectangles each (14-22 px: 9-14% of the side), class by colour."""
+    colors = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0]])
+    boxes = [torch.tensor([[20.0, 24.0, 34.0, 46.0], [90.0, 60.0, 106.0, 80.0], [120.0, 118.0, 136.0, 136.0]]),
+             torch.tensor([[50.0, 30.0, 66.0, 50.0], [100.0, 100.0, 114.0, 122.0], [30.0, 110.0, 48.0, 128.0]])]
+    labels = [torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])]
+    images = torch.full((2, 3, size, size), 0.5)
+    for i in range(2):
+        for (x1, y1, x2, y2), label in zip(boxes[i].int().tolist(), labels[i].tolist()):
+            images[i, :, y1:y2, x1:x2] = colors[label][:, None, None]
+    return images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
+
+
+def test_ssdlite_cpu_has_a_stride8_level_of_small_boxes_and_overfits_small_objects():
+    cfg = compose_config("train", ["model=ssdlite_cpu", "model.backbone.width=0.25"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=3)
+    images, targets = small_object_batch()
+    with torch.no_grad():
+        maps = model.eval().backbone(images)
+    model.train()
+    assert [m.shape[-1] for m in maps] == [20, 10, 5, 3, 2, 1, 1]  # strides 8 ... at 160 px
+    first = model.default_boxes((160, 160), [m.shape[-2:] for m in maps])[: 20 * 20 * 4]
+    inside = (first[:, :2] > 0).all(dim=1) & (first[:, 2:] < 160).all(dim=1)  # not clipped at the border
+    sides = (first[inside, 2:] - first[inside, :2]).prod(dim=1).sqrt()
+    assert sides.min() == pytest.approx(8.0, abs=0.01) and sides.max() < 16  # 5% of the input, then √(8·16)
+    overfit(model, images, targets, steps=60, lr=1e-2, shrink=0.1)
+    assert_finds_the_boxes(model, images, targets)
+
+
 def test_ssdlite_trains_and_evaluates_through_the_trainer(tiny_builtin, tmp_path, recwarn):
     from detkit.app.train import train
 

@@ -12,6 +12,7 @@ from detkit.convert.pretrained import load_prefixed
 
 __all__ = ["separable_conv", "MobileNetV2SSD", "MobileNetV3SSD", "normal_init"]
 
+_STRIDE8 = 7    # first stride-16 block of torchvision's ``features``: its expansion runs at stride 8 (192 channels)
 _STRIDE16 = 13  # last block of torchvision's ``features`` at stride 16 (96 channels at width 1)
 
 
@@ -35,9 +36,12 @@ def _separable_down(c_in: int, c_out: int) -> nn.Sequential:
 
 class MobileNetV2SSD(nn.Module):
     """MobileNetV2 → six maps: the end of the stride-16 blocks, the final 1×1 conv (stride 32), and four
-    depthwise-separable extra layers (strides 64 … 512).
+    depthwise-separable extra layers (strides 64 … 512); with ``stride8``, seven: first the output of the expansion
+    1×1 conv of the block that halves the stride-8 map (192 channels at width 1; SSDLite taps expansions), for
+    objects of a few percent of the input, which a stride-16 grid of IoU-matched boxes cannot cover.
 
-    At 320 px the maps are 20², 10², 5², 3², 2², 1²; any input size works (the extras round up down to 1²).
+    At 320 px the maps are 20², 10², 5², 3², 2², 1² (40² first with ``stride8``); any input size works (the
+    extras round up down to 1²).
 
     Args:
         width: MobileNetV2's width multiplier (``torchvision.models.mobilenet_v2(width_mult=...)``), also
@@ -46,24 +50,32 @@ class MobileNetV2SSD(nn.Module):
         pretrained: a local state dict file of ``torchvision.models.mobilenet_v2`` with the same ``width``, or a
             torchvision weights name (``MobileNet_V2_Weights.IMAGENET1K_V1``)
             (its ``features.*`` entries are read); the extra layers stay randomly initialised.
+        stride8: also give the stride-8 map (an expansion's output), first.
     """
 
     def __init__(self, width: float = 1.0, extra_channels: tuple[int, ...] = (512, 256, 256, 128),
-                 pretrained: str | None = None) -> None:
+                 pretrained: str | None = None, stride8: bool = False) -> None:
         super().__init__()
         self.features = mobilenet_v2(weights=None, width_mult=width).features
         if pretrained:
             load_prefixed(self.features, pretrained)
+        self.stride8 = stride8
+        c8 = self.features[_STRIDE8].conv[0].out_channels
         c16 = self.features[_STRIDE16].out_channels
         c32 = self.features[-1].out_channels
         extras = [max(8, round(c * width)) for c in extra_channels]
         self.extras = nn.ModuleList(_separable_down(c_in, c_out) for c_in, c_out in zip([c32, *extras], extras))
-        self.out_channels = [c16, c32, *extras]
+        self.out_channels = [*([c8] if stride8 else []), c16, c32, *extras]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         maps = []
         for i, layer in enumerate(self.features):
-            x = layer(x)
+            if i == _STRIDE8 and self.stride8:  # a stride-2 block, no residual: its expansion, then the rest
+                x = layer.conv[0](x)
+                maps.append(x)
+                x = layer.conv[1:](x)
+            else:
+                x = layer(x)
             if i == _STRIDE16:
                 maps.append(x)
         maps.append(x)
