@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTIONS = [
     ("yolov3_cpu", ["model.backbone.deform_stages=[3,4]"], DeformableConv2d),
-    ("yolov4_cpu", ["model.backbone.deform_stages=[4]"], DeformableConv2d),
+    ("yolov4_cpu", ["model.backbone.deform_stages=[3]"], DeformableConv2d),
     ("yolov3_cpu", ["model.backbone.block=igc"], InterleavedGroupConv),
     ("fpn_rcnn_cpu", ["model.backbone.deform_stages=[3]"], DeformableConv2d),
     ("fpn_rcnn_cpu", ["model.deformable_roi=true"], DeformableRoIPooler),
