@@ -52,10 +52,12 @@ def named(key: str, keys: Sequence[str]) -> bool:
 
 
 def file_values(group: str, key: str) -> list:
-    """The values ``configs/<group>/*.yaml`` give ``key`` (a dotted path inside the group), as written."""
+    """The values ``configs/<group>/*.yaml`` give ``key`` (a dotted path inside the group), as written; a value
+    that interpolates another group's key (data's ``test_size`` reads ``data.img_size``) is left out: a file on
+    its own cannot resolve it."""
     values = []
     for path in sorted((config_dir() / group).glob("*.yaml")):
-        value = OmegaConf.select(OmegaConf.load(path), key, default=None)
+        value = OmegaConf.select(OmegaConf.load(path), key, default=None, throw_on_resolution_failure=False)
         if value is not None:
             values.append(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
     return values

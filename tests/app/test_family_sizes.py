@@ -4,6 +4,7 @@ training chooses fit the model, and one optimizer step runs (a fixed-input model
 import pytest
 import torch
 
+from detkit.app.auto import fixed_input_sizes
 from detkit.app.build import build_data_loader, build_dataset, build_model, eval_img_size
 from detkit.app.errors import check_input_size
 from detkit.errors import ConfigError
@@ -34,6 +35,15 @@ def test_every_family_trains_a_step_on_a_user_dataset_at_its_defaults(coco, name
     assert torch.isfinite(loss)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_a_fixed_input_model_sets_the_sizes_on_the_builtin_data():
+    # data=builtin's test_size interpolates data.img_size: reading the data files' defaults must not resolve it
+    # (it once stopped `tools/train.py model=yolov1_cpu` with an InterpolationKeyError before any training)
+    cfg = compose_config("train", ["model=yolov1_cpu", "data=builtin_large"])
+    changed = fixed_input_sizes(cfg, [], log=lambda _: None)
+    fixed = cfg.model.input_size
+    assert changed == {"data.img_size": fixed} and cfg.data.img_size == cfg.data.test_size == fixed
 
 
 def test_a_fixed_input_model_sets_the_sizes_unless_they_are_chosen(coco):
