@@ -23,6 +23,7 @@ from pycocotools.coco import COCO
 from detkit.api import compose_train_config
 from detkit.app.build import prepare_data
 from detkit.app.evaluate import load_trained
+from detkit.errors import ConfigError
 from detkit.evaluation.coco import evaluate_coco
 from detkit.utils.complexity import complexity
 
@@ -36,8 +37,6 @@ def scoped_overrides(name: str, names: Sequence[str], overrides: Sequence[str], 
     run) and those written ``NAME:key=value`` for this run, unprefixed (a key only one model has, or one run's
     own data: ``yolov1_cpu:data=builtin_large``). A prefix outside ``names`` is a
     :class:`~detkit.errors.ConfigError` (``what`` names a run in it: "parity pair")."""
-    from detkit.errors import ConfigError
-
     chosen = []
     for override in overrides:
         prefix, sep, rest = override.partition(":")

@@ -11,17 +11,22 @@ from tests.conftest import compose_config
 from tests.models.overfit import assert_finds_the_boxes, overfit
 
 
-def toy_batch(size: int = 300):
-    """Two ``size``² images, one coloured rectangle each (placed for 300 px, scaled); the colour is the class."""
+def draw_batch(size: int, boxes: list[torch.Tensor], labels: list[torch.Tensor]):
+    """``size``² grey images, one per entry of ``boxes``, each box a filled rectangle whose colour is its class
+    (0 red, 1 green, 2 blue) → (images, targets)."""
     colors = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0]])
-    boxes = [torch.tensor([[40.0, 50.0, 160.0, 200.0]]) * size / 300,
-             torch.tensor([[150.0, 90.0, 260.0, 170.0]]) * size / 300]
-    labels = [torch.tensor([2]), torch.tensor([0])]
-    images = torch.full((2, 3, size, size), 0.5)
-    for i in range(2):
+    images = torch.full((len(boxes), 3, size, size), 0.5)
+    for i in range(len(boxes)):
         for (x1, y1, x2, y2), label in zip(boxes[i].int().tolist(), labels[i].tolist()):
             images[i, :, y1:y2, x1:x2] = colors[label][:, None, None]
     return images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
+
+
+def toy_batch(size: int = 300):
+    """Two ``size``² images, one coloured rectangle each (placed for 300 px, scaled); the colour is the class."""
+    boxes = [torch.tensor([[40.0, 50.0, 160.0, 200.0]]) * size / 300,
+             torch.tensor([[150.0, 90.0, 260.0, 170.0]]) * size / 300]
+    return draw_batch(size, boxes, [torch.tensor([2]), torch.tensor([0])])
 
 
 def tiny_ssd300(num_classes: int = 3) -> SSD:
@@ -132,15 +137,9 @@ def test_overfits_a_tiny_batch():
 
 def small_object_batch(size: int = 160):
     """Two ``size``² images with three small rectangles each (14-22 px: 9-14% of the side), class by colour."""
-    colors = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0]])
     boxes = [torch.tensor([[20.0, 24.0, 34.0, 46.0], [90.0, 60.0, 106.0, 80.0], [120.0, 118.0, 136.0, 136.0]]),
              torch.tensor([[50.0, 30.0, 66.0, 50.0], [100.0, 100.0, 114.0, 122.0], [30.0, 110.0, 48.0, 128.0]])]
-    labels = [torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])]
-    images = torch.full((2, 3, size, size), 0.5)
-    for i in range(2):
-        for (x1, y1, x2, y2), label in zip(boxes[i].int().tolist(), labels[i].tolist()):
-            images[i, :, y1:y2, x1:x2] = colors[label][:, None, None]
-    return images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
+    return draw_batch(size, boxes, [torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])])
 
 
 def test_ssdlite_cpu_has_a_stride8_level_of_small_boxes_and_overfits_small_objects():

@@ -27,6 +27,14 @@ def separable_conv(c_in: int, c_out: int, stride: int = 1, bias: bool = True) ->
     return nn.Sequential(_conv_bn(c_in, c_in, 3, stride, groups=c_in), nn.Conv2d(c_in, c_out, 1, bias=bias))
 
 
+def _tap_expansion(parts: nn.Sequential, x: Tensor, maps: list[Tensor]) -> Tensor:
+    """Run an inverted-residual block without a residual (``parts``: its expansion conv first, then the rest),
+    appending the expansion's output to ``maps`` (SSDLite's tap)."""
+    x = parts[0](x)
+    maps.append(x)
+    return parts[1:](x)
+
+
 def _separable_down(c_in: int, c_out: int) -> nn.Sequential:
     """SSDLite extra layer: 1×1 to c_out/2, 3×3 depthwise stride 2, 1×1 to c_out (each BN + ReLU6); halves the
     map, rounding up."""
@@ -70,10 +78,8 @@ class MobileNetV2SSD(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         maps = []
         for i, layer in enumerate(self.features):
-            if i == _STRIDE8 and self.stride8:  # a stride-2 block, no residual: its expansion, then the rest
-                x = layer.conv[0](x)
-                maps.append(x)
-                x = layer.conv[1:](x)
+            if i == _STRIDE8 and self.stride8:  # a stride-2 block: no residual
+                x = _tap_expansion(layer.conv, x, maps)
             else:
                 x = layer(x)
             if i == _STRIDE16:
@@ -142,9 +148,7 @@ class MobileNetV3SSD(nn.Module):
         maps = []
         for i, layer in enumerate(self.features):
             if i == self.c4:  # no residual here: the block is its expansion followed by the rest
-                x = layer.block[0](x)
-                maps.append(x)
-                x = layer.block[1:](x)
+                x = _tap_expansion(layer.block, x, maps)
             else:
                 x = layer(x)
         maps.append(x)
