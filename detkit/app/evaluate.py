@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -35,6 +36,22 @@ def make_evaluator(dataset, loader, out_dir: Path, device, metric: str = "coco",
         return metrics
 
     return evaluate
+
+
+def make_eval_probe(loader, num_images: int, device, sample: int = 8):
+    """Callable(model) → the seconds an evaluation over ``num_images`` images of ``loader`` should take: the
+    prediction time per image of the first ``sample`` images of its first batch (after a warm-up forward on one
+    image), times ``num_images``. For :class:`~detkit.engine.hooks.TimeBudgetHook`'s first plan."""
+
+    def probe(model) -> float:
+        images, targets = next(iter(loader))
+        count = min(sample, len(targets))
+        predict(model, [(images[:1], targets[:1])], device)
+        start = time.perf_counter()
+        predict(model, [(images[:count], targets[:count])], device)
+        return (time.perf_counter() - start) / count * num_images
+
+    return probe
 
 
 def load_trained(checkpoint: str | Path, device: str = "cpu"):

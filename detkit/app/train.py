@@ -27,7 +27,7 @@ from detkit.app.build import (
     seed_everything,
 )
 from detkit.app.errors import check_input_size
-from detkit.app.evaluate import make_evaluator
+from detkit.app.evaluate import make_eval_probe, make_evaluator
 from detkit.app.pretrain import load_backbone_weights
 from detkit.app.recipe import apply_recipe
 from detkit.compression.sparsity import sparsity_hook
@@ -181,6 +181,7 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: Iterable[Hook] = ()
         "started": started,
         # the first estimate of an evaluation's time counts val images at the training size's cost
         "eval_images": round(len(val_set) * (eval_img_size(cfg.data) / cfg.data.img_size) ** 2),
+        "eval_probe": make_eval_probe(val_loader, len(val_set), device),
         "log": say,
     }
     hooks = build_hooks(cfg.hooks, run, world.is_main) + list(extra_hooks)

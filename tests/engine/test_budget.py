@@ -118,6 +118,32 @@ def test_budget_planning_counts_the_evaluations_on_the_way():
     assert 540 <= end_only <= 550 and 95 <= every_epoch <= 100, (end_only, every_epoch)
 
 
+def test_the_first_plan_reserves_the_evaluation_time_a_probe_measures():
+    clock = FakeClock()
+    probed = []
+
+    def probe(model):  # an evaluation of 10 s (a two-stage detector's thousands of RoIs), 1 s spent probing
+        probed.append(model)
+        clock.now += 1.0
+        return 10.0
+
+    def first_plan(eval_probe):
+        trainer, budget = toy_run(clock, epochs=100, steps_per_epoch=100, minutes=1.0)
+        clock.now = budget.started = 0.0
+        budget.eval_probe, budget.eval_every = eval_probe, 1000  # the final evaluation only
+        trainer.hooks.append(StopAfter(budget.skip_steps + budget.measure_steps))
+        trainer.train()
+        return trainer, budget
+
+    guessed = first_plan(None)[1].planned  # eval_images=0: only the fixed 1 s guessed
+    trainer, budget = first_plan(probe)
+    assert probed == [trainer.state.eval_model]
+    # 0.1 s steps: 590 in a minute less a 1 s evaluation; 480 less the probed 1 + 10 s and the probe's own
+    # second, which is not counted as step time
+    assert 585 <= guessed <= 595 and 475 <= budget.planned <= 485, (guessed, budget.planned)
+    assert budget._seconds_per_step(trainer) == pytest.approx(0.1)
+
+
 def test_a_non_positive_budget_is_refused_and_none_is_no_budget():
     with pytest.raises(ValueError, match="max_minutes must be positive"):
         TimeBudgetHook(0)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from detkit.engine import distributed
 from detkit.engine.hooks.base import Hook
@@ -33,6 +34,10 @@ class TimeBudgetHook(Hook):
             sessions of a resumed run used.
         eval_images: images of the validation set, for the estimate of an evaluation's time before one has
             been measured (assumed half a training image's cost each, plus ``fixed_eval_seconds``).
+        eval_probe: callable(model) → the seconds one evaluation of ``model`` is expected to take, timed on a
+            few validation images; called once, at the first plan, in place of the ``eval_images`` guess (which
+            a two-stage detector, thousands of RoIs per test image, exceeds many times over). Its own time is
+            left out of the speed measurement.
         eval_every: epochs between evaluations (the last epoch is always evaluated), to reserve their time.
         skip_steps: first steps left out of the speed measurement (allocation, lazy initialisation); ≥ 1.
         measure_steps: steps measured before the first plan.
@@ -49,8 +54,8 @@ class TimeBudgetHook(Hook):
 
     def __init__(self, max_minutes: float | None, started: float | None = None, eval_images: int = 0,
                  eval_every: int = 1, skip_steps: int = 3, measure_steps: int = 10, final_seconds: float = 2.0,
-                 fixed_eval_seconds: float = 2.0, log: Callable[[str], None] = print,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 fixed_eval_seconds: float = 2.0, eval_probe: Callable[[nn.Module], float] | None = None,
+                 log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> None:
         if max_minutes is not None and max_minutes <= 0:
             raise ValueError(f"trainer.max_minutes must be positive, got {max_minutes}")
         self.clock = clock
@@ -62,6 +67,7 @@ class TimeBudgetHook(Hook):
         self.used_before = 0.0  # seconds of earlier sessions (resume)
         self.planned: int | None = None
         self.eval_seconds: float | None = None  # the last evaluation + checkpoint pause, measured
+        self.eval_probe, self._probed = eval_probe, None  # (the probe's estimate, until one is measured)
         self._session_steps = 0
         self._mark: tuple[float, int] | None = None  # (time, global step) where the speed measurement starts
         self._pause = 0.0  # seconds since the mark spent in evaluations
@@ -85,6 +91,8 @@ class TimeBudgetHook(Hook):
     def _evaluation_seconds(self, seconds_per_step: float, batch: int) -> float:
         if self.eval_seconds is not None:
             return self.eval_seconds
+        if self._probed is not None:
+            return self.fixed_eval_seconds + self._probed
         return self.fixed_eval_seconds + self.eval_images * seconds_per_step / max(batch, 1) / 2.0
 
     def _steps_that_fit(self, trainer, seconds_per_step: float) -> int:
@@ -122,6 +130,10 @@ class TimeBudgetHook(Hook):
         if seconds is not None and self._session_steps >= self.skip_steps + self.measure_steps:
             first = self._session_steps == self.skip_steps + self.measure_steps
             due = self._replans and trainer.state.global_step >= self._replans[0] * (self.planned or 1)
+            if first and self.eval_probe is not None and self.eval_seconds is None:
+                start = self.clock()
+                self._probed = self.eval_probe(trainer.state.eval_model)
+                self._pause += self.clock() - start
             if first or due:
                 while self._replans and trainer.state.global_step >= self._replans[0] * (self.planned or 1):
                     self._replans.pop(0)
@@ -129,8 +141,9 @@ class TimeBudgetHook(Hook):
                 trainer.plan(self.planned)
                 if first:
                     epochs = self.planned / max(trainer.state.steps_per_epoch, 1)
-                    self.log(f"time budget {self.budget / 60:.1f} min: {1 / seconds:.2f} steps/s measured -> "
-                             f"{self.planned} steps ({epochs:.2f} epochs);"
+                    evaluation = self._evaluation_seconds(seconds, trainer.state.batch_size)
+                    self.log(f"time budget {self.budget / 60:.1f} min: {1 / seconds:.2f} steps/s measured, "
+                             f"~{evaluation:.0f} s per evaluation -> {self.planned} steps ({epochs:.2f} epochs);"
                              f" lr schedule, Mosaic close-out and EMA planned for them, final evaluation included")
         # Out of time (a budget shorter than the measurement, or another job slowed the machine down): end
         # now, with the final evaluation.
