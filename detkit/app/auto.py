@@ -7,7 +7,8 @@
 - Priors, as YOLOv5's autoanchor: the best possible recall (BPR) of the configured priors over the training
   boxes letterboxed to the training size is computed; below ``auto.bpr_threshold`` new priors are fitted (YOLO
   anchors by k-means with 1 − IoU, SSD min/max sizes spread over the box-size range, RetinaNet/RPN anchor sizes
-  rescaled) and kept only if their BPR is higher. The built-in data keeps the configs' priors unless
+  rescaled, Fast R-CNN's dense proposals given the boxes' ratios and rescaled, G-CNN's grid rescaled) and kept
+  only if their BPR is higher. The built-in data keeps the configs' priors unless
   ``auto.builtin`` (the main job's anchors reach a BPR of 0.9998 there anyway).
 
 Chosen values are written into the config, so the checkpoint's stored config (and eval, predict, export,
@@ -28,7 +29,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from detkit.anchors import grid_anchor_shapes, iou_recall, kmeans_anchors, ratio_recall, ssd_box_shapes
+from detkit.anchors import gcnn_grid_count, grid_anchor_shapes, iou_recall, kmeans_anchors, ratio_recall, ssd_box_shapes
 from detkit.data.anchor_stats import SizeStats
 from detkit.utils.resolvers import config_dir, scaled_size
 
@@ -208,15 +209,66 @@ RPN = Family(
 )
 
 
+def _dense_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
+    """Fast R-CNN's dense proposals: as many ratios h/w as configured at evenly spaced quantiles of the boxes'
+    log-ratios, then every size (and its own stride, in the same proportion) times the factor of highest BPR."""
+    proposals = model["proposals"]
+    count = len(proposals["ratios"])
+    if len(wh) < count:
+        return {}
+    log_ratio = (wh[:, 1] / wh[:, 0]).log()
+    quantiles = torch.tensor([(k + 0.5) / count for k in range(count)], dtype=log_ratio.dtype)
+    ratios = [round(v, 2) for v in torch.quantile(log_ratio, quantiles).exp().tolist()]
+    trial = _with(model, {"proposals.ratios": ratios})
+    sizes = _rescaled_fit("proposals.sizes", lambda: DENSE)(wh, trial, img_size, seed)["proposals.sizes"]
+    stride, old = proposals["stride"], proposals["sizes"]
+    strides = ([max(1, round(new * v / was)) for new, v, was in zip(sizes, stride, old)]
+               if isinstance(stride, (list, tuple)) else max(1, round(stride * sizes[0] / old[0])))
+    return {"proposals.sizes": sizes, "proposals.stride": strides, "proposals.ratios": ratios}
+
+
+def _grid_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
+    """G-CNN's grid: every scale times one factor 2^(j/4) (as :func:`_rescaled_fit`), at most the whole image;
+    the number of boxes grows as the squared inverse of the scale, so the fit takes the smallest grid among
+    those of the best BPR."""
+    best, best_recall, best_count = {}, -1.0, math.inf
+    for j in range(-8, 9):
+        scales = sorted({min(1.0, round(s * 2 ** (j / 4), 4)) for s in model["grid_scales"]}, reverse=True)
+        trial = _with(model, {"grid_scales": scales})
+        recall = GRID.recall(wh, GRID.shapes(trial, img_size), trial)
+        count = gcnn_grid_count(scales, model["grid_overlap"])
+        if recall > best_recall + 1e-9 or (abs(recall - best_recall) <= 1e-9 and count < best_count):
+            best, best_recall, best_count = {"grid_scales": scales}, recall, count
+    return best
+
+
+DENSE = Family(
+    keys=("proposals.sizes", "proposals.stride", "proposals.ratios"),
+    shapes=lambda model, size: grid_anchor_shapes([[s] for s in model["proposals"]["sizes"]],
+                                                  model["proposals"]["ratios"]),
+    recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["fg_iou"]),
+    fit=_dense_fit,
+)
+GRID = Family(  # square boxes of a fraction of the (square, letterboxed) training input; assigned above assign_iou
+    keys=("grid_scales",),
+    shapes=lambda model, size: torch.tensor([[s * size, s * size] for s in model["grid_scales"]]),
+    recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["assign_iou"]),
+    fit=_grid_fit,
+)
+
+
 def prior_family(model_cfg: DictConfig) -> Family | None:
     """The :class:`Family` of the detector ``model_cfg`` builds; None for one without priors to fit."""
+    from detkit.models.detectors.fast_rcnn import FastRCNN
     from detkit.models.detectors.fpn_rcnn import FPNRCNN
+    from detkit.models.detectors.gcnn import GCNN
     from detkit.models.detectors.retinanet import RetinaNet
     from detkit.models.detectors.ssd import SSD as SSDDetector
     from detkit.models.detectors.yolo import YOLOv3
 
     cls = get_class(model_cfg._target_)
-    for base, family in ((YOLOv3, YOLO), (SSDDetector, SSD), (RetinaNet, RETINANET), (FPNRCNN, RPN)):
+    for base, family in ((YOLOv3, YOLO), (SSDDetector, SSD), (RetinaNet, RETINANET), (FPNRCNN, RPN),
+                         (FastRCNN, DENSE), (GCNN, GRID)):
         if issubclass(cls, base):
             return family
     return None

@@ -72,12 +72,17 @@ def test_tiny_objects_get_small_priors_and_a_larger_test_size(tmp_path):
     changed, log = run_auto(large)
     assert large.data.img_size == large.data.test_size == 352
     assert OmegaConf.to_container(large.model.anchors) == COMPACT_ANCHORS and "model.anchors" not in changed
-    # SSD's sizes and RetinaNet's follow the data too
-    for model, key in (("ssdlite", "priors.min_sizes"), ("retinanet_cpu", "anchor_sizes")):
+    # SSD's sizes, RetinaNet's, Fast R-CNN's dense proposals and G-CNN's grid follow the data too
+    for model, key in (("ssdlite", "priors.min_sizes"), ("retinanet_cpu", "anchor_sizes"),
+                       ("fast_rcnn_cpu", "proposals.sizes"), ("gcnn_cpu", "grid_scales")):
         cfg = compose_config("train", [*write_coco(tmp_path / model, 12, (300, 340), (4, 6)), f"model={model}"])
         before = OmegaConf.to_container(OmegaConf.select(cfg.model, key))
         changed, _ = run_auto(cfg)
         assert changed[f"model.{key}"][0] < before[0] / 2
+        if model == "fast_rcnn_cpu":  # the boxes' shape (square; its 2.0 is the digits' h/w), strides half the sizes
+            sizes = changed["model.proposals.sizes"]
+            assert changed["model.proposals.ratios"] == [1.0]
+            assert changed["model.proposals.stride"] == [max(1, round(v / 2)) for v in sizes]
 
 
 def test_fitted_priors_and_sizes_are_stored_and_reused_from_the_checkpoint(tmp_path):
