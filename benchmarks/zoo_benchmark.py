@@ -36,7 +36,7 @@ from detkit.utils.timing import median_ms
 
 # The CPU-size config of every family, in the table's order: the YOLO versions, SSD, then the region-based
 # detectors, G-CNN's grid regressed in steps beside Fast R-CNN's dense proposals.
-ZOO = ("yolov1_cpu", "yolov2_cpu", "yolov3_cpu", "yolov3_spp_cpu", "yolov4_cpu", "yolov3_compact", "ssd300",
+ZOO = ("yolov1_cpu", "yolov2_cpu", "yolov3_cpu", "yolov3_spp_cpu", "yolov4_cpu", "yolov3_compact", "ssd300_cpu",
        "ssdlite_cpu", "fast_rcnn_cpu", "gcnn_cpu", "fpn_rcnn_cpu", "retinanet_cpu")
 STATS = ("AP", "AP50", "APs")
 

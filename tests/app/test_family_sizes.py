@@ -12,7 +12,7 @@ from tests.app.test_auto import run_auto, write_coco
 from tests.conftest import compose_config
 
 FAMILIES = ["yolov1_cpu", "yolov2_cpu", "yolov3_compact", "yolov3_cpu", "yolov3_spp_cpu", "yolov4_cpu", "ssd300",
-            "ssdlite", "ssdlite_cpu", "fast_rcnn_cpu", "gcnn_cpu", "fpn_rcnn_cpu", "retinanet_cpu"]
+            "ssd300_cpu", "ssdlite", "ssdlite_cpu", "fast_rcnn_cpu", "gcnn_cpu", "fpn_rcnn_cpu", "retinanet_cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def test_a_missing_config_or_a_non_coco_metric_fails_before_any_run():
 
 def test_a_failed_run_leaves_a_row_and_the_others_go_on(tmp_path, monkeypatch):
     def run_training(out, minutes, overrides, **popen):
-        if "model=ssd300" in overrides:
+        if "model=ssd300_cpu" in overrides:
             raise subprocess.CalledProcessError(1, "train.py")
         (Path(out) / "metrics.json").write_text(json.dumps({"AP": 0.25, "AP50": 0.5, "APs": -1.0}))
         torch.save({"hooks": {"progress": {"images": 80, "seconds": 4.0, "epochs": 2.5}}}, Path(out) / "last.pt")
@@ -109,14 +109,14 @@ def test_a_failed_run_leaves_a_row_and_the_others_go_on(tmp_path, monkeypatch):
     measured = {"params": 10, "flops": 2e9, "img_size": 64, "test_size": 64, "threads": 1, "latency_ms": 3.0}
     monkeypatch.setattr(zoo_benchmark, "run_training", run_training)
     monkeypatch.setattr(zoo_benchmark, "measure_checkpoint", lambda checkpoint, repeats: measured)
-    result = run_zoo(1, tmp_path, ["ssdlite", "ssd300"], reference=False, log=lambda _: None)  # (ssd300 first)
+    result = run_zoo(1, tmp_path, ["ssdlite_cpu", "ssd300_cpu"], reference=False, log=lambda _: None)  # ssd300_cpu 1st
     failed, done = result["rows"]
-    assert failed["model"] == "ssd300" and "exited with status 1" in failed["error"]
+    assert failed["model"] == "ssd300_cpu" and "exited with status 1" in failed["error"]
     assert done["train_img_s"] == 20.0 and done["epochs"] == 2.5 and done["AP"] == 0.25
     table = (tmp_path / "zoo.md").read_text()
     assert table == format_zoo(result)
-    assert "| ssd300 | failed: tools/train.py exited with status 1" in table
-    assert "| ssdlite | **0.2500** | 0.5000 | -1.0000 | 0.00 | 2.00 | 20.0 | 3.0 | 2.50 |" in table
+    assert "| ssd300_cpu | failed: tools/train.py exited with status 1" in table
+    assert "| ssdlite_cpu | **0.2500** | 0.5000 | -1.0000 | 0.00 | 2.00 | 20.0 | 3.0 | 2.50 |" in table
     assert all(line.count("|") == 11 for line in table.splitlines() if line.startswith("|"))
     done["AP"] = 0.0
     assert "| ssdlite | 0.0000 |" in format_zoo(result)  # no bold for a best of nothing

@@ -224,6 +224,24 @@ def test_vgg16_features_convert_from_a_weights_name_and_load_into_both_vgg_backb
     assert torch.equal(ssd.features[28].weight, tv_features[28].weight)
 
 
+def test_vgg16_bn_features_load_into_the_batchnorm_vgg_of_ssd300(tmp_path):
+    torch.manual_seed(0)
+    tv_features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"], batch_norm=True).eval()
+    for module in tv_features.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial running statistics
+            module.running_mean.uniform_(-0.1, 0.1), module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "vgg16_bn.pth"
+    torch.save({f"features.{k}": v for k, v in tv_features.state_dict().items()}, path)
+    ssd = VGG16SSD(pretrained=str(path), batch_norm=True).eval()
+    x = torch.rand(1, 3, 300, 300, generator=torch.Generator().manual_seed(4))
+    tv_features[23].ceil_mode = True  # pool3, as SSD rounds it up
+    with torch.no_grad():
+        conv4_3 = tv_features[:33](x)  # vgg16_bn's conv4_3 ReLU is its layer 32
+        torch.testing.assert_close(ssd(x)[0], ssd.l2norm(conv4_3), atol=0, rtol=0)
+    with pytest.raises(PretrainedError, match="not this architecture's weights"):
+        VGG16SSD(pretrained=str(path))  # the plain VGG's layer indices are not vgg16_bn's
+
+
 def test_resize_to_resizes_images_and_training_boxes_and_maps_detections_back():
     from detkit.app.build import build_model
 

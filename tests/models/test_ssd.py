@@ -159,6 +159,22 @@ def test_ssdlite_cpu_has_a_stride8_level_of_small_boxes_and_overfits_small_objec
     assert_finds_the_boxes(model, images, targets)
 
 
+def test_ssd300_cpu_has_batchnorm_everywhere_and_overfits_small_objects():
+    cfg = compose_config("train", ["model=ssd300_cpu", "model.backbone.width=0.0625", "data.img_size=300"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=3)
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == 13 + 2 + 8 and len(norms) == len(convs)  # conv1_1 … conv5_3, fc6, fc7, conv8 … conv11
+    plain = VGG16SSD(width=0.0625).eval()
+    x = torch.rand(1, 3, 300, 300)
+    with torch.no_grad():
+        assert [m.shape for m in model.eval().backbone(x)] == [m.shape for m in plain(x)]  # conv4_3 kept in place
+    images, targets = small_object_batch(300)
+    overfit(model.train(), images, targets, steps=100, lr=1e-2, shrink=0.1)
+    assert_finds_the_boxes(model, images, targets)
+
+
 def test_ssdlite_trains_and_evaluates_through_the_trainer(tiny_builtin, tmp_path, recwarn):
     from detkit.app.train import train
 
