@@ -119,7 +119,7 @@ def test_a_failed_run_leaves_a_row_and_the_others_go_on(tmp_path, monkeypatch):
     assert "| ssdlite_cpu | **0.2500** | 0.5000 | -1.0000 | 0.00 | 2.00 | 20.0 | 3.0 | 2.50 |" in table
     assert all(line.count("|") == 11 for line in table.splitlines() if line.startswith("|"))
     done["AP"] = 0.0
-    assert "| ssdlite | 0.0000 |" in format_zoo(result)  # no bold for a best of nothing
+    assert "| ssdlite_cpu | 0.0000 |" in format_zoo(result)  # no bold for a best of nothing
 
 
 def test_a_run_without_training_totals_is_reported(tmp_path):
