@@ -209,44 +209,72 @@ RPN = Family(
 )
 
 
+def _best_factor(family: Family, model: dict, wh: Tensor, img_size: int, values_at: Callable[[float], dict],
+                 cost: Callable[[dict], float]) -> dict:
+    """The ``values_at(2^(j/4))`` (|j| ≤ 8: a factor of 1/4 … 4) of highest BPR, then of lowest ``cost(config)``
+    (the boxes a config makes per image), then of the smallest change."""
+    best, best_rank = {}, None
+    for j in range(-8, 9):
+        values = values_at(2 ** (j / 4))
+        trial = _with(model, values)
+        recall = round(family.recall(wh, family.shapes(trial, img_size), trial), 9)
+        rank = (-recall, cost(trial), abs(j))
+        if best_rank is None or rank < best_rank:
+            best, best_rank = values, rank
+    return best
+
+
+def _dense_count(model: dict, img_size: int) -> int:
+    """Dense proposals per ``img_size``² input (before dropping tiny clipped ones)."""
+    proposals = model["proposals"]
+    stride, sizes, ratios = proposals["stride"], proposals["sizes"], proposals["ratios"]
+    if isinstance(stride, (list, tuple)):
+        return sum(math.ceil(img_size / v) ** 2 for v in stride) * len(ratios)
+    return math.ceil(img_size / stride) ** 2 * len(sizes) * len(ratios)
+
+
 def _dense_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
     """Fast R-CNN's dense proposals: as many ratios h/w as configured at evenly spaced quantiles of the boxes'
-    log-ratios, then every size (and its own stride, in the same proportion) times the factor of highest BPR."""
+    log-ratios (equal ones merged), then every size and every stride times one factor (:func:`_best_factor`)."""
     proposals = model["proposals"]
     count = len(proposals["ratios"])
     if len(wh) < count:
         return {}
     log_ratio = (wh[:, 1] / wh[:, 0]).log()
     quantiles = torch.tensor([(k + 0.5) / count for k in range(count)], dtype=log_ratio.dtype)
-    ratios = [round(v, 2) for v in torch.quantile(log_ratio, quantiles).exp().tolist()]
-    trial = _with(model, {"proposals.ratios": ratios})
-    sizes = _rescaled_fit("proposals.sizes", lambda: DENSE)(wh, trial, img_size, seed)["proposals.sizes"]
-    stride, old = proposals["stride"], proposals["sizes"]
-    strides = ([max(1, round(new * v / was)) for new, v, was in zip(sizes, stride, old)]
-               if isinstance(stride, (list, tuple)) else max(1, round(stride * sizes[0] / old[0])))
-    return {"proposals.sizes": sizes, "proposals.stride": strides, "proposals.ratios": ratios}
+    ratios = list(dict.fromkeys(min(max(round(v, 2), 0.01), 100.0)
+                                for v in torch.quantile(log_ratio, quantiles).exp().tolist()))
+    stride, sizes = proposals["stride"], proposals["sizes"]
+
+    def values_at(factor: float) -> dict:
+        strides = ([max(1, round(v * factor)) for v in stride] if isinstance(stride, (list, tuple))
+                   else max(1, round(stride * factor)))
+        return {"proposals.sizes": [round(v * factor, 1) for v in sizes], "proposals.stride": strides,
+                "proposals.ratios": ratios}
+
+    return _best_factor(DENSE, model, wh, img_size, values_at, lambda trial: _dense_count(trial, img_size))
 
 
 def _grid_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
-    """G-CNN's grid: every scale times one factor 2^(j/4) (as :func:`_rescaled_fit`), at most the whole image;
-    the number of boxes grows as the squared inverse of the scale, so the fit takes the smallest grid among
-    those of the best BPR."""
-    best, best_recall, best_count = {}, -1.0, math.inf
-    for j in range(-8, 9):
-        scales = sorted({min(1.0, round(s * 2 ** (j / 4), 4)) for s in model["grid_scales"]}, reverse=True)
-        trial = _with(model, {"grid_scales": scales})
-        recall = GRID.recall(wh, GRID.shapes(trial, img_size), trial)
-        count = gcnn_grid_count(scales, model["grid_overlap"])
-        if recall > best_recall + 1e-9 or (abs(recall - best_recall) <= 1e-9 and count < best_count):
-            best, best_recall, best_count = {"grid_scales": scales}, recall, count
-    return best
+    """G-CNN's grid: every scale times one factor (:func:`_best_factor`), at most the whole image (equal scales
+    merged); the boxes grow as the squared inverse of the scale, so among grids of equal BPR the smallest wins."""
+    scales, overlap = model["grid_scales"], model["grid_overlap"]
+    return _best_factor(GRID, model, wh, img_size,
+                        lambda factor: {"grid_scales": sorted({min(1.0, s * factor) for s in scales}, reverse=True)},
+                        lambda trial: gcnn_grid_count(trial["grid_scales"], overlap))
+
+
+def _dense_shapes(model: dict, size: int) -> Tensor:
+    # DenseProposals drops boxes narrower than its min_size: those shapes never exist
+    proposals = model["proposals"]
+    shapes = grid_anchor_shapes([[s] for s in proposals["sizes"]], proposals["ratios"])
+    return shapes[shapes.amin(dim=1) >= proposals.get("min_size", 4.0)]
 
 
 DENSE = Family(
     keys=("proposals.sizes", "proposals.stride", "proposals.ratios"),
-    shapes=lambda model, size: grid_anchor_shapes([[s] for s in model["proposals"]["sizes"]],
-                                                  model["proposals"]["ratios"]),
-    recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["fg_iou"]),
+    shapes=_dense_shapes,
+    recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["fg_iou"]) if len(shapes) else 0.0,
     fit=_dense_fit,
 )
 GRID = Family(  # square boxes of a fraction of the (square, letterboxed) training input; assigned above assign_iou

@@ -40,16 +40,22 @@ def make_evaluator(dataset, loader, out_dir: Path, device, metric: str = "coco",
 
 def make_eval_probe(loader, num_images: int, device, sample: int = 8):
     """Callable(model) → the seconds an evaluation over ``num_images`` images of ``loader`` should take: the
-    prediction time per image of the first ``sample`` images of its first batch (after a warm-up forward on one
-    image), times ``num_images``. For :class:`~detkit.engine.hooks.TimeBudgetHook`'s first plan."""
+    time per image of loading its first batch and of predicting on its first ``sample`` images (after a warm-up
+    forward on the same images), times ``num_images``. For :class:`~detkit.engine.hooks.TimeBudgetHook`'s first
+    plan; an empty loader gives 0."""
 
     def probe(model) -> float:
-        images, targets = next(iter(loader))
+        start = time.perf_counter()
+        batch = next(iter(loader), None)
+        if batch is None:
+            return 0.0
+        images, targets = batch
+        loading = (time.perf_counter() - start) / max(len(targets), 1)
         count = min(sample, len(targets))
-        predict(model, [(images[:1], targets[:1])], device)
+        predict(model, [(images[:count], targets[:count])], device)
         start = time.perf_counter()
         predict(model, [(images[:count], targets[:count])], device)
-        return (time.perf_counter() - start) / count * num_images
+        return ((time.perf_counter() - start) / count + loading) * num_images
 
     return probe
 

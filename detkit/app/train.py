@@ -179,7 +179,8 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: Iterable[Hook] = ()
         "class_names": list(train_set.class_names),
         "mosaic": find_mosaic(train_set),
         "started": started,
-        # the first estimate of an evaluation's time counts val images at the training size's cost
+        # an evaluation's time before one is measured: val images at the training size's cost, or (the budget's
+        # eval_probe) timed on a few of them
         "eval_images": round(len(val_set) * (eval_img_size(cfg.data) / cfg.data.img_size) ** 2),
         "eval_probe": make_eval_probe(val_loader, len(val_set), device),
         "log": say,

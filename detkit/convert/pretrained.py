@@ -56,11 +56,12 @@ def load_prefixed(module: nn.Module, spec: str | Path, prefix: str = "features."
     state = load_state_dict(spec)
     found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = module.state_dict()
-    missing = [k for k in own if k not in found]
+    # BatchNorm's step counter is absent from state dicts saved before torch 0.4.1, as some published files are
+    missing = [k for k in own if k not in found and not k.endswith("num_batches_tracked")]
     wrong = [f"{k} {tuple(found[k].shape)} for {tuple(v.shape)}" for k, v in own.items()
              if k in found and found[k].shape != v.shape]
     if missing or wrong:
         problems = ([f"missing {', '.join(prefix + k for k in missing[:3])}"] if missing else []) + \
                    ([f"shapes {', '.join(prefix + w for w in wrong[:3])}"] if wrong else [])
         raise PretrainedError(f"pretrained={spec}: not this architecture's weights ({'; '.join(problems)})")
-    module.load_state_dict({k: found[k] for k in own})
+    module.load_state_dict({k: found[k] if k in found else v for k, v in own.items()})

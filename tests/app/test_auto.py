@@ -82,7 +82,8 @@ def test_tiny_objects_get_small_priors_and_a_larger_test_size(tmp_path):
         if model == "fast_rcnn_cpu":  # the boxes' shape (square; its 2.0 is the digits' h/w), strides half the sizes
             sizes = changed["model.proposals.sizes"]
             assert changed["model.proposals.ratios"] == [1.0]
-            assert changed["model.proposals.stride"] == [max(1, round(v / 2)) for v in sizes]
+            assert all(abs(stride - size / 2) <= 0.55 for stride, size in zip(changed["model.proposals.stride"], sizes))
+            assert min(sizes) >= 4  # DenseProposals drops narrower boxes: the fit does not count on them
 
 
 def test_fitted_priors_and_sizes_are_stored_and_reused_from_the_checkpoint(tmp_path):

@@ -231,7 +231,8 @@ def test_vgg16_bn_features_load_into_the_batchnorm_vgg_of_ssd300(tmp_path):
         if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial running statistics
             module.running_mean.uniform_(-0.1, 0.1), module.running_var.uniform_(0.5, 2.0)
     path = tmp_path / "vgg16_bn.pth"
-    torch.save({f"features.{k}": v for k, v in tv_features.state_dict().items()}, path)
+    # as torchvision's vgg16_bn file (2017): no BatchNorm num_batches_tracked entries
+    torch.save({f"features.{k}": v for k, v in tv_features.state_dict().items() if "num_batches" not in k}, path)
     ssd = VGG16SSD(pretrained=str(path), batch_norm=True).eval()
     x = torch.rand(1, 3, 300, 300, generator=torch.Generator().manual_seed(4))
     tv_features[23].ceil_mode = True  # pool3, as SSD rounds it up

@@ -35,7 +35,8 @@ class TimeBudgetHook(Hook):
         eval_images: images of the validation set, for the estimate of an evaluation's time before one has
             been measured (assumed half a training image's cost each, plus ``fixed_eval_seconds``).
         eval_probe: callable(model) → the seconds one evaluation of ``model`` is expected to take, timed on a
-            few validation images; called once, at the first plan, in place of the ``eval_images`` guess (which
+            few validation images; called once per session, at its first plan, unless an evaluation has been
+            measured (a resumed run's), in place of the ``eval_images`` guess (which
             a two-stage detector, thousands of RoIs per test image, exceeds many times over). Its own time is
             left out of the speed measurement.
         eval_every: epochs between evaluations (the last epoch is always evaluated), to reserve their time.

@@ -48,7 +48,8 @@ def _conv_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int
 
 
 def _extra(c_in: int, c_mid: int, c_out: int, stride: int, padding: int, batch_norm: bool = False) -> nn.Sequential:
-    """1×1 reduction then a 3×3 convolution, each followed by ReLU (conv8 … conv11 of SSD300)."""
+    """1×1 reduction then a 3×3 convolution, each followed by ReLU (BatchNorm, ReLU with ``batch_norm``): conv8 …
+    conv11 of SSD300."""
     return nn.Sequential(*_conv_relu(c_in, c_mid, 1, batch_norm=batch_norm),
                          *_conv_relu(c_mid, c_out, 3, stride, padding, batch_norm=batch_norm))
 
