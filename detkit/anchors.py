@@ -17,8 +17,8 @@ from torch import Tensor
 __all__ = ["SSD300", "ssd_default_boxes", "ssd_prior_config", "ssd_relative_boxes", "grid_anchors",
            "torchvision_anchors", "ANCHOR_LAYOUTS",
            "anchors_per_location", "gcnn_grid",
-           "gcnn_grid_count", "shape_iou", "kmeans_anchors", "ratio_recall", "iou_recall", "ssd_box_shapes",
-           "grid_anchor_shapes"]
+           "gcnn_grid_count", "gcnn_box_sides", "shape_iou", "kmeans_anchors", "ratio_recall", "iou_recall",
+           "ssd_box_shapes", "grid_anchor_shapes"]
 
 SSD300 = dict(
     image_size=300,
@@ -198,13 +198,31 @@ def _tiles_per_axis(scale: float, overlap: float) -> int:
     return math.ceil((1.0 - scale) / (scale * (1.0 - overlap)) - 1e-9) + 1
 
 
-def gcnn_grid_count(scales: Sequence[float] = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5), overlap: float = 0.5) -> int:
-    """Number of boxes :func:`gcnn_grid` makes: Σ_s n_s², n_s = ⌈(1 − s) / (s·(1 − overlap))⌉ + 1."""
-    return sum(_tiles_per_axis(s, overlap) ** 2 for s in scales)
+def gcnn_box_sides(scale: float, ratio: float = 1.0) -> tuple[float, float]:
+    """(width, height) of a :func:`gcnn_grid` box of scale ``scale`` and ratio h / w ``ratio``, as fractions of
+    the image's sides: area scale², each side at most 1."""
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"scales must be in (0, 1], got {scale}")
+    if not ratio > 0.0:
+        raise ValueError(f"ratios must be > 0, got {ratio}")
+    root = math.sqrt(ratio)
+    return min(1.0, scale / root), min(1.0, scale * root)
+
+
+def gcnn_grid_count(scales: Sequence[float] = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5), overlap: float = 0.5,
+                    ratios: Sequence[float] = (1.0,)) -> int:
+    """Number of boxes :func:`gcnn_grid` makes: Σ over scales s and ratios r of n(w_s,r)·n(h_s,r), with
+    n(f) = ⌈(1 − f) / (f·(1 − overlap))⌉ + 1 for a side fraction f (n_s² for squares)."""
+    total = 0
+    for s in scales:
+        for r in ratios:
+            fw, fh = gcnn_box_sides(s, r)
+            total += _tiles_per_axis(fw, overlap) * _tiles_per_axis(fh, overlap)
+    return total
 
 
 def gcnn_grid(image_size: int | Sequence[int], scales: Sequence[float] = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5),
-              overlap: float = 0.5) -> Tensor:
+              overlap: float = 0.5, ratios: Sequence[float] = (1.0,)) -> Tensor:
     """G-CNN's initial boxes (Najibi et al., CVPR 2016): a multi-scale regular grid of overlapping boxes.
 
     At scale s a box spans the fraction s of the image's width and of its height (square on a square image);
@@ -212,6 +230,11 @@ def gcnn_grid(image_size: int | Sequence[int], scales: Sequence[float] = (1.0, 1
     neighbours overlap by at least ``overlap`` of a side, every box lies inside the image and the boxes of a
     scale cover it. ``image_size`` is an int or (height, width). Returns (Σ n_s², 4) xyxy pixels, scale by
     scale, row-major.
+
+    ``ratios`` (h / w; not in the paper, whose boxes are squares) gives each scale boxes of the same area and
+    those shapes, w = s / √r and h = s·√r of the image's sides (at most 1), each side tiled by the same rule:
+    a grid shaped like the data's objects (tall digits, standing people) assigns more of them at a given count.
+    Order: scale by scale, within a scale ratio by ratio.
 
     The defaults (s = 1, 1/2, 1/3, 1/4, 1/5, half-side steps, so n = 2m − 1 for s = 1/m) give
     1 + 9 + 25 + 49 + 81 = 165 boxes, the paper's "around 180" order of magnitude
@@ -222,13 +245,13 @@ def gcnn_grid(image_size: int | Sequence[int], scales: Sequence[float] = (1.0, 1
     h, w = _pair(image_size)
     boxes = []
     for s in scales:
-        if not 0.0 < s <= 1.0:
-            raise ValueError(f"scales must be in (0, 1], got {s}")
-        n = _tiles_per_axis(s, overlap)
-        starts = torch.linspace(0.0, 1.0 - s, n, dtype=torch.float64)
-        y0, x0 = torch.meshgrid(starts, starts, indexing="ij")
-        x0, y0 = x0.reshape(-1), y0.reshape(-1)
-        boxes.append(torch.stack([x0 * w, y0 * h, (x0 + s) * w, (y0 + s) * h], dim=1))
+        for r in ratios:
+            fw, fh = gcnn_box_sides(s, r)
+            xs = torch.linspace(0.0, 1.0 - fw, _tiles_per_axis(fw, overlap), dtype=torch.float64)
+            ys = torch.linspace(0.0, 1.0 - fh, _tiles_per_axis(fh, overlap), dtype=torch.float64)
+            y0, x0 = torch.meshgrid(ys, xs, indexing="ij")
+            x0, y0 = x0.reshape(-1), y0.reshape(-1)
+            boxes.append(torch.stack([x0 * w, y0 * h, (x0 + fw) * w, (y0 + fh) * h], dim=1))
     return torch.cat(boxes).float()
 
 

@@ -6,6 +6,7 @@ import torch
 from detkit.anchors import (
     SSD300,
     anchors_per_location,
+    gcnn_box_sides,
     gcnn_grid,
     gcnn_grid_count,
     grid_anchors,
@@ -116,6 +117,35 @@ def test_gcnn_grid_count_inside_and_coverage(scales, overlap):
             xs0 = level.view(n, n, 4)[0, :, 0]
             assert (xs0.diff() <= s * w * (1 - overlap) + 1e-3).all()
     assert start == len(boxes)
+
+
+@pytest.mark.parametrize("ratios", [(2.0,), (0.5, 1.0, 3.0), (9.0,)])
+def test_gcnn_grid_ratios_shape_count_and_coverage(ratios):
+    h, w, scales, overlap = 120, 200, (1 / 2, 1 / 5), 0.5
+    boxes = gcnn_grid((h, w), scales, overlap, ratios)
+    assert len(boxes) == gcnn_grid_count(scales, overlap, ratios)
+    assert (boxes[:, :2] >= -1e-4).all() and (boxes[:, 2] <= w + 1e-3).all() and (boxes[:, 3] <= h + 1e-3).all()
+    start = 0
+    for s in scales:
+        for r in ratios:
+            fw, fh = min(1.0, s / math.sqrt(r)), min(1.0, s * math.sqrt(r))
+            assert gcnn_box_sides(s, r) == pytest.approx((fw, fh))
+            nx = math.ceil(round((1 - fw) / (fw * (1 - overlap)), 9)) + 1
+            ny = math.ceil(round((1 - fh) / (fh * (1 - overlap)), 9)) + 1
+            level = boxes[start : start + nx * ny]
+            start += nx * ny
+            _, wh = centers_and_sizes(level)
+            assert torch.allclose(wh, torch.tensor([fw * w, fh * h]).expand_as(wh), rtol=1e-5)
+            if fw < 1 and fh < 1:  # the shape asked for: h / w = r of the image's sides, area s² of the image
+                assert torch.allclose(wh[:, 1] / h / (wh[:, 0] / w), torch.tensor(r), rtol=1e-5)
+            # the boxes of each shape cover the image
+            ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+            pts = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)
+            assert ((pts[:, None] >= level[None, :, :2]) & (pts[:, None] <= level[None, :, 2:])).all(2).any(1).all()
+    assert start == len(boxes)
+    assert torch.equal(gcnn_grid((h, w), scales, overlap, (1.0,)), gcnn_grid((h, w), scales, overlap))
+    with pytest.raises(ValueError, match="ratios must be > 0"):
+        gcnn_grid(64, scales, overlap, (0.0,))
 
 
 def test_gcnn_default_count():

@@ -29,7 +29,15 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from detkit.anchors import gcnn_grid_count, grid_anchor_shapes, iou_recall, kmeans_anchors, ratio_recall, ssd_box_shapes
+from detkit.anchors import (
+    gcnn_box_sides,
+    gcnn_grid_count,
+    grid_anchor_shapes,
+    iou_recall,
+    kmeans_anchors,
+    ratio_recall,
+    ssd_box_shapes,
+)
 from detkit.data.anchor_stats import SizeStats
 from detkit.utils.resolvers import config_dir, scaled_size
 
@@ -233,6 +241,14 @@ def _dense_count(model: dict, img_size: int) -> int:
     return math.ceil(img_size / stride) ** 2 * len(sizes) * len(ratios)
 
 
+def _quantile_ratios(wh: Tensor, count: int) -> list[float]:
+    """``count`` ratios h/w at evenly spaced quantiles of the boxes' log-ratios, rounded, equal ones merged."""
+    log_ratio = (wh[:, 1] / wh[:, 0]).log()
+    quantiles = torch.tensor([(k + 0.5) / count for k in range(count)], dtype=log_ratio.dtype)
+    return list(dict.fromkeys(min(max(round(v, 2), 0.01), 100.0)
+                              for v in torch.quantile(log_ratio, quantiles).exp().tolist()))
+
+
 def _dense_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
     """Fast R-CNN's dense proposals: as many ratios h/w as configured at evenly spaced quantiles of the boxes'
     log-ratios (equal ones merged), then every size and every stride times one factor (:func:`_best_factor`)."""
@@ -240,10 +256,7 @@ def _dense_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
     count = len(proposals["ratios"])
     if len(wh) < count:
         return {}
-    log_ratio = (wh[:, 1] / wh[:, 0]).log()
-    quantiles = torch.tensor([(k + 0.5) / count for k in range(count)], dtype=log_ratio.dtype)
-    ratios = list(dict.fromkeys(min(max(round(v, 2), 0.01), 100.0)
-                                for v in torch.quantile(log_ratio, quantiles).exp().tolist()))
+    ratios = _quantile_ratios(wh, count)
     stride, sizes = proposals["stride"], proposals["sizes"]
 
     def values_at(factor: float) -> dict:
@@ -256,12 +269,22 @@ def _dense_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
 
 
 def _grid_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
-    """G-CNN's grid: every scale times one factor (:func:`_best_factor`), at most the whole image (equal scales
-    merged); the boxes grow as the squared inverse of the scale, so among grids of equal BPR the smallest wins."""
+    """G-CNN's grid: as many ratios h/w as configured (``grid_ratios``, absent: the paper's squares) at evenly
+    spaced quantiles of the boxes' log-ratios (equal ones merged), then every scale times one factor
+    (:func:`_best_factor`), at most the whole image (equal scales merged); the boxes grow as the squared inverse of
+    the scale, so among grids of equal BPR the smallest wins."""
     scales, overlap = model["grid_scales"], model["grid_overlap"]
-    return _best_factor(GRID, model, wh, img_size,
-                        lambda factor: {"grid_scales": sorted({min(1.0, s * factor) for s in scales}, reverse=True)},
-                        lambda trial: gcnn_grid_count(trial["grid_scales"], overlap))
+    ratios = model.get("grid_ratios")
+    fitted = {}
+    if ratios is not None and len(wh) >= len(ratios):
+        fitted = {"grid_ratios": _quantile_ratios(wh, len(ratios))}
+    ratios = fitted.get("grid_ratios", ratios or [1.0])
+
+    def values_at(factor: float) -> dict:
+        return {"grid_scales": sorted({min(1.0, s * factor) for s in scales}, reverse=True), **fitted}
+
+    return _best_factor(GRID, model, wh, img_size, values_at,
+                        lambda trial: gcnn_grid_count(trial["grid_scales"], overlap, ratios))
 
 
 def _dense_shapes(model: dict, size: int) -> Tensor:
@@ -277,9 +300,15 @@ DENSE = Family(
     recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["fg_iou"]) if len(shapes) else 0.0,
     fit=_dense_fit,
 )
-GRID = Family(  # square boxes of a fraction of the (square, letterboxed) training input; assigned above assign_iou
-    keys=("grid_scales",),
-    shapes=lambda model, size: torch.tensor([[s * size, s * size] for s in model["grid_scales"]]),
+def _grid_shapes(model: dict, size: int) -> Tensor:
+    # the grid's box shapes on a (square, letterboxed) size² training input
+    sides = [gcnn_box_sides(s, r) for s in model["grid_scales"] for r in model.get("grid_ratios") or [1.0]]
+    return torch.tensor(sides, dtype=torch.float32) * size
+
+
+GRID = Family(  # boxes of a fraction of the (square, letterboxed) training input; assigned above assign_iou
+    keys=("grid_scales", "grid_ratios"),
+    shapes=_grid_shapes,
     recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["assign_iou"]),
     fit=_grid_fit,
 )

@@ -77,6 +77,7 @@ def test_tiny_objects_get_small_priors_and_a_larger_test_size(tmp_path):
                        ("fast_rcnn_cpu", "proposals.sizes"), ("gcnn_cpu", "grid_scales")):
         cfg = compose_config("train", [*write_coco(tmp_path / model, 12, (300, 340), (4, 6)), f"model={model}"])
         before = OmegaConf.to_container(OmegaConf.select(cfg.model, key))
+        before_ratios = OmegaConf.to_container(cfg.model.grid_ratios) if model == "gcnn_cpu" else None
         changed, _ = run_auto(cfg)
         assert changed[f"model.{key}"][0] < before[0] / 2
         if model == "fast_rcnn_cpu":  # the boxes' shape (square; its 2.0 is the digits' h/w), strides half the sizes
@@ -84,6 +85,8 @@ def test_tiny_objects_get_small_priors_and_a_larger_test_size(tmp_path):
             assert changed["model.proposals.ratios"] == [1.0]
             assert all(abs(stride - size / 2) <= 0.55 for stride, size in zip(changed["model.proposals.stride"], sizes))
             assert min(sizes) >= 4  # DenseProposals drops narrower boxes: the fit does not count on them
+        if model == "gcnn_cpu":  # its tall boxes (2.0: the digits' h/w) become the data's square ones
+            assert before_ratios == [2.0] and changed["model.grid_ratios"] == [1.0]
 
 
 def test_fitted_priors_and_sizes_are_stored_and_reused_from_the_checkpoint(tmp_path):

@@ -1,8 +1,9 @@
-"""G-CNN: step targets, the grid at the paper's setting, the IoU-0.2 assignment, one backbone pass for S head
-passes, the one-step switch, and the tiny config overfitting a 2-image batch."""
+"""G-CNN: step targets, the grid at the paper's setting and the CPU config's tall one, the IoU-0.2 assignment,
+one backbone pass for S head passes, the one-step switch, and the tiny config overfitting a 2-image batch."""
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 
 from detkit.anchors import gcnn_grid_count
 from detkit.models.detectors.gcnn import assign_grid, step_target
@@ -36,6 +37,17 @@ def test_grid_at_the_paper_setting_and_steps_from_config():
     assert (grid[:, 2] <= 640).all() and (grid[:, 3] <= 480).all() and (grid[0] == torch.tensor([0, 0, 640, 480])).all()
     assert (model.train_steps, model.test_steps) == (3, 5)
     assert model.head.pooler.kind == "roi_pool" and model.head.pooler.spatial_scale == 1 / 16
+
+
+def test_cpu_grid_is_of_tall_boxes_and_a_bad_ratio_fails_at_build():
+    model = build("gcnn_cpu")
+    grid = model.grid((384, 384))
+    assert len(grid) == gcnn_grid_count(model.grid_scales, model.grid_overlap, model.grid_ratios) > 1000
+    wh = grid[:, 2:] - grid[:, :2]
+    assert torch.allclose(wh[:, 1] / wh[:, 0], torch.tensor(2.0), rtol=1e-4)  # the digits' h / w
+    assert model.test_steps == model.train_steps == 3
+    with pytest.raises(InstantiationException, match="ratios must be > 0, got -1"):
+        build("gcnn_cpu", "model.grid_ratios=[-1.0]")
 
 
 def test_assignment_needs_iou_above_0_2_and_takes_the_best_ground_truth():
@@ -87,8 +99,8 @@ def test_backbone_once_per_batch_head_once_per_step(steps):
 
 
 def test_tiny_config_overfits_two_images(toy_batch, precise_batchnorm):
-    # A smaller draw of grid boxes than the config's 256 keeps the test fast; the grid is the config's.
-    model = build("gcnn_cpu", "model.boxes_per_image=96")
+    # The config as it is: its grid of tall boxes, 64 drawn per image, 5x5 pooling.
+    model = build("gcnn_cpu")
     overfit(model, *toy_batch, steps=50, lr=0.003, shrink=0.3)
     precise_batchnorm(model, *toy_batch)
     assert_finds_the_boxes(model, *toy_batch)
