@@ -26,6 +26,7 @@ from detkit.engine.amp import AMPTrainer
 from detkit.engine.checkpoint import load_torch_file, save_checkpoint
 from detkit.engine.hooks import Hook, ScheduleHook
 from detkit.engine.optim import adamw, build_scheduler
+from detkit.engine.trainer import model_to
 from detkit.errors import CheckpointError, ConfigError
 
 
@@ -150,8 +151,7 @@ def pretrain_backbone(cfg: DictConfig, out_dir: str | Path) -> dict:
     classes = train_raw.num_classes
     classifier = BackboneClassifier(build_model(cfg.model, classes).backbone, classes + 1, int(p.size))
     device = torch.device(cfg.device)
-    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
-    model = CropClassifier(classifier).to(device, memory_format=memory_format)
+    model = model_to(CropClassifier(classifier), device, bool(p.channels_last))
     sampler = ResumableSampler(len(train_set), cfg.seed, shuffle=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=int(p.batch_size), sampler=sampler, drop_last=True,
                                          num_workers=int(p.num_workers))

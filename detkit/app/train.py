@@ -36,6 +36,7 @@ from detkit.engine import distributed
 from detkit.engine.amp import AMPTrainer
 from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.hooks import Hook
+from detkit.engine.trainer import model_to
 from detkit.errors import CheckpointError, ConfigError
 from detkit.evaluation.dataset import format_metrics, headline, main_metric
 from detkit.utils.complexity import complexity
@@ -187,7 +188,7 @@ def train(cfg: DictConfig, out_dir: str | Path, extra_hooks: Iterable[Hook] = ()
     }
     hooks = build_hooks(cfg.hooks, run, world.is_main) + list(extra_hooks)
     hooks += sparsity_hook(cfg.sparsity, out_dir if world.is_main else None)
-    model.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format)
+    model_to(model, device, cfg.trainer.channels_last)
     trainer = AMPTrainer(model, optimizer, train_loader, cfg.trainer.epochs, hooks, device=device,
                          accumulate=accumulate, channels_last=cfg.trainer.channels_last,
                          forward=training_forward(model, device, cfg.trainer.compile),

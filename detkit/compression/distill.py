@@ -34,7 +34,7 @@ from detkit.compression.distill_losses import (
 )
 from detkit.engine import distributed
 from detkit.engine.hooks import Hook
-from detkit.engine.trainer import Trainer
+from detkit.engine.trainer import Trainer, model_to
 
 __all__ = ["DistillHook", "adaptation_layers", "distill"]
 
@@ -101,7 +101,7 @@ class DistillHook(Hook):
             # per-anchor terms need the same anchors; feature imitation only the same family (and strides)
             check_same_layout(self.teacher_view, self.student_view,
                               family_only=self.kd_weight == 0 and self.box_weight == 0)
-        self.teacher.to(trainer.device, memory_format=trainer.memory_format).eval()
+        model_to(self.teacher, trainer.device, trainer.memory_format == torch.channels_last).eval()
         if self.imitation_weight > 0 and self.adaptation is None:
             student_c, teacher_c = self.student_view.feature_channels(), self.teacher_view.feature_channels()
             if len(student_c) != len(teacher_c):

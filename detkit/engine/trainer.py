@@ -28,6 +28,18 @@ def to_device(obj, device: torch.device):
     return obj
 
 
+def model_to(model: nn.Module, device: torch.device | str, channels_last: bool = False) -> nn.Module:
+    """``model`` on ``device``, its 4-D weights and buffers (convolutions) in the NHWC layout if ``channels_last``.
+    ``Module.to(memory_format=...)`` would also convert 5-D tensors, which channels_last cannot hold (a locally
+    connected layer's per-position kernels: darknet YOLOv1's head), and stop there."""
+    model = model.to(device)
+    if channels_last:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dim() == 4:
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 class Trainer:
     """Epoch/step loop with exact resume, in float32 (:class:`~detkit.engine.amp.AMPTrainer` adds autocast).
 
@@ -87,7 +99,7 @@ class Trainer:
                 f"the training set has {len(self.loader.dataset)} images, fewer than one optimizer step of "
                 f"{self.loader.batch_size} x {self.accumulate} (accumulate) x {distributed.current().size} (processes)"
             )
-        self.model.to(self.device, memory_format=self.memory_format).train()
+        model_to(self.model, self.device, self.memory_format == torch.channels_last).train()
         self.call("before_train")
         while state.epoch < state.epochs and state.global_step < state.total_steps:
             self.run_epoch()
