@@ -22,6 +22,7 @@ from benchmarks.benchmark import coco_eval_timings, inference_fn, synthetic_batc
 from benchmarks.twostage_benchmark import twostage_models
 from detkit.app.build import build_model
 from detkit.engine.amp import resolve_precision
+from detkit.engine.trainer import model_to
 from detkit.utils.complexity import complexity
 from detkit.utils.timing import interleaved_medians
 
@@ -58,7 +59,7 @@ def default_model_throughput(batch: int = 8, steps: int = 5, overrides: list[str
     images = images.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model = model.to(memory_format=layout)
+    model = model_to(model, device, bool(cfg.trainer.channels_last))
     images = images.contiguous(memory_format=layout)
 
     def train_step() -> None:

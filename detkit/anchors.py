@@ -203,8 +203,8 @@ def gcnn_box_sides(scale: float, ratio: float = 1.0) -> tuple[float, float]:
     the image's sides: area scale², each side at most 1."""
     if not 0.0 < scale <= 1.0:
         raise ValueError(f"scales must be in (0, 1], got {scale}")
-    if not ratio > 0.0:
-        raise ValueError(f"ratios must be > 0, got {ratio}")
+    if not 0.0 < ratio < math.inf:
+        raise ValueError(f"ratios must be > 0 and finite, got {ratio}")
     root = math.sqrt(ratio)
     return min(1.0, scale / root), min(1.0, scale * root)
 
@@ -242,6 +242,9 @@ def gcnn_grid(image_size: int | Sequence[int], scales: Sequence[float] = (1.0, 1
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if not len(scales) or not len(ratios):
+        raise ValueError(f"a grid needs at least one scale and one ratio, got scales {list(scales)} and ratios "
+                         f"{list(ratios)}")
     h, w = _pair(image_size)
     boxes = []
     for s in scales:

@@ -144,8 +144,11 @@ def test_gcnn_grid_ratios_shape_count_and_coverage(ratios):
             assert ((pts[:, None] >= level[None, :, :2]) & (pts[:, None] <= level[None, :, 2:])).all(2).any(1).all()
     assert start == len(boxes)
     assert torch.equal(gcnn_grid((h, w), scales, overlap, (1.0,)), gcnn_grid((h, w), scales, overlap))
-    with pytest.raises(ValueError, match="ratios must be > 0"):
-        gcnn_grid(64, scales, overlap, (0.0,))
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="ratios must be > 0 and finite"):
+            gcnn_grid(64, scales, overlap, (bad,))
+    with pytest.raises(ValueError, match="at least one scale and one ratio"):
+        gcnn_grid(64, scales, overlap, ())
 
 
 def test_gcnn_default_count():

@@ -98,15 +98,20 @@ def _close(a, b) -> bool:
     return a == b
 
 
-def replaceable(model_cfg: dict, keys: Sequence[str], cli_keys: Sequence[str]) -> bool:
-    """Whether the priors at ``keys`` of ``model_cfg`` are a config file's, not the user's."""
-    for key in keys:
+def replaceable(model_cfg: dict, keys: Sequence[str], cli_keys: Sequence[str], optional: Sequence[str] = ()) -> bool:
+    """Whether the priors at ``keys`` of ``model_cfg`` are a config file's, not the user's; an ``optional`` key
+    may also be absent or null (then it is not fitted), but not named on the command line."""
+    for key in [*keys, *optional]:
         if named(f"model.{key}", cli_keys):
             return False
         try:
             value = _get(model_cfg, key)
         except (KeyError, TypeError):  # a config without this key (priors: null) has nothing to replace
+            if key in optional:
+                continue
             return False
+        if value is None and key in optional:
+            continue
         if not any(_close(value, v) for v in file_values("model", key)):
             return False
     return True
@@ -124,6 +129,7 @@ class Family:
     shapes: Callable[[dict, int], Tensor]
     recall: Callable[[Tensor, Tensor, dict], float]
     fit: Callable[[Tensor, dict, int, int], dict]
+    optional: tuple[str, ...] = ()  # keys a config may lack (then not fitted)
 
 
 def _yolo_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
@@ -307,7 +313,8 @@ def _grid_shapes(model: dict, size: int) -> Tensor:
 
 
 GRID = Family(  # boxes of a fraction of the (square, letterboxed) training input; assigned above assign_iou
-    keys=("grid_scales", "grid_ratios"),
+    keys=("grid_scales",),
+    optional=("grid_ratios",),
     shapes=_grid_shapes,
     recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["assign_iou"]),
     fit=_grid_fit,
@@ -422,7 +429,7 @@ def apply_auto(cfg: DictConfig, read_train: Callable[[], object], log: Callable[
                  and not named(f"data.{k}", cli_keys)]
     family = prior_family(cfg.model) if auto.priors and (auto.builtin or not cfg.data.get("builtin")) else None
     model = OmegaConf.to_container(cfg.model, resolve=False)
-    if family is not None and not replaceable(model, family.keys, cli_keys):
+    if family is not None and not replaceable(model, family.keys, cli_keys, family.optional):
         family = None
     if not size_keys and family is None:
         return fixed
@@ -439,7 +446,8 @@ def apply_auto(cfg: DictConfig, read_train: Callable[[], object], log: Callable[
         img_size = int(cfg.data.img_size)
         values, before, after = fit_priors(family, model, stats.letterboxed(img_size), img_size,
                                            auto.bpr_threshold, cfg.seed)
-        keys = ", ".join(f"model.{k}" for k in family.keys)
+        present = [k for k in family.optional if model.get(k) is not None]
+        keys = ", ".join(f"model.{k}" for k in (*family.keys, *present))
         if values:
             for key, value in values.items():
                 OmegaConf.update(cfg.model, key, value, merge=False)

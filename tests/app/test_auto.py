@@ -119,6 +119,17 @@ def test_a_value_the_user_set_is_never_replaced(tmp_path, monkeypatch):
     assert run_auto(off) == ({}, "")
 
 
+def test_a_grid_without_ratios_is_fitted_as_squares_and_named_ratios_stay(tmp_path, monkeypatch):
+    overrides = [*write_coco(tmp_path / "tiny", 12, (300, 340), (4, 6)), "model=gcnn_cpu"]
+    squares = compose_config("train", [*overrides, "model.grid_ratios=null"])  # older configs: no ratios
+    changed, log = run_auto(squares)
+    assert {k for k in changed if k.startswith("model.")} == {"model.grid_scales"} and squares.model.grid_ratios is None
+    assert "fitted model.grid_scales:" in log
+    monkeypatch.setattr(auto, "command_line_keys", lambda: ["model.grid_ratios"])  # the user's: nothing refit
+    named_ratios = compose_config("train", [*overrides, "data.img_size=352", "data.test_size=352"])
+    assert run_auto(named_ratios)[0] == {} and OmegaConf.to_container(named_ratios.model.grid_ratios) == [2.0]
+
+
 def test_tools_that_read_a_user_dataset_choose_its_sizes_as_training_would(tmp_path):
     overrides = write_coco(tmp_path / "tiny", 12, (300, 340), (2.5, 3.5))
     trained = compose_config("train", overrides)

@@ -46,8 +46,12 @@ def test_cpu_grid_is_of_tall_boxes_and_a_bad_ratio_fails_at_build():
     wh = grid[:, 2:] - grid[:, :2]
     assert torch.allclose(wh[:, 1] / wh[:, 0], torch.tensor(2.0), rtol=1e-4)  # the digits' h / w
     assert model.test_steps == model.train_steps == 3
-    with pytest.raises(InstantiationException, match="ratios must be > 0, got -1"):
+    with pytest.raises(InstantiationException, match="ratios must be > 0 and finite, got -1"):
         build("gcnn_cpu", "model.grid_ratios=[-1.0]")
+    squares = build("gcnn_cpu", "model.grid_ratios=null")  # null: the paper's squares
+    assert squares.grid_ratios == (1.0,)
+    wh = squares.grid((384, 384))[:, 2:] - squares.grid((384, 384))[:, :2]
+    assert torch.allclose(wh[:, 0], wh[:, 1])
 
 
 def test_assignment_needs_iou_above_0_2_and_takes_the_best_ground_truth():

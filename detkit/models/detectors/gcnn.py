@@ -72,7 +72,7 @@ class GCNN(RoIDetector):
     Args:
         train_steps, test_steps: S_train and S_test (3 and 5 in the paper).
         grid_scales, grid_overlap, grid_ratios: :func:`~detkit.anchors.gcnn_grid`'s ``scales``, ``overlap`` and
-            ``ratios`` (h / w; (1,): the paper's squares), the grid being built at the input size.
+            ``ratios`` (h / w; (1,) or None: the paper's squares), the grid being built at the input size.
         assign_iou: a grid box learns an object when their IoU is above this (0.2).
         boxes_per_image: None trains every grid box; a number draws that many per image (up to a quarter
             foreground) before the steps, to bound the cost of a large grid.
@@ -81,14 +81,14 @@ class GCNN(RoIDetector):
 
     def __init__(self, num_classes: int, backbone: nn.Module, train_steps: int = 3, test_steps: int = 5,
                  grid_scales: Sequence[float] = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5), grid_overlap: float = 0.5,
-                 grid_ratios: Sequence[float] = (1.0,), assign_iou: float = 0.2, boxes_per_image: int | None = None,
-                 **head_args) -> None:
+                 grid_ratios: Sequence[float] | None = (1.0,), assign_iou: float = 0.2,
+                 boxes_per_image: int | None = None, **head_args) -> None:
         super().__init__(num_classes, backbone, **head_args)
         if train_steps < 1 or test_steps < 1:
             raise ValueError(f"train_steps and test_steps must be ≥ 1, got {train_steps}, {test_steps}")
         self.train_steps, self.test_steps = train_steps, test_steps
         self.grid_scales, self.grid_overlap = tuple(plain(grid_scales)), grid_overlap
-        self.grid_ratios = tuple(plain(grid_ratios))
+        self.grid_ratios = tuple(plain(grid_ratios)) if grid_ratios is not None else (1.0,)
         gcnn_grid(64, self.grid_scales, grid_overlap, self.grid_ratios)  # a bad scale, overlap or ratio fails here
         self.assign_iou, self.boxes_per_image = assign_iou, boxes_per_image
         self.coder = DeltaCoder(FAST_RCNN_WEIGHTS)
