@@ -186,18 +186,12 @@ SSD = Family(
 
 def _rescaled_fit(key: str, family: Callable[[], Family]) -> Callable[[Tensor, dict, int, int], dict]:
     """Fit of grid anchors: every size times one factor 2^(j/4), |j| ≤ 16, the one of highest BPR (the
-    smallest change among equals), so levels keep their spacing and their order."""
+    smallest change among equals: :func:`_best_factor` at no cost), so levels keep their spacing and order."""
 
     def fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
         sizes = _get(model, key)
-        best, best_recall = {}, -1.0
-        for j in sorted(range(-16, 17), key=abs):
-            scaled = _scale_nested(sizes, 2 ** (j / 4))
-            trial = _with(model, {key: scaled})
-            recall = family().recall(wh, family().shapes(trial, img_size), trial)
-            if recall > best_recall:
-                best, best_recall = {key: scaled}, recall
-        return best
+        return _best_factor(family(), model, wh, img_size, lambda factor: {key: _scale_nested(sizes, factor)},
+                            lambda trial: 0, span=16)
 
     return fit
 
@@ -224,11 +218,11 @@ RPN = Family(
 
 
 def _best_factor(family: Family, model: dict, wh: Tensor, img_size: int, values_at: Callable[[float], dict],
-                 cost: Callable[[dict], float]) -> dict:
-    """The ``values_at(2^(j/4))`` (|j| ≤ 8: a factor of 1/4 … 4) of highest BPR, then of lowest ``cost(config)``
-    (the boxes a config makes per image), then of the smallest change."""
+                 cost: Callable[[dict], float], span: int = 8) -> dict:
+    """The ``values_at(2^(j/4))`` (|j| ≤ ``span``; 8: a factor of 1/4 … 4) of highest BPR, then of lowest
+    ``cost(config)`` (the boxes a config makes per image), then of the smallest change."""
     best, best_rank = {}, None
-    for j in range(-8, 9):
+    for j in range(-span, span + 1):
         values = values_at(2 ** (j / 4))
         trial = _with(model, values)
         recall = round(family.recall(wh, family.shapes(trial, img_size), trial), 9)
