@@ -59,12 +59,17 @@ class MobileNetV2SSD(nn.Module):
             torchvision weights name (``MobileNet_V2_Weights.IMAGENET1K_V1``)
             (its ``features.*`` entries are read); the extra layers stay randomly initialised.
         stride8: also give the stride-8 map (an expansion's output), first.
+        init_std: every conv of the backbone (unless ``pretrained``) and of the extra layers drawn from
+            N(0, init_std²), biases 0, as torchvision initialises its SSDLite; None keeps torchvision's MobileNetV2
+            initialisation (Kaiming, fan-out).
     """
 
     def __init__(self, width: float = 1.0, extra_channels: tuple[int, ...] = (512, 256, 256, 128),
-                 pretrained: str | None = None, stride8: bool = False) -> None:
+                 pretrained: str | None = None, stride8: bool = False, init_std: float | None = None) -> None:
         super().__init__()
         self.features = mobilenet_v2(weights=None, width_mult=width).features
+        if init_std is not None and not pretrained:
+            normal_init(self.features, init_std)
         if pretrained:
             load_prefixed(self.features, pretrained)
         self.stride8 = stride8
@@ -73,6 +78,8 @@ class MobileNetV2SSD(nn.Module):
         c32 = self.features[-1].out_channels
         extras = [max(8, round(c * width)) for c in extra_channels]
         self.extras = nn.ModuleList(_separable_down(c_in, c_out) for c_in, c_out in zip([c32, *extras], extras))
+        if init_std is not None:
+            normal_init(self.extras, init_std)
         self.out_channels = [*([c8] if stride8 else []), c16, c32, *extras]
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -121,21 +128,27 @@ class MobileNetV3SSD(nn.Module):
             N(0, init_std²), biases 0 (torchvision's 0.03); None keeps torchvision's classifier initialisation.
         pretrained: a local state dict file of ``torchvision.models.mobilenet_v3_large`` with the same ``width``
             and ``reduced_tail``, or a torchvision weights name; its ``features.*`` entries are read.
+        stride8: also give a stride-8 map, first: the expansion conv's output of the block that halves the stride-8
+            map (240 channels at width 1), tapped as C4 is, for objects of a few percent of the input.
     """
 
     def __init__(self, width: float = 1.0, extra_channels: tuple[int, ...] = (512, 256, 256, 128),
-                 reduced_tail: bool = True, init_std: float | None = 0.03, pretrained: str | None = None) -> None:
+                 reduced_tail: bool = True, init_std: float | None = 0.03, pretrained: str | None = None,
+                 stride8: bool = False) -> None:
         super().__init__()
         self.features = mobilenet_v3_large(weights=None, width_mult=width, reduced_tail=reduced_tail).features
-        # torchvision's C4: the last block that halves the map (its expansion conv runs at stride 16).
-        self.c4 = max(i for i, block in enumerate(self.features) if getattr(block, "_is_cn", False))
-        if self.features[self.c4].use_res_connect:
-            raise ValueError("the C4 block of MobileNetV3 has a residual connection: its expansion cannot be tapped")
+        # torchvision's C4: the last block that halves the map (its expansion conv runs at stride 16); C3 the one
+        # before it (its expansion runs at stride 8).
+        halving = [i for i, block in enumerate(self.features) if getattr(block, "_is_cn", False)]
+        self.c4 = halving[-1]
+        self.c3 = halving[-2] if stride8 else None
+        taps = [i for i in (self.c3, self.c4) if i is not None]
+        if any(self.features[i].use_res_connect for i in taps):
+            raise ValueError("a tapped block of MobileNetV3 has a residual connection: its expansion cannot be tapped")
         extras = [max(16, int(c * width)) for c in extra_channels]
-        c4_channels = self.features[self.c4].block[0].out_channels
         c32 = self.features[-1].out_channels
         self.extras = nn.ModuleList(_separable_down(c_in, c_out) for c_in, c_out in zip([c32, *extras], extras))
-        self.out_channels = [c4_channels, c32, *extras]
+        self.out_channels = [*(self.features[i].block[0].out_channels for i in taps), c32, *extras]
         if init_std is not None:
             normal_init(self.extras, init_std)
             if not pretrained:
@@ -144,10 +157,11 @@ class MobileNetV3SSD(nn.Module):
             load_prefixed(self.features, pretrained)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) normalised images → six maps (B, out_channels[i], H / 16 / 2^i, W / 16 / 2^i), rounded up."""
+        """(B, 3, H, W) normalised images → six maps (B, out_channels[i], H / 16 / 2^i, W / 16 / 2^i), rounded up
+        (seven with ``stride8``, the first at H / 8)."""
         maps = []
         for i, layer in enumerate(self.features):
-            if i == self.c4:  # no residual here: the block is its expansion followed by the rest
+            if i in (self.c3, self.c4):  # no residual here: the block is its expansion followed by the rest
                 x = _tap_expansion(layer.block, x, maps)
             else:
                 x = layer(x)
