@@ -68,8 +68,6 @@ class MobileNetV2SSD(nn.Module):
                  pretrained: str | None = None, stride8: bool = False, init_std: float | None = None) -> None:
         super().__init__()
         self.features = mobilenet_v2(weights=None, width_mult=width).features
-        if init_std is not None and not pretrained:
-            normal_init(self.features, init_std)
         if pretrained:
             load_prefixed(self.features, pretrained)
         self.stride8 = stride8
@@ -80,6 +78,8 @@ class MobileNetV2SSD(nn.Module):
         self.extras = nn.ModuleList(_separable_down(c_in, c_out) for c_in, c_out in zip([c32, *extras], extras))
         if init_std is not None:
             normal_init(self.extras, init_std)
+            if not pretrained:
+                normal_init(self.features, init_std)
         self.out_channels = [*([c8] if stride8 else []), c16, c32, *extras]
 
     def forward(self, x: Tensor) -> list[Tensor]:

@@ -120,7 +120,8 @@ class SSD(nn.Module):
                  batch_norm: Mapping | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.priors_config = {k: plain(v) for k, v in dict(priors or SSD300).items()}
+        # a key set to None is unset (a config that inherits ``scales`` can drop it with ``scales: null``)
+        self.priors_config = {k: plain(v) for k, v in dict(priors or SSD300).items() if v is not None}
         num_boxes = boxes_per_cell(self.priors_config["aspect_ratios"])
         if len(num_boxes) != len(backbone.out_channels):
             raise ValueError(f"backbone gives {len(backbone.out_channels)} maps but the priors configure "
