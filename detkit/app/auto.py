@@ -33,6 +33,7 @@ from detkit.anchors import (
     gcnn_box_sides,
     gcnn_grid_count,
     grid_anchor_shapes,
+    grid_iou_recall,
     iou_recall,
     kmeans_anchors,
     ratio_recall,
@@ -174,12 +175,33 @@ def _ssd_fit(wh: Tensor, model: dict, img_size: int, seed: int) -> dict:
     return {"priors.min_sizes": mins, "priors.max_sizes": [round(m + step / scale, 1) for m in mins]}
 
 
+def _ssd_shapes(model: dict, size: int) -> Tensor:
+    """(A, 3) (w, h, step) of the default boxes at the training size; (A, 2) for a config without ``steps``.
+    Box sizes scale with the input (ssd_prior_config); a map's stride does not (a stride-8 layer stays stride 8),
+    so the steps are the configured ones, at most the input's side."""
+    priors, scale = model["priors"], _ssd_scale(model, size)
+    steps = priors.get("steps")
+    return ssd_box_shapes([s * scale for s in priors["min_sizes"]], [s * scale for s in priors["max_sizes"]],
+                          priors["aspect_ratios"],
+                          None if steps is None else [_cap(step, size) for step in steps])
+
+
+def _cap(step, size: int):
+    return [min(float(v), size) for v in step] if isinstance(step, (list, tuple)) else min(float(step), size)
+
+
+def _ssd_recall(wh: Tensor, shapes: Tensor, model: dict) -> float:
+    # SSD matches by IoU at the default boxes' own places: a box between two cell centres overlaps much less
+    # than a centred one, so where the steps are known the recall counts positions (grid_iou_recall)
+    if shapes.shape[1] == 3:
+        return grid_iou_recall(wh, shapes[:, :2], shapes[:, 2], model["iou_threshold"])
+    return iou_recall(wh, shapes, model["iou_threshold"])
+
+
 SSD = Family(
     keys=("priors.min_sizes", "priors.max_sizes"),
-    shapes=lambda model, size: ssd_box_shapes(
-        [s * _ssd_scale(model, size) for s in model["priors"]["min_sizes"]],
-        [s * _ssd_scale(model, size) for s in model["priors"]["max_sizes"]], model["priors"]["aspect_ratios"]),
-    recall=lambda wh, shapes, model: iou_recall(wh, shapes, model["iou_threshold"]),
+    shapes=_ssd_shapes,
+    recall=_ssd_recall,
     fit=_ssd_fit,
 )
 

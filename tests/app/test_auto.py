@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import detkit
-from detkit.anchors import iou_recall, ratio_recall
+from detkit.anchors import grid_iou_recall, iou_recall, ratio_recall
 from detkit.app import auto
 from detkit.app.auto import apply_auto, fill_sizes, named
 from detkit.app.build import raw_dataset
@@ -57,6 +57,15 @@ def test_recall_measures():
     assert ratio_recall(wh, torch.tensor([[10.0, 10.0]])) == 0.5  # 100/10 is past the ratio 4
     assert ratio_recall(wh, torch.tensor([[30.0, 10.0]])) == 1.0
     assert iou_recall(wh, torch.tensor([[10.0, 10.0]]), 0.5) == 0.5
+    # on a grid: a same-size prior 1.6x its stride misses a box between two cell centres (IoU 0.31 at half a
+    # stride off in x and y); at 4x its stride it still overlaps it by 0.62; centred, both match
+    box, prior = torch.tensor([[16.0, 16.0]]), torch.tensor([[16.0, 16.0]])
+    assert iou_recall(box, prior, 0.5) == 1.0
+    sparse = grid_iou_recall(box, prior, torch.tensor([10.0]), 0.5)
+    assert 0.3 < sparse < 0.9
+    assert grid_iou_recall(box, prior, torch.tensor([4.0]), 0.5) == 1.0
+    assert grid_iou_recall(box, prior, torch.tensor([5.0]), 0.5) > sparse  # a finer stride covers more
+    assert grid_iou_recall(torch.zeros(0, 2), prior, torch.tensor([4.0])) == 0.0
     assert named("model.anchors", ["model.anchors"]) and named("model.priors.min_sizes", ["model.priors"])
     assert not named("model.anchors", ["model.anchor_sizes", "data.img_size"])
 
@@ -87,6 +96,22 @@ def test_tiny_objects_get_small_priors_and_a_larger_test_size(tmp_path):
             assert min(sizes) >= 4  # DenseProposals drops narrower boxes: the fit does not count on them
         if model == "gcnn_cpu":  # its tall boxes (2.0: the digits' h/w) become the data's square ones
             assert before_ratios == [2.0] and changed["model.grid_ratios"] == [1.0]
+
+
+def test_ssd_default_boxes_sparse_for_their_stride_are_refitted():
+    # ssdlite_cpu's default boxes are about twice their map's stride: centred on tall 30-60 px wide objects (the
+    # large digits' shape at 256 px) every object has one at IoU 0.5, at their cells' places a fifth do not
+    model = OmegaConf.to_container(compose_config("train", ["model=ssdlite_cpu"]).model, resolve=True)
+    width = torch.linspace(30, 60, 50)
+    wh = torch.stack([width, 2 * width], dim=1)
+    shapes = auto.SSD.shapes(model, 256)
+    assert shapes.shape[1] == 3 and shapes[0, 2] == 8  # (w, h, stride): the first map's stride is 8 at any size
+    assert iou_recall(wh, shapes[:, :2], 0.5) == 1.0
+    before = auto.SSD.recall(wh, shapes, model)
+    assert before < 0.85
+    values, recall_before, recall_after = auto.fit_priors(auto.SSD, model, wh, 256, 0.98, 0)
+    assert recall_before == before and recall_after > before + 0.05
+    assert values["priors.min_sizes"][0] > model["priors"]["min_sizes"][0]
 
 
 def test_fitted_priors_and_sizes_are_stored_and_reused_from_the_checkpoint(tmp_path):
