@@ -159,6 +159,23 @@ def test_mobilenet_v3_stride8_taps_the_expansion_before_c4_without_new_weights()
     assert b[0].shape[1] == seven.out_channels[0] and torch.equal(b[0], expected)
 
 
+def test_mobilenet_v3_stride4_taps_the_expansion_before_the_stride8_block():
+    torch.manual_seed(0)
+    seven = MobileNetV3SSD(width=0.5, stride8=True).eval()
+    eight = MobileNetV3SSD(width=0.5, stride8=True, stride4=True).eval()
+    eight.load_state_dict(seven.state_dict())  # no new weights
+    x = torch.rand(1, 3, 160, 160)
+    with torch.no_grad():
+        a, b = seven(x), eight(x)
+    assert [m.shape[-1] for m in b] == [40, 20, 10, 5, 3, 2, 1, 1] and len(eight.out_channels) == 8
+    assert all(torch.equal(u, v) for u, v in zip(a, b[1:]))
+    block = eight.features[eight.c2]
+    assert eight.c2 < eight.c3 and block.block[1][0].stride == (2, 2)
+    with torch.no_grad():
+        expected = block.block[0](eight.features[: eight.c2](x))
+    assert b[0].shape[1] == eight.out_channels[0] and torch.equal(b[0], expected)
+
+
 def test_mobilenet_v2_init_std_draws_every_conv_from_a_normal():
     torch.manual_seed(0)
     default, normal = MobileNetV2SSD(width=0.5), MobileNetV2SSD(width=0.5, init_std=0.03)
