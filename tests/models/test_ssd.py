@@ -188,7 +188,7 @@ def test_mobilenet_v2_init_std_draws_every_conv_from_a_normal():
 
 def test_ssdlite_cpu_has_a_stride8_level_of_small_boxes_and_overfits_small_objects():
     # BatchNorm momentum 0.1 instead of torchvision's 0.03, so that the running statistics eval mode uses forget their
-    # initial values within the overfit's steps (0.97^60 = 16% of them remain at 0.03, 0.9^60 = 0.2% at 0.1).
+    # initial values within the overfit's 100 steps (0.97^100 = 4.8% of them remain at 0.03, 0.9^100 < 0.01% at 0.1).
     cfg = compose_config("train", ["model=ssdlite_cpu", "model.backbone.width=0.25", "model.batch_norm.momentum=0.1"])
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=3)
