@@ -14,6 +14,7 @@ import benchmarks.zoo_benchmark as zoo_benchmark
 from benchmarks.peer_benchmark import ROOT
 from benchmarks.zoo_benchmark import ZOO, family_configs, format_zoo, read_run, run_zoo, zoo_order
 from detkit.api import compose_train_config
+from detkit.engine.amp import native_bf16, resolve_precision
 from detkit.errors import ConfigError
 from tests.app.test_auto import write_coco
 
@@ -65,10 +66,13 @@ def test_the_command_trains_each_family_for_the_budget_and_writes_one_leaderboar
         assert row["test_size"] == config["data"]["test_size"] == 64
         model, _, _ = zoo_benchmark.load_trained(Path(row["run_dir"]) / "last.pt")
         assert row["params"] == sum(p.numel() for p in model.parameters())
+        assert row["precision"] == resolve_precision("auto", torch.device("cpu"))[0]  # auto, resolved here
     table = (out / "zoo.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| yolov3_compact |", "| fast_rcnn_cpu |"))]
     assert len(rows) == 2 and all(f"`{r['command']}`" in table for r in result["rows"])
-    assert "budget 0.05 min per model, CPU" in table and ", threads 1;" in table and table in capsys.readouterr().out
+    assert "budget 0.05 min per model, CPU" in table and ", threads 1, " in table and table in capsys.readouterr().out
+    native = "yes" if native_bf16(torch.device("cpu")) else "no"
+    assert f"training precision {result['rows'][0]['precision']} (native bf16: {native});" in table
 
 
 def test_a_user_dataset_takes_overrides_and_is_measured_at_the_sizes_training_chose(tmp_path):
@@ -120,6 +124,9 @@ def test_a_failed_run_leaves_a_row_and_the_others_go_on(tmp_path, monkeypatch):
     assert all(line.count("|") == 11 for line in table.splitlines() if line.startswith("|"))
     done["AP"] = 0.0
     assert "| ssdlite_cpu | 0.0000 |" in format_zoo(result)  # no bold for a best of nothing
+    second = {**done, "model": "yolov3_cpu", "precision": "bf16"}
+    mixed = format_zoo({**result, "rows": [{**done, "precision": "fp32"}, second]})
+    assert "training precision per run (zoo.json)" in mixed  # rows of different precisions are not summed up as one
 
 
 def test_a_run_without_training_totals_is_reported(tmp_path):
