@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from detkit.anchors import (
+    _pair,
     gcnn_box_sides,
     gcnn_grid_count,
     grid_anchor_shapes,
@@ -183,11 +184,7 @@ def _ssd_shapes(model: dict, size: int) -> Tensor:
     steps = priors.get("steps")
     return ssd_box_shapes([s * scale for s in priors["min_sizes"]], [s * scale for s in priors["max_sizes"]],
                           priors["aspect_ratios"],
-                          None if steps is None else [_cap(step, size) for step in steps])
-
-
-def _cap(step, size: int):
-    return [min(float(v), size) for v in step] if isinstance(step, (list, tuple)) else min(float(step), size)
+                          None if steps is None else [[min(float(v), size) for v in _pair(step)] for step in steps])
 
 
 def _ssd_recall(wh: Tensor, shapes: Tensor, model: dict) -> float:
