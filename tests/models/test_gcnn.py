@@ -108,3 +108,25 @@ def test_tiny_config_overfits_two_images(toy_batch, precise_batchnorm):
     overfit(model, *toy_batch, steps=50, lr=0.003, shrink=0.3)
     precise_batchnorm(model, *toy_batch)
     assert_finds_the_boxes(model, *toy_batch)
+
+
+def test_test_keep_steps_on_only_the_most_object_like_boxes_of_each_image():
+    model = build("gcnn", *SMALL_VGG, "model.test_steps=3").eval()
+    images = torch.rand(2, 3, 64, 64)
+    full = model(images)
+    count = len(model.grid((64, 64)))
+    model.test_keep = count  # keeping every box changes nothing
+    same = model(images)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(full, same) for k in a)
+    keep = count // 3
+    model.test_keep = keep
+    outputs = []
+    model.head.register_forward_hook(lambda _, args, out: outputs.append((torch.cat(args[1]), *out)))
+    model(images)
+    assert [len(rois) for rois, *_ in outputs] == [2 * count, 2 * keep, 2 * keep]
+    rois, logits, deltas = outputs[0]
+    objectness = logits.softmax(dim=1)[:, : model.num_classes].amax(dim=1).view(2, count)
+    moved = model.step(logits, deltas, rois, (64, 64))
+    for i in range(2):  # step 2 sees, of each image, the first step's output for its `keep` best boxes
+        best = objectness[i].topk(keep).indices
+        assert torch.equal(outputs[1][0][i * keep:(i + 1) * keep], moved.view(2, count, 4)[i, best])

@@ -13,6 +13,10 @@ encoded relative to B_s, so the last step's target is G itself; B_{s+1} is the b
 The losses of the steps are summed. Test: S_test steps, each moving a box with the regressor of its most
 confident object class; the last step's class scores and boxes go through class-aware NMS.
 
+``test_keep`` (not in the paper) bounds the test cost: after the first step only each image's ``test_keep`` boxes of
+highest object probability take the remaining steps; the grid's boxes far from every object (most of them)
+stop there, as background.
+
 S_train = S_test = 1 is "the same grid, one regression step" (``model.train_steps=1 model.test_steps=1``).
 """
 
@@ -76,13 +80,15 @@ class GCNN(RoIDetector):
         assign_iou: a grid box learns an object when their IoU is above this (0.2).
         boxes_per_image: None trains every grid box; a number draws that many per image (up to a quarter
             foreground) before the steps, to bound the cost of a large grid.
+        test_keep: None regresses every grid box through the S_test steps; a number keeps, after the first,
+            that many boxes per image (the highest object probability) for the other steps.
         The other arguments: see :class:`~detkit.models.detectors.fast_rcnn.RoIDetector`.
     """
 
     def __init__(self, num_classes: int, backbone: nn.Module, train_steps: int = 3, test_steps: int = 5,
                  grid_scales: Sequence[float] = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5), grid_overlap: float = 0.5,
                  grid_ratios: Sequence[float] | None = (1.0,), assign_iou: float = 0.2,
-                 boxes_per_image: int | None = None, **head_args) -> None:
+                 boxes_per_image: int | None = None, test_keep: int | None = None, **head_args) -> None:
         super().__init__(num_classes, backbone, **head_args)
         if train_steps < 1 or test_steps < 1:
             raise ValueError(f"train_steps and test_steps must be ≥ 1, got {train_steps}, {test_steps}")
@@ -90,7 +96,9 @@ class GCNN(RoIDetector):
         self.grid_scales, self.grid_overlap = tuple(plain(grid_scales)), grid_overlap
         self.grid_ratios = tuple(plain(grid_ratios)) if grid_ratios is not None else (1.0,)
         gcnn_grid(64, self.grid_scales, grid_overlap, self.grid_ratios)  # a bad scale, overlap or ratio fails here
-        self.assign_iou, self.boxes_per_image = assign_iou, boxes_per_image
+        if test_keep is not None and test_keep < 1:
+            raise ValueError(f"test_keep must be None or ≥ 1, got {test_keep}")
+        self.assign_iou, self.boxes_per_image, self.test_keep = assign_iou, boxes_per_image, test_keep
         self.coder = DeltaCoder(FAST_RCNN_WEIGHTS)
         self._grids: dict[tuple, Tensor] = {}
 
@@ -152,11 +160,16 @@ class GCNN(RoIDetector):
 
     @torch.no_grad()
     def _detect(self, features: Tensor, grid: Tensor, sizes: list[tuple[int, int]]) -> list[dict]:
-        boxes = grid.repeat(len(sizes), 1)
-        for _ in range(self.test_steps):
-            class_logits, box_deltas = self.head_in_chunks(features, list(boxes.split(len(grid))), sizes)
+        batch, count = len(sizes), len(grid)
+        boxes = grid.repeat(batch, 1)
+        for s in range(self.test_steps):
+            class_logits, box_deltas = self.head_in_chunks(features, list(boxes.split(count)), sizes)
             boxes = self.step(class_logits, box_deltas, boxes, sizes[0])
+            if s == 0 and self.test_keep is not None and self.test_keep < count and self.test_steps > 1:
+                objectness = class_logits.float().softmax(dim=1)[:, : self.num_classes].amax(dim=1)
+                top = objectness.view(batch, count).topk(self.test_keep, dim=1).indices
+                keep = (top + torch.arange(batch, device=top.device)[:, None] * count).flatten()
+                boxes, count = boxes[keep], self.test_keep
         scores = class_logits.float().softmax(dim=1)[:, : self.num_classes]
-        batch = len(sizes)
-        return postprocess_detections(boxes.view(batch, -1, 4), scores.view(batch, len(grid), -1),
+        return postprocess_detections(boxes.view(batch, -1, 4), scores.view(batch, count, -1),
                                       self.score_thresh, self.nms_thresh, self.max_det, image_size=sizes[0])
