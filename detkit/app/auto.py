@@ -409,7 +409,7 @@ def fit_priors(family: Family, model: dict, wh: Tensor, img_size: int, threshold
 
 
 def fixed_input_sizes(cfg: DictConfig, cli_keys: Sequence[str], log: Callable[[str], None] = print) -> dict:
-    """A model with a fixed input (``model.input_size``: YOLOv1's fully connected head) sets ``data.img_size``
+    """A model with a fixed input (``model.input_size``: YOLOv1's grid) sets ``data.img_size``
     and ``data.test_size`` to it where they are null or a data config file's default, and not named on the
     command line (a chosen size that differs is then a ConfigError at the model's size check, not a failure at
     its first forward). Returns the {key: value} set."""

@@ -31,13 +31,13 @@ def user_errors():
 
 def check_input_size(model: nn.Module, size: int, key: str) -> None:
     """Raise :class:`ConfigError` naming the config ``key`` when ``model`` cannot take ``size`` × ``size``
-    inputs: a YOLO needs a multiple of its coarsest stride (``model.strides[-1]``), YOLOv1's fully connected
-    head exactly its ``input_size``. The model would refuse them itself, but only at its first forward."""
+    inputs: a YOLO needs a multiple of its coarsest stride (``model.strides[-1]``), YOLOv1 exactly its ``input_size``
+    (its grid of cells is fixed). The model would refuse them itself, but only at its first forward."""
     strides = getattr(model, "strides", None)
     if strides and size % strides[-1]:
         raise ConfigError(f"{key}={size}: the input size of {type(model).__name__} must be a multiple of "
                           f"{strides[-1]}, its coarsest stride")
     fixed = getattr(model, "input_size", None)
     if isinstance(fixed, int) and size != fixed:
-        raise ConfigError(f"{key}={size}: {type(model).__name__}'s fully connected head is built for {fixed} px "
-                          f"inputs; use {fixed} or build the model with input_size={size}")
+        raise ConfigError(f"{key}={size}: {type(model).__name__} is built for {fixed} px inputs (its "
+                          f"grid of cells is fixed); use {fixed} or build the model with input_size={size}")

@@ -148,7 +148,8 @@ def _yolov1_units(model: nn.Module, names: dict[nn.Module, str]) -> list[Unit | 
     them, darknet's order) and the [connected] layer (bias, weight (outputs, inputs)); dropout and the
     [detection] layer have no weights."""
     if not model.darknet_head:
-        raise ConvertError("this YOLOv1's fully connected head has no darknet cfg: model=yolov1_darknet (yolov1.cfg's "
+        head = "conv" if model.conv_head else "fully connected"
+        raise ConvertError(f"this YOLOv1's {head} head has no darknet cfg: model=yolov1_darknet (yolov1.cfg's "
                            "locally connected head) loads darknet weights")
     local, connected = model.head[0], model.head[-1]
     return [*_conv_bn_units(model.backbone, names),

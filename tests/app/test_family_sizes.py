@@ -56,5 +56,5 @@ def test_a_fixed_input_model_sets_the_sizes_unless_they_are_chosen(coco):
     chosen = compose_config("train", [*coco, "model=yolov1_cpu", f"data.img_size={fixed + 64}"])
     run_auto(chosen)  # outside a Hydra app nothing is named on the command line; a value no config file has stays
     assert chosen.data.img_size == fixed + 64
-    with pytest.raises(ConfigError, match="fully connected head is built for"):
+    with pytest.raises(ConfigError, match="is built for 448 px inputs"):
         check_input_size(model, chosen.data.img_size, "data.img_size")

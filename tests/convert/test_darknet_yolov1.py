@@ -256,9 +256,10 @@ def test_a_file_of_another_class_count_or_a_fully_connected_yolov1_is_refused(tm
     short = write_v1(tmp_path / "short.weights", random_values(model)[:-10])
     with pytest.raises(ConvertError, match=rf"ends inside connected layer {len(layout(model))} \(head\.4\)"):
         load_weights(model, short)
-    fc = build_model(compose_config("train", ["model=yolov1_cpu"]).model, 3)
-    with pytest.raises(ConvertError, match="fully connected head has no darknet cfg: model=yolov1_darknet"):
-        layout(fc)
+    for head, words in (("fc", "fully connected"), ("conv", "conv")):  # yolov1_cpu's head, the paper's FC head
+        cfg = compose_config("train", ["model=yolov1_cpu", f"model.head={head}", "model.grid=7"])
+        with pytest.raises(ConvertError, match=f"{words} head has no darknet cfg: model=yolov1_darknet"):
+            layout(build_model(cfg.model, 3))
     assert isinstance(layout(model)[-1], LayerUnit)
 
 

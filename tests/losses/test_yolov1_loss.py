@@ -1,11 +1,11 @@
-"""YOLOv1: the responsible predictor, its IoU confidence target, the weighted sum-squared terms, and the
-class-specific confidence at inference."""
+"""YOLOv1: the responsible predictor, its IoU confidence target, the weighted sum-squared terms, the cells
+whose class values train (the centre's, or every covered one), and the class-specific confidence at inference."""
 
 import pytest
 import torch
 
 from detkit.boxes import elementwise_iou
-from detkit.losses.yolov1 import YOLOv1Loss, responsible_predictor
+from detkit.losses.yolov1 import YOLOv1Loss, covered_cells, responsible_predictor
 from detkit.models.detectors.yolov1 import YOLOv1
 
 SIZE = (64, 64)  # 2×2 grid: 32 px cells
@@ -51,6 +51,33 @@ def test_confidence_target_is_the_iou_of_an_imperfect_box_and_coordinates_weigh_
     assert torch.allclose(losses["loss_box"], torch.tensor(5.0 * 0.25**2))
 
 
+def test_covered_cells_name_the_smallest_box_holding_each_cell_centre():
+    # 4×4 grid on 128 px: cell centres at 16, 48, 80, 112.
+    big, small = [0.0, 0.0, 100.0, 100.0], [40.0, 40.0, 60.0, 90.0]
+    index = covered_cells(torch.tensor([big, small]), 4, (128, 128))
+    expected = torch.full((4, 4), -1)
+    expected[:3, :3] = 0  # centres 16, 48, 80 lie inside the big box, 112 does not
+    expected[1:3, 1] = 1  # x 48 and y 48, 80 lie inside the small one too: the smaller box wins
+    assert torch.equal(index, expected)
+    assert (covered_cells(torch.zeros(0, 4), 4, (128, 128)) == -1).all()
+
+
+def test_covered_class_cells_train_every_covered_cell_and_centres_keep_their_own_object():
+    big, small = [0.0, 0.0, 100.0, 100.0], [40.0, 40.0, 60.0, 90.0]
+    # The big box's centre (50, 50) falls in cell (1, 1), which the small box also covers: the centre wins there.
+    targets = [{"boxes": torch.tensor([big, small]), "labels": torch.tensor([0, 1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    out = torch.zeros(2, 4, 4, 2 * 5 + 2, requires_grad=True)
+    losses = YOLOv1Loss(2, grid=4, class_cells="covered")(out, targets, (128, 128))
+    assert torch.allclose(losses["loss_cls"], torch.tensor(9 / 2))  # 9 covered cells, (0 − 1)² each, batch of 2
+    losses["loss_cls"].backward()
+    pulled = -out.grad[..., 10:]  # towards the one-hot target: positive on the trained class
+    assert (pulled[0, :3, :3].sum(-1) > 0).all() and pulled[0, 3].abs().sum() == 0 and pulled[1].abs().sum() == 0
+    assert pulled[0, 1, 1, 0] > 0 and pulled[0, 2, 1, 1] > 0  # the big box's centre cell; a small-box cell
+    centre_only = YOLOv1Loss(2, grid=4)(out.detach(), targets, (128, 128))["loss_cls"]
+    assert torch.allclose(centre_only, torch.tensor(2 / 2))  # the paper's rule: the two centre cells only
+
+
 def test_class_specific_confidence_at_inference():
     model = YOLOv1(2, grid=2, input_size=64, width=4, repeats=(0, 0), fc_hidden=8).eval()
     out = output_with(EXACT, 0.8, [0.5, 0.5, 0.1, 0.1], 0.0)
@@ -64,3 +91,15 @@ def test_class_specific_confidence_at_inference():
 def test_yolov1_rejects_an_input_size_its_head_was_not_built_for():
     with pytest.raises(ValueError, match="multiple of 64"):
         YOLOv1(2, input_size=100)
+
+
+def test_softmax_classes_train_by_cross_entropy_and_score_by_their_softmax():
+    out = output_with(EXACT, 0.8, [0.5, 0.5, 0.1, 0.1], 0.0)
+    out[0, 0, 0, 10:] = torch.tensor([2.0, 0.0])  # logits
+    target = [{"boxes": GT, "labels": torch.tensor([1])}]
+    losses = YOLOv1Loss(2, grid=2, class_softmax=True)(out, target, SIZE)
+    assert torch.allclose(losses["loss_cls"], -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[1])
+    model = YOLOv1(2, grid=2, input_size=64, width=4, repeats=(0, 0), fc_hidden=8, class_softmax=True).eval()
+    dets = model.postprocess(out, SIZE)[0]
+    assert torch.allclose(dets["scores"][:2], 0.8 * torch.softmax(torch.tensor([2.0, 0.0]), 0))
+    assert dets["labels"][:2].tolist() == [0, 1]

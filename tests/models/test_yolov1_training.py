@@ -1,6 +1,7 @@
 """YOLOv1 from random init: the FC head starts at a sane prior and survives AdamW at detkit's learning rate, and
 GT-encoded outputs decode back to the GT through the letterbox (issue 7: yolov1_cpu ended at mAP@0.5 0.000)."""
 
+import pytest
 import torch
 
 from detkit.boxes import box_iou
@@ -16,9 +17,15 @@ def small(fc_norm: bool = True, num_classes: int = 3) -> YOLOv1:
                   fc_norm=fc_norm)
 
 
-def test_a_fresh_head_predicts_the_prior_whatever_the_image():
-    model = small(num_classes=4)
-    out = model.raw_outputs(torch.rand(2, 3, 128, 128))
+@pytest.mark.parametrize("head", ["fc", "conv"])
+def test_a_fresh_head_predicts_the_prior_whatever_the_image(head):
+    if head == "fc":
+        model = small(num_classes=4)
+    else:  # the conv head's grid is the trunk's 128 / 64 px output unless named
+        torch.manual_seed(0)
+        model = YOLOv1(4, grid=None, input_size=256, width=8, repeats=(0, 0), head="conv", local_filters=16)
+        assert model.grid == 4
+    out = model.raw_outputs(torch.rand(2, 3, model.input_size, model.input_size))
     boxes = out[..., :10].reshape(2, 4, 4, 2, 5)
     assert torch.allclose(boxes[..., :2], torch.tensor(0.5), atol=0.1)  # centred in the cell
     roots = boxes[..., 2:4]
@@ -53,6 +60,11 @@ def test_the_hidden_layer_stays_alive_under_adamw_at_the_main_lr(toy_batch):
     # them sit on the same side of 0 for every image and the head answers the same whatever the input.
     positive = hidden_positive_fraction(small(), *toy_batch, steps=12)
     assert ((positive > 0.3) & (positive < 0.7)).all(), positive
+
+
+def test_the_conv_head_needs_the_grid_to_be_the_trunk_output():
+    with pytest.raises(ValueError, match="input_size / 64 must equal grid"):
+        YOLOv1(3, grid=7, input_size=256, width=4, repeats=(0, 0), head="conv")
 
 
 def test_gt_encoded_outputs_decode_back_to_the_gt_through_the_letterbox():

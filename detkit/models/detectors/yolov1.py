@@ -19,6 +19,15 @@ confidences near 0.
 with :mod:`detkit.convert.darknet`): a 3×3 locally connected layer (unshared kernels) with leaky ReLU, dropout and
 one fully connected layer whose outputs come in darknet's ``[detection]`` order (:func:`darknet_to_cells`), decoded
 as darknet decodes them.
+
+``head="conv"`` (yolov1_cpu) replaces the fully connected readout by convolutions: a 3×3 conv of
+``local_filters`` with batch norm and ``act`` (darknet's locally connected layer with one kernel shared by every
+cell), then a 1×1 conv to each cell's 5B + C outputs. The grid, the B predictors per cell, their encoding and the
+sum-squared loss are the paper's; what changes is that a cell's predictions come from the features around it
+through weights every cell shares, not from the whole image through weights of its own. On 4,000 images the FC
+head learned its cells' classes on the training images and stayed at chance on val (README, "YOLO family"): each
+cell's own weights see a few hundred objects an epoch. The conv head needs the trunk's output to be the grid:
+``input_size / 64 == grid`` (``grid=None`` sets it so).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from detkit.models.layers import ConvBNAct, LocallyConnected2d, activation
 from detkit.postprocess import postprocess_detections
 
 STRIDE = 64
-HEADS = ("fc", "darknet")
+HEADS = ("fc", "darknet", "conv")
 
 
 def darknet_to_cells(output: Tensor, grid: int, num_boxes: int, num_classes: int) -> Tensor:
@@ -92,14 +101,17 @@ class YOLOv1(nn.Module):
     """YOLOv1 with the common detkit interface (see :class:`detkit.models.detectors.yolo.YOLOv3`).
 
     Args:
-        num_classes: C. grid: S (7). num_boxes: B (2).
-        input_size: the square input side the FC head is built for (448 in the paper); a multiple of 64.
+        num_classes: C. grid: S (7; None: ``input_size / 64``, the trunk's output side). num_boxes: B (2).
+        input_size: the square input side the model is built for (448 in the paper); a multiple of 64.
         width, repeats, act: see :func:`yolov1_trunk`. fc_hidden: the first FC's width (4096). dropout: after it.
         fc_norm: LayerNorm on the first FC's outputs (not in the paper; see the module docstring).
-        head: ``fc`` (the paper's two FCs: ``fc_hidden``, ``fc_norm``) or ``darknet`` (yolov1.cfg's: a 3×3
+        head: ``fc`` (the paper's two FCs: ``fc_hidden``, ``fc_norm``), ``darknet`` (yolov1.cfg's: a 3×3
             locally connected layer of ``local_filters`` with ``act``, ``dropout``, one FC in darknet's output
-            order; ``fc_hidden`` and ``fc_norm`` are not used).
-        coord_weight, noobj_weight: λ_coord, λ_noobj of :class:`detkit.losses.yolov1.YOLOv1Loss`.
+            order; ``fc_hidden`` and ``fc_norm`` are not used) or ``conv`` (a 3×3 conv-BN-``act`` of
+            ``local_filters``, ``dropout``, a 1×1 conv; see the module docstring).
+        coord_weight, noobj_weight, class_cells: λ_coord, λ_noobj and the cells whose class values train
+            (``center``: the paper's; ``covered``) of :class:`detkit.losses.yolov1.YOLOv1Loss`; class_softmax:
+            class values as softmax logits trained by cross-entropy (YOLOv2's) instead of regressed probabilities.
         score_thresh, nms_thresh, max_det, nms: inference; the score of class c for a box is
             Pr(c | object) · confidence, the confidence having been trained towards Pr(object) · IoU.
 
@@ -111,7 +123,7 @@ class YOLOv1(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        grid: int = 7,
+        grid: int | None = 7,
         num_boxes: int = 2,
         input_size: int = 448,
         width: float = 64,
@@ -124,6 +136,8 @@ class YOLOv1(nn.Module):
         local_filters: int = 256,
         coord_weight: float = 5.0,
         noobj_weight: float = 0.5,
+        class_cells: str = "center",
+        class_softmax: bool = False,
         score_thresh: float = 0.001,
         nms_thresh: float = 0.5,
         max_det: int = 100,
@@ -136,11 +150,22 @@ class YOLOv1(nn.Module):
             raise ValueError(f"unknown nms {nms!r}; expected one of {', '.join(NMS_METHODS)}")
         if head not in HEADS:
             raise ValueError(f"unknown YOLOv1 head {head!r}; expected one of {', '.join(HEADS)}")
+        side = input_size // STRIDE
+        grid = side if grid is None else grid
         self.num_classes, self.grid, self.num_boxes, self.input_size = num_classes, grid, num_boxes, input_size
         self.backbone, channels = yolov1_trunk(width, repeats, act)
-        side, outputs = input_size // STRIDE, grid * grid * (5 * num_boxes + num_classes)
-        self.darknet_head = head == "darknet"
-        if self.darknet_head:
+        outputs = grid * grid * (5 * num_boxes + num_classes)
+        self.darknet_head, self.conv_head = head == "darknet", head == "conv"
+        if self.conv_head and side != grid:
+            raise ValueError(f"YOLOv1's conv head predicts one cell per trunk output: input_size / {STRIDE} must equal "
+                             f"grid (or grid null), got input_size {input_size} (a {side}×{side} map) and grid {grid}")
+        if self.conv_head:
+            self.head = nn.Sequential(
+                ConvBNAct(channels, local_filters, 3, act=act),
+                nn.Dropout(dropout),
+                nn.Conv2d(local_filters, 5 * num_boxes + num_classes, 1),
+            )
+        elif self.darknet_head:
             self.head = nn.Sequential(
                 LocallyConnected2d(channels, local_filters, 3, (side, side), padding=1),
                 activation(act),
@@ -157,7 +182,8 @@ class YOLOv1(nn.Module):
                 nn.Dropout(dropout),
                 nn.Linear(fc_hidden, outputs),
             )
-        self.loss = YOLOv1Loss(num_classes, grid, num_boxes, coord_weight, noobj_weight)
+        self.loss = YOLOv1Loss(num_classes, grid, num_boxes, coord_weight, noobj_weight, class_cells,
+                               class_softmax)
         self.reset_head()
         self.score_thresh, self.nms_thresh, self.max_det, self.nms = score_thresh, nms_thresh, max_det, nms
 
@@ -168,13 +194,16 @@ class YOLOv1(nn.Module):
         and the B predictors specialise), class values 1 / C; weights small (std 0.02 / √fan-in: outputs within
         ~0.02 of the prior)."""
         last = self.head[-1]
-        nn.init.normal_(last.weight, std=0.02 / last.in_features**0.5)
+        nn.init.normal_(last.weight, std=0.02 / last.weight[0].numel() ** 0.5)
         prior = torch.zeros(self.grid, self.grid, 5 * self.num_boxes + self.num_classes)
         for k in range(self.num_boxes):
             root = 0.6 * (k + 1) / (self.num_boxes + 1)
             prior[..., 5 * k : 5 * k + 4] = torch.tensor([0.5, 0.5, root, root])
         prior[..., 5 * self.num_boxes :] = 1.0 / self.num_classes
-        last.bias.copy_(cells_to_darknet(prior[None], self.num_boxes)[0] if self.darknet_head else prior.flatten())
+        if self.conv_head:  # one bias per output channel: the prior is the same in every cell
+            last.bias.copy_(prior[0, 0])
+        else:
+            last.bias.copy_(cells_to_darknet(prior[None], self.num_boxes)[0] if self.darknet_head else prior.flatten())
 
     def raw_outputs(self, images: Tensor) -> Tensor:
         """(N, S, S, 5B + C) raw predictions of (N, 3, input_size, input_size) images."""
@@ -182,6 +211,8 @@ class YOLOv1(nn.Module):
         # The last FC stays float32 under autocast: the sum-squared loss on its outputs needs more than bf16.
         with torch.autocast(hidden.device.type, enabled=False):
             out = self.head[-1](hidden.float())
+        if self.conv_head:
+            return out.permute(0, 2, 3, 1).contiguous()
         if self.darknet_head:
             return darknet_to_cells(out, self.grid, self.num_boxes, self.num_classes)
         return out.view(len(images), self.grid, self.grid, 5 * self.num_boxes + self.num_classes)
@@ -190,9 +221,9 @@ class YOLOv1(nn.Module):
         x = stack_images(images)
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             raise ValueError(
-                f"YOLOv1's fully connected head is built for {self.input_size}×{self.input_size} inputs, got "
-                f"{tuple(x.shape[-2:])}; set data.img_size={self.input_size} (and no multiscale, data.test_size null "
-                "or equal) or build the model with input_size equal to data.img_size"
+                f"YOLOv1 is built for {self.input_size}×{self.input_size} inputs (its {self.grid}×{self.grid} "
+                f"grid), got {tuple(x.shape[-2:])}; set data.img_size={self.input_size} (and no multiscale, "
+                "data.test_size null or equal) or build the model with input_size equal to data.img_size"
             )
         output = self.raw_outputs(x)
         if self.training:
@@ -210,7 +241,8 @@ class YOLOv1(nn.Module):
             boxes = torch.cat([boxes[..., :2], boxes[..., 2:4].abs(), boxes[..., 4:]], dim=-1)
             conf = boxes[..., 4:5]
         else:
-            probs, conf = probs.clamp(min=0), boxes[..., 4:5].clamp(min=0)
+            probs = probs.float().softmax(dim=-1) if self.loss.class_softmax else probs.clamp(min=0)
+            conf = boxes[..., 4:5].clamp(min=0)
         ys, xs = torch.meshgrid(torch.arange(s, device=output.device), torch.arange(s, device=output.device),
                                 indexing="ij")
         cells = torch.stack([xs, ys], dim=-1).expand(n, s, s, 2)
