@@ -6,11 +6,11 @@ Per image, summed, then averaged over the batch:
 (:class:`detkit.boxes.CellCoder`), "resp" is the one of B predictors of the cell holding the GT centre whose
 box has the highest IoU with the GT, and its confidence target is that IoU.
 
-``class_cells="covered"`` (not the paper's rule; yolov1_cpu) trains the class values of every cell whose centre
-lies inside a GT box, not only of the cell holding its centre: the class of the smallest such box, the cells
+``class_cells="covered"`` (not the paper's rule; off in every config) trains the class values of every cell whose
+centre lies inside a GT box, not only of the cell holding its centre: the class of the smallest such box, the cells
 holding a centre keeping their own object's class. The paper's Figure 2 draws Pr(class | object) as such a map
-covering each object. With one class target per object the trunk of yolov1_cpu learned boxes but hardly classes
-on the built-in data (README, "YOLO family"): a cell's class gradient is then one sample per object.
+covering each object. It helped squared-error classes a little and softmax classes not at all (README, "YOLOv1's
+head"). ``class_softmax`` (yolov1_cpu) trains the class values as softmax logits by cross-entropy instead.
 """
 
 from __future__ import annotations

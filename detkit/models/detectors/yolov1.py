@@ -20,14 +20,14 @@ with :mod:`detkit.convert.darknet`): a 3×3 locally connected layer (unshared ke
 one fully connected layer whose outputs come in darknet's ``[detection]`` order (:func:`darknet_to_cells`), decoded
 as darknet decodes them.
 
-``head="conv"`` (yolov1_cpu) replaces the fully connected readout by convolutions: a 3×3 conv of
-``local_filters`` with batch norm and ``act`` (darknet's locally connected layer with one kernel shared by every
-cell), then a 1×1 conv to each cell's 5B + C outputs. The grid, the B predictors per cell, their encoding and the
-sum-squared loss are the paper's; what changes is that a cell's predictions come from the features around it
-through weights every cell shares, not from the whole image through weights of its own. On 4,000 images the FC
-head learned its cells' classes on the training images and stayed at chance on val (README, "YOLO family"): each
-cell's own weights see a few hundred objects an epoch. The conv head needs the trunk's output to be the grid:
-``input_size / 64 == grid`` (``grid=None`` sets it so).
+``head="conv"`` (yolov1_cpu) replaces the fully connected readout by convolutions: a 3×3 conv of ``local_filters``
+with batch norm and ``act`` (darknet's locally connected layer with one kernel shared by every cell), then a 1×1
+conv to each cell's 5B + C outputs. The grid, the B predictors per cell and their encoding are the paper's
+(yolov1_cpu also trains its classes by softmax cross-entropy: ``class_softmax``); what changes is that a cell's
+predictions come from the features around it through weights every cell shares, not from the whole image through
+weights of its own. On 4,000 images the FC head learned its cells' classes on the training images and stayed at
+chance on val (README, "YOLO family"): each cell's own weights see a few hundred objects an epoch. The conv head
+needs the trunk's output to be the grid: ``input_size / 64 == grid`` (``grid=None`` sets it so).
 """
 
 from __future__ import annotations
