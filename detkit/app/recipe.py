@@ -1,11 +1,12 @@
 """A model's training recipe, carried by its own config (``model.recipe``) and applied to the run's config.
 
-A model config may name values of the optimizer and schedule it is trained with, per option of those config
-groups::
+A model config may name values of the optimizer, schedule and Mosaic it is trained with, per option of those
+config groups::
 
     recipe:
       optim/adamw: {lr: 0.001}             # applies while the run's optim is configs/optim/adamw.yaml's
       schedule/cosine: {warmup_steps: 300}
+      mosaic/default: {prob: 0.0}          # the run's data.mosaic (every data config composes configs/mosaic)
 
 An entry applies when the run's group config is that option (the same ``_target_`` as
 ``configs/<group>/<option>.yaml``): a recipe written for AdamW's lr does not set SGD's. A key named on the
@@ -23,7 +24,7 @@ from detkit.app.auto import command_line_keys, file_values, named
 from detkit.errors import ConfigError
 from detkit.utils.resolvers import config_dir
 
-GROUPS = ("optim", "schedule")  # the config groups a recipe may set values of
+GROUPS = {"optim": "optim", "schedule": "schedule", "mosaic": "data.mosaic"}  # recipe group -> its place in the run
 NOT_CONSTRUCTOR = ("bn_eps", "recipe")  # model config keys that are not the detector's constructor arguments
 _ABSENT = object()  # OmegaConf.select's default for a key the group's config lacks (a null value is a value)
 
@@ -58,17 +59,19 @@ def apply_recipe(cfg: DictConfig, say: Callable[[str], None] = print, cli_keys: 
         if group not in GROUPS or not option or not path.is_file() or not isinstance(values, dict):
             raise ConfigError(f"model.recipe entry {entry!r}: expected '<group>/<option>: {{key: value}}' with "
                               f"<group> one of {', '.join(GROUPS)} and configs/<group>/<option>.yaml a file")
-        if OmegaConf.load(path).get("_target_") != cfg[group].get("_target_"):
-            continue  # written for another option of the group
+        place = GROUPS[group]
+        node = OmegaConf.select(cfg, place)
+        if node is None or OmegaConf.load(path).get("_target_") != node.get("_target_"):
+            continue  # written for another option of the group, or the run has none (a data config without Mosaic)
         for key, value in _leaves(values):
-            current = OmegaConf.select(cfg[group], key, default=_ABSENT)
+            current = OmegaConf.select(node, key, default=_ABSENT)
             if current is _ABSENT:
-                raise ConfigError(f"model.recipe entry {entry!r}: {group}.{key} is not a key of {path.name}")
-            if named(f"{group}.{key}", cli_keys) or current not in file_values(group, key):
-                kept.append(f"{group}.{key}={current}")
+                raise ConfigError(f"model.recipe entry {entry!r}: {place}.{key} is not a key of {path.name}")
+            if named(f"{place}.{key}", cli_keys) or current not in file_values(group, key):
+                kept.append(f"{place}.{key}={current}")
                 continue
-            OmegaConf.update(cfg, f"{group}.{key}", value)
-            applied[f"{group}.{key}"] = value
+            OmegaConf.update(cfg, f"{place}.{key}", value)
+            applied[f"{place}.{key}"] = value
     if applied or kept:
         say("model recipe: " + ", ".join([f"{k}={v}" for k, v in applied.items()]
                                           + [f"{k} (yours, kept)" for k in kept]))

@@ -1,5 +1,6 @@
 """A model's training recipe (model.recipe, detkit/app/recipe.py): its optimizer and schedule values reach the
-run's config, for the optimizer they were written for, unless the user set the key; a malformed recipe is a
+run's config, for the optimizer they were written for, unless the user set the key; its Mosaic values reach the run's
+data.mosaic the same way; a malformed recipe is a
 ConfigError naming its entry; the detector is built without it."""
 
 import pytest
@@ -35,6 +36,33 @@ def test_a_models_recipe_sets_its_lr_unless_the_user_named_it():
     assert apply_recipe(cfg, said.append, cli_keys=[]) == {} and cfg.optim.lr == 0.006
 
 
+def test_a_models_recipe_sets_the_runs_mosaic_unless_the_user_or_the_data_config_chose_it():
+    cfg = compose_config("train", ["model=yolov1_cpu", "data=builtin_large"])
+    assert cfg.data.mosaic.prob == 0.5  # configs/mosaic/default.yaml's
+    said = []
+    applied = apply_recipe(cfg, said.append, cli_keys=[])
+    assert applied == {"optim.lr": 0.001, "data.mosaic.prob": 0.0} and cfg.data.mosaic.prob == 0.0
+    assert "data.mosaic.prob=0.0" in said[0]
+    # named on the command line
+    cfg = compose_config("train", ["model=yolov1_cpu", "data.mosaic.prob=0.5"])
+    assert "data.mosaic.prob" not in apply_recipe(cfg, said.append, cli_keys=["data.mosaic.prob"])
+    assert cfg.data.mosaic.prob == 0.5 and "data.mosaic.prob=0.5 (yours, kept)" in said[-1]
+    # a data config (or Python) that gives its own value no mosaic file gives keeps it
+    cfg = compose_config("train", ["model=yolov1_cpu", "data.mosaic.prob=0.3"])
+    assert "data.mosaic.prob" not in apply_recipe(cfg, said.append, cli_keys=[]) and cfg.data.mosaic.prob == 0.3
+    # a data config without Mosaic: nothing to set, no error
+    cfg = compose_config("train", ["model=yolov1_cpu"])
+    OmegaConf.set_struct(cfg, False)
+    del cfg.data["mosaic"]
+    assert apply_recipe(cfg, said.append, cli_keys=[]) == {"optim.lr": 0.001} and "mosaic" not in cfg.data
+    # a wrong key names the run's place of the group
+    cfg = compose_config("train", [])
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.recipe = {"mosaic/default": {"probability": 0}}
+    with pytest.raises(ConfigError, match="data.mosaic.probability is not a key of default.yaml"):
+        apply_recipe(cfg, said.append, cli_keys=[])
+
+
 def test_the_detector_is_built_without_its_recipe():
     cfg = compose_config("train", ["model=fast_rcnn_cpu"])
     model = build_model(cfg.model, num_classes=3)
@@ -47,7 +75,7 @@ def test_the_detector_is_built_without_its_recipe():
 @pytest.mark.parametrize("recipe, message", [
     ({"optim": {"lr": 1}}, "entry 'optim': expected '<group>/<option>"),
     ({"optim/lamb": {"lr": 1}}, "entry 'optim/lamb'"),
-    ({"data/builtin": {"img_size": 1}}, "<group> one of optim, schedule"),
+    ({"data/builtin": {"img_size": 1}}, "<group> one of optim, schedule, mosaic"),
     ({"optim/adamw": {"learning_rate": 1}}, "optim.learning_rate is not a key of adamw.yaml"),
 ])
 def test_a_malformed_recipe_names_its_entry(recipe, message):
