@@ -3,8 +3,8 @@
 The run measures its own speed over its first steps and plans how many optimizer steps fit, so the lr
 schedule, Mosaic's close-out and the EMA ramp are laid out for the run that will actually happen (a cosine
 schedule cut at 60% is a much worse model than a cosine schedule planned for 60%). The plan is corrected a
-few times as the measurement improves, and the run ends with its final evaluation and checkpoints inside the
-budget.
+few times, each from the speed of the steps since the previous plan (longer if the machine sped up, shorter if
+it slowed down), and the run ends with its final evaluation and checkpoints inside the budget.
 """
 
 from __future__ import annotations
@@ -128,24 +128,31 @@ class TimeBudgetHook(Hook):
         if self._session_steps == self.skip_steps:
             self._mark, self._pause = (self.clock(), trainer.state.global_step), 0.0
         seconds = self._seconds_per_step(trainer)
-        if seconds is not None and self._session_steps >= self.skip_steps + self.measure_steps:
-            first = self._session_steps == self.skip_steps + self.measure_steps
-            due = self._replans and trainer.state.global_step >= self._replans[0] * (self.planned or 1)
+        measured = 0 if self._mark is None else trainer.state.global_step - self._mark[1]
+        if seconds is not None and measured >= self.measure_steps:
+            first = self.planned is None or self._session_steps == self.skip_steps + self.measure_steps
+            due = not first and bool(self._replans) and trainer.state.global_step >= self._replans[0] * self.planned
             if first and self.eval_probe is not None and self.eval_seconds is None:
                 start = self.clock()
                 self._probed = self.eval_probe(trainer.state.eval_model)
                 self._pause += self.clock() - start
             if first or due:
-                while self._replans and trainer.state.global_step >= self._replans[0] * (self.planned or 1):
-                    self._replans.pop(0)
-                self.planned = self._agree(self._steps_that_fit(trainer, seconds))
+                earlier, self.planned = self.planned, self._agree(self._steps_that_fit(trainer, seconds))
                 trainer.plan(self.planned)
+                # the corrections still due are fractions of this plan (a resumed run's passed ones are not due)
+                self._replans = [f for f in REPLAN_AT if trainer.state.global_step < f * self.planned]
+                # ... each from the speed since this one: a machine that sped up or slowed down (another job
+                # started or ended, caches warmed) is planned at its speed now, not its average since the start
+                self._mark, self._pause = (self.clock(), trainer.state.global_step), 0.0
+                evaluation = self._evaluation_seconds(seconds, trainer.state.batch_size)
                 if first:
                     epochs = self.planned / max(trainer.state.steps_per_epoch, 1)
-                    evaluation = self._evaluation_seconds(seconds, trainer.state.batch_size)
                     self.log(f"time budget {self.budget / 60:.1f} min: {1 / seconds:.2f} steps/s measured, "
                              f"~{evaluation:.0f} s per evaluation -> {self.planned} steps ({epochs:.2f} epochs);"
                              f" lr schedule, Mosaic close-out and EMA planned for them, final evaluation included")
+                elif self.planned != earlier:
+                    self.log(f"time budget: {1 / seconds:.2f} steps/s over the last {measured} steps -> "
+                             f"{self.planned} steps (was {earlier})")
         # Out of time (a budget shorter than the measurement, or another job slowed the machine down): end
         # now, with the final evaluation.
         step = seconds if seconds is not None else trainer.state.step_time
