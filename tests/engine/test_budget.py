@@ -121,10 +121,13 @@ def test_the_plan_follows_a_machine_that_speeds_up_or_slows_down(slow, fast):
     clock = FakeClock()
     trainer, budget = toy_run(clock, SpeedsUp(clock, slow, fast, at=30))
     trainer.hooks = [h for h in trainer.hooks if not isinstance(h, StepWork)]
-    messages = []
+    messages, plans = [], []
     budget.log = messages.append
+    fit = budget._steps_that_fit
+    budget._steps_that_fit = lambda *args: plans.append(fit(*args)) or plans[-1]
     trainer.train()
     assert trainer.state.global_step == budget.planned == trainer.state.max_steps
+    assert len(plans) == 5, plans  # the first plan and the four corrections, each once
     # planned first at the first speed; the corrections at 10%, 25%, 50% and 75% of the plan measure the
     # steps since the previous one, so the run ends with its final evaluation just inside the budget (not
     # at 70% of it, as a plan kept at the first speed does when the steps get twice faster)

@@ -139,8 +139,11 @@ class TimeBudgetHook(Hook):
             if first or due:
                 earlier, self.planned = self.planned, self._agree(self._steps_that_fit(trainer, seconds))
                 trainer.plan(self.planned)
-                # the corrections still due are fractions of this plan (a resumed run's passed ones are not due)
-                self._replans = [f for f in REPLAN_AT if trainer.state.global_step < f * self.planned]
+                # the corrections still due: fractions passed neither of the earlier plan (the one that fired) nor
+                # of this one (a resumed run's)
+                step = trainer.state.global_step
+                self._replans = [f for f in self._replans
+                                 if step < f * self.planned and (earlier is None or step < f * earlier)]
                 # ... each from the speed since this one: a machine that sped up or slowed down (another job
                 # started or ended, caches warmed) is planned at its speed now, not its average since the start
                 self._mark, self._pause = (self.clock(), trainer.state.global_step), 0.0
