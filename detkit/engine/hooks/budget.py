@@ -141,15 +141,15 @@ class TimeBudgetHook(Hook):
                 trainer.plan(self.planned)
                 # the corrections still due: fractions passed neither of the earlier plan (the one that fired) nor
                 # of this one (a resumed run's)
-                step = trainer.state.global_step
+                now = trainer.state.global_step
                 self._replans = [f for f in self._replans
-                                 if step < f * self.planned and (earlier is None or step < f * earlier)]
+                                 if now < f * self.planned and (earlier is None or now < f * earlier)]
                 # ... each from the speed since this one: a machine that sped up or slowed down (another job
                 # started or ended, caches warmed) is planned at its speed now, not its average since the start
-                self._mark, self._pause = (self.clock(), trainer.state.global_step), 0.0
-                evaluation = self._evaluation_seconds(seconds, trainer.state.batch_size)
+                self._mark, self._pause = (self.clock(), now), 0.0
                 if first:
                     epochs = self.planned / max(trainer.state.steps_per_epoch, 1)
+                    evaluation = self._evaluation_seconds(seconds, trainer.state.batch_size)
                     self.log(f"time budget {self.budget / 60:.1f} min: {1 / seconds:.2f} steps/s measured, "
                              f"~{evaluation:.0f} s per evaluation -> {self.planned} steps ({epochs:.2f} epochs);"
                              f" lr schedule, Mosaic close-out and EMA planned for them, final evaluation included")
