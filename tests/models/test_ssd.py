@@ -1,9 +1,11 @@
 import pytest
 import torch
 import torchvision
+from hydra.errors import InstantiationException
 
 from detkit.anchors import SSD300, ssd_default_boxes, ssd_prior_config
 from detkit.app.build import build_model
+from detkit.losses.multibox import match_priors
 from detkit.models.backbones.mobilenet import MobileNetV2SSD, MobileNetV3SSD
 from detkit.models.backbones.vgg import VGG16SSD, L2Norm
 from detkit.models.detectors.ssd import SSD, boxes_per_cell
@@ -196,6 +198,7 @@ def test_ssdlite_cpu_has_a_stride8_level_of_small_boxes_and_overfits_small_objec
     with torch.no_grad():
         maps = model.eval().backbone(images)
     model.train()
+    assert model.matcher == "atss"  # the config's; SSD's IoU matcher overfits in test_overfits_a_tiny_batch
     assert [m.shape[-1] for m in maps] == [20, 10, 5, 3, 2, 1, 1]  # strides 8 ... at 160 px
     first = model.default_boxes((160, 160), [m.shape[-2:] for m in maps])[: 20 * 20 * 4]
     inside = (first[:, :2] > 0).all(dim=1) & (first[:, 2:] < 160).all(dim=1)  # not clipped at the border
@@ -203,6 +206,29 @@ def test_ssdlite_cpu_has_a_stride8_level_of_small_boxes_and_overfits_small_objec
     assert sides.min() == pytest.approx(8.0, abs=0.01) and sides.max() < 16  # 5% of the input, then √(8·16)
     overfit(model, images, targets, steps=100, lr=1e-2, shrink=0.1)
     assert_finds_the_boxes(model, images, targets)
+
+
+def test_atss_matcher_adds_default_boxes_to_ssds_and_a_wrong_matcher_is_named():
+    cfg = compose_config("train", ["model=ssdlite_cpu", "model.backbone.width=0.25"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=3)
+    images, targets = small_object_batch()
+    with torch.no_grad():
+        x, _ = model.network_input(images)
+        _, _, priors, level_sizes = model._level_outputs(x)
+    assert sum(level_sizes) == len(priors)
+    box, label = targets[0]["boxes"], targets[0]["labels"]
+    iou_classes, _ = match_priors(priors, box, label, 0.5)
+    atss_classes, _ = match_priors(priors, box, label, 0.5, "atss", level_sizes)
+    assert (atss_classes > 0).sum() > (iou_classes > 0).sum()
+    assert torch.equal(atss_classes[iou_classes > 0], iou_classes[iou_classes > 0])  # SSD's positives are kept
+    model.matcher = "atss"
+    losses = model.train()(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(InstantiationException, match="matcher must be one of"):
+        build_model(compose_config("train", ["model=ssdlite_cpu", "model.matcher=atts"]).model, num_classes=3)
+    with pytest.raises(ValueError, match="needs level_sizes"):
+        match_priors(priors, box, label, 0.5, "atss")
 
 
 def test_ssd300_cpu_has_batchnorm_everywhere_and_overfits_small_objects():

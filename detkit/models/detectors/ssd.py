@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.anchors import SSD300, ssd_default_boxes, ssd_prior_config, ssd_relative_boxes
-from detkit.losses.multibox import multibox_loss, ssd_coder
+from detkit.losses.multibox import MATCHERS, multibox_loss, ssd_coder
 from detkit.models.backbones.mobilenet import normal_init, separable_conv
 from detkit.models.detectors.common import (
     IMAGENET_MEAN,
@@ -92,6 +92,11 @@ class SSD(nn.Module):
         priors: default-box configuration at its reference ``image_size``.
         separable_head: SSDLite's depthwise-separable prediction convs.
         iou_threshold, neg_pos_ratio, variances, box_weight: see :func:`~detkit.losses.multibox.multibox_loss`.
+        matcher: which default boxes are positive: ``iou`` (SSD's: IoU above ``iou_threshold``, and each
+            object's best box) or ``atss`` (ATSS's per-object threshold from the ``atss_topk`` boxes nearest
+            its centre on each map: :func:`~detkit.matching.match_atss`) added to SSD's: a box either rule
+            makes positive is positive).
+        atss_topk: candidates per map of the ``atss`` matcher (9, ATSS's).
         score_thresh, nms_thresh, max_det: per-class score threshold, NMS IoU and detections kept per image.
         pre_nms_topk: (box, class) candidates kept before NMS; None: 400 per class, the budget of Caffe SSD's
             per-class top 400.
@@ -117,7 +122,7 @@ class SSD(nn.Module):
                  image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
                  extra_logits: int = 0, class_topk: int | None = None,
                  resize_to: Sequence[int] | None = None, head_init_std: float | None = None,
-                 batch_norm: Mapping | None = None) -> None:
+                 batch_norm: Mapping | None = None, matcher: str = "iou", atss_topk: int = 9) -> None:
         super().__init__()
         self.num_classes = num_classes
         # a key set to None is unset (a config that inherits ``scales`` can drop it with ``scales: null``)
@@ -126,6 +131,9 @@ class SSD(nn.Module):
         if len(num_boxes) != len(backbone.out_channels):
             raise ValueError(f"backbone gives {len(backbone.out_channels)} maps but the priors configure "
                              f"{len(num_boxes)} levels")
+        if matcher not in MATCHERS:
+            raise ValueError(f"matcher must be one of {MATCHERS}, got {matcher!r}")
+        self.matcher, self.atss_topk, self.num_boxes = matcher, int(atss_topk), num_boxes
         self.backbone = backbone
         self.extra_logits = int(extra_logits)
         self.head = SSDHead(backbone.out_channels, num_boxes, num_classes + 1 + self.extra_logits, separable_head)
@@ -190,23 +198,29 @@ class SSD(nn.Module):
 
     def _head_outputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The normalised network input (B, 3, H, W) → :meth:`raw_outputs`."""
+        logits, deltas, priors, _ = self._level_outputs(x)
+        return logits, deltas, priors
+
+    def _level_outputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """:meth:`_head_outputs` and the number of default boxes of each map."""
         maps = self.backbone(x)
         # Prediction convs and all that follows stay float32 under autocast: offsets are scaled by 10 and 5.
         with torch.autocast(x.device.type, enabled=False):
             logits, deltas = self.head([m.float() for m in maps])
         priors = self.default_boxes(x.shape[-2:], [m.shape[-2:] for m in maps], x.device)
-        return logits, deltas, priors
+        level_sizes = [m.shape[-2] * m.shape[-1] * k for m, k in zip(maps, self.num_boxes)]
+        return logits, deltas, priors, level_sizes
 
     def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict] | None = None):
         x, sizes = self.network_input(images)
-        logits, deltas, priors = self._head_outputs(x)
+        logits, deltas, priors, level_sizes = self._level_outputs(x)
         size = tuple(x.shape[-2:])
         if self.training:
             check_targets(targets, len(x))
             if self.resize_to is not None:
                 targets = [dict(t, boxes=self._box_scale(t["boxes"], own, size)) for t, own in zip(targets, sizes)]
             return multibox_loss(logits, deltas, priors, targets, self.iou_threshold, self.neg_pos_ratio,
-                                 self.variances, self.box_weight)
+                                 self.variances, self.box_weight, self.matcher, level_sizes, self.atss_topk)
         detections = self.postprocess(logits, deltas, priors, size)
         for det, own in zip(detections, sizes):
             det["boxes"] = self._box_scale(det["boxes"], size, own) if own != size else det["boxes"]
