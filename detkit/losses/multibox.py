@@ -47,11 +47,10 @@ def match_priors(priors: Tensor, boxes: Tensor, labels: Tensor, iou_threshold: f
     if matcher not in MATCHERS:
         raise ValueError(f"matcher must be one of {MATCHERS}, got {matcher!r}")
     iou = box_iou(boxes, priors)
+    matches = match_by_iou(iou, iou_threshold, iou_threshold, allow_low_quality=True)
     if matcher == "atss":
         if level_sizes is None:
             raise ValueError("the atss matcher needs level_sizes, the priors of each level")
-    matches = match_by_iou(iou, iou_threshold, iou_threshold, allow_low_quality=True)
-    if matcher == "atss":
         # SSD's positives stay positive: ATSS adds boxes for the objects no box overlaps well, and takes none away
         # from those many boxes overlap (large objects on a fine grid of large boxes).
         matches = torch.where(matches >= 0, matches, match_atss(iou, priors, boxes, level_sizes, topk))

@@ -222,8 +222,7 @@ def test_atss_matcher_adds_default_boxes_to_ssds_and_a_wrong_matcher_is_named():
     atss_classes, _ = match_priors(priors, box, label, 0.5, "atss", level_sizes)
     assert (atss_classes > 0).sum() > (iou_classes > 0).sum()
     assert torch.equal(atss_classes[iou_classes > 0], iou_classes[iou_classes > 0])  # SSD's positives are kept
-    model.matcher = "atss"
-    losses = model.train()(images, targets)
+    losses = model.train()(images, targets)  # the config's atss matcher
     assert all(torch.isfinite(v) for v in losses.values())
     with pytest.raises(InstantiationException, match="matcher must be one of"):
         build_model(compose_config("train", ["model=ssdlite_cpu", "model.matcher=atts"]).model, num_classes=3)
