@@ -157,9 +157,15 @@ class TimeBudgetHook(Hook):
                     self.log(f"time budget: {1 / seconds:.2f} steps/s over the last {measured} steps -> "
                              f"{self.planned} steps (was {earlier})")
         # Out of time (a budget shorter than the measurement, or another job slowed the machine down): end
-        # now, with the final evaluation.
-        step = seconds if seconds is not None else trainer.state.step_time
-        over = self.elapsed() + step + self._evaluation_seconds(step, trainer.state.batch_size) + self.final_seconds
+        # now, with the final evaluation. The first skip_steps steps are no measure of a step (allocation, lazy
+        # initialisation, cuDNN's autotuning: ssdlite_cpu's first bf16 step on an H200 took 12 s and ended a
+        # 6.5-minute run there), nor of an evaluation guessed from one: until the speed is measured, only a budget
+        # already spent ends the run.
+        if seconds is None:
+            over = self.elapsed() + self.final_seconds
+        else:
+            over = (self.elapsed() + seconds + self._evaluation_seconds(seconds, trainer.state.batch_size)
+                    + self.final_seconds)
         if self._agree(int(over >= self.budget)) and trainer.state.global_step < trainer.state.total_steps:
             self.planned = trainer.state.global_step
             trainer.plan(self.planned)
