@@ -8,12 +8,15 @@ folder whose ``.complete`` fingerprint differs from the wanted parameters.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +106,38 @@ def ensure_complete(root: str | Path, fingerprint: dict, generate: Callable[[], 
     ``fingerprint``, i.e. ``root`` already holds a complete dataset made with these parameters. Returns
     ``root``."""
     root = Path(root)
-    try:
-        if json.loads((root / ".complete").read_text()) == fingerprint:
+    if _is_complete(root, fingerprint):
+        return root
+    # Two runs started at once on a fresh machine would both generate, and the second's rename would replace
+    # the folder under the first while it reads it ("image file missing"): one generates, the other waits and
+    # then finds the folder complete.
+    with _generation_lock(root):
+        if _is_complete(root, fingerprint):
             return root
-    except (OSError, ValueError):
-        pass
-    print(f"{message} ...", end=" ", flush=True)
-    start = time.perf_counter()
-    generate()
-    print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
+        print(f"{message} ...", end=" ", flush=True)
+        start = time.perf_counter()
+        generate()
+        print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
     return root
+
+
+def _is_complete(root: Path, fingerprint: dict) -> bool:
+    try:
+        return json.loads((root / ".complete").read_text()) == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _generation_lock(root: Path) -> Iterator[None]:
+    """An exclusive lock on generating ``root``, across processes (``flock`` on a file in the temp folder named
+    after ``root``'s absolute path, so the data folder holds only data); no lock where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"detkit-generate-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +166,29 @@ def test_ensure_builtin_generates_once_and_on_parameter_change(tmp_path, capsys)
     (root / ".complete").write_text("{not json")
     ensure_builtin(root, seed=1, workers=1, **TINY)
     assert "generating" in capsys.readouterr().out and json.loads((root / ".complete").read_text())
+
+
+def test_two_runs_at_once_generate_once_and_neither_sees_the_folder_replaced(tmp_path, monkeypatch):
+    root, calls, seen = tmp_path / "builtin", [], []
+    generate = builtin.generate_builtin
+
+    def slow_generate(*args, **kwargs):  # a generation long enough for the second run to arrive during it
+        calls.append(1)
+        time.sleep(0.5)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(builtin, "generate_builtin", slow_generate)
+
+    def run():
+        ensure_builtin(root, seed=0, workers=1, **TINY)
+        seen.append(_hashes(root))
+
+    runs = [threading.Thread(target=run) for _ in range(2)]
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join()
+    assert len(calls) == 1 and len(seen) == 2 and seen[0] == seen[1]
 
 
 def test_partial_folders_are_replaced(tmp_path):
