@@ -76,23 +76,27 @@ def ssd_default_boxes(image_size: int | Sequence[int], feature_sizes: Sequence[i
 
 
 def ssd_prior_config(reference: Mapping, image_size: Sequence[int],
-                     feature_sizes: Sequence[Sequence[int]]) -> dict:
+                     feature_sizes: Sequence[Sequence[int]], prior_size: float | None = None) -> dict:
     """Arguments of :func:`ssd_default_boxes` for an input of ``image_size`` = (height, width) whose feature maps
     are ``feature_sizes`` ((h, w) per level), from a ``reference`` configuration such as :data:`SSD300`.
 
     At the reference's own image and feature sizes the reference is returned unchanged (SSD300's rounded steps
     8, 16, 32, 64, 100, 300). At any other size a level's step is the input side over the map side, per axis,
     so every map still tiles the whole input (with pooling that rounds up, sizes do not scale in proportion);
-    box sizes scale with √(height·width) / reference size, so priors keep their share of the image.
+    box sizes scale with √(height·width) / reference size, so priors keep their share of the image. With
+    ``prior_size`` (a side in pixels) box sizes are those of a ``prior_size``² input whatever the input: pixels,
+    as anchors are, so that a network trained at one size predicts the same boxes at another.
     """
     h, w = image_size
     ref_h, ref_w = _pair(reference["image_size"])
     sizes = [tuple(f) for f in feature_sizes]
     if len(sizes) != len(reference["feature_sizes"]):
         raise ValueError(f"{len(sizes)} feature maps for a prior configuration of {len(reference['feature_sizes'])}")
-    if (h, w) == (ref_h, ref_w) and sizes == [_pair(f) for f in reference["feature_sizes"]]:
+    box_h, box_w = (prior_size, prior_size) if prior_size else (h, w)
+    if ((box_h, box_w) == (ref_h, ref_w) and (h, w) == (ref_h, ref_w)
+            and sizes == [_pair(f) for f in reference["feature_sizes"]]):
         return dict(reference)
-    scale = math.sqrt(h * w / (ref_h * ref_w))
+    scale = math.sqrt(box_h * box_w / (ref_h * ref_w))
     return dict(reference, image_size=(h, w), feature_sizes=sizes, steps=[(h / fh, w / fw) for fh, fw in sizes],
                 min_sizes=[s * scale for s in reference["min_sizes"]],
                 max_sizes=[s * scale for s in reference["max_sizes"]])
@@ -100,7 +104,8 @@ def ssd_prior_config(reference: Mapping, image_size: Sequence[int],
 
 def ssd_relative_boxes(image_size: int | Sequence[int], feature_sizes: Sequence[int | Sequence[int]],
                        scales: Sequence[float], aspect_ratios: Sequence[Sequence[float]],
-                       steps: Sequence[float] | None = None, clip: bool = True) -> Tensor:
+                       steps: Sequence[float] | None = None, clip: bool = True,
+                       prior_size: float | None = None) -> Tensor:
     """SSD default boxes whose sides are fractions of the input's sides (torchvision's ``DefaultBoxGenerator``)
     → (N, 4) xyxy pixels, in :func:`ssd_default_boxes`' order.
 
@@ -109,7 +114,9 @@ def ssd_relative_boxes(image_size: int | Sequence[int], feature_sizes: Sequence[
     relative side is clamped to [0, 1] (the boxes themselves are not clipped to the image). Cell (i, j) is
     centred at ((j + 0.5)/n_x, (i + 0.5)/n_y) of the image, n = side / ``steps[k]`` (the map's own size when
     ``steps`` is None), so a fixed step keeps its pixel spacing at every input size. Relative coordinates are
-    computed in float32 and scaled to ``image_size`` = (height, width) last, as torchvision does.
+    computed in float32 and scaled to ``image_size`` = (height, width) last, as torchvision does. With
+    ``prior_size`` the shapes are fractions of a ``prior_size``² input instead, in pixels at any input (the
+    centres still tile this one).
     """
     h, w = _pair(image_size)
     if len(scales) != len(feature_sizes) + 1:
@@ -126,9 +133,13 @@ def ssd_relative_boxes(image_size: int | Sequence[int], feature_sizes: Sequence[
         for r in ratios:
             shapes += [(s * math.sqrt(r), s / math.sqrt(r)), (s / math.sqrt(r), s * math.sqrt(r))]
         shapes = torch.tensor(shapes, dtype=torch.float32)
-        boxes.append(_tile(torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1),
-                           shapes.clamp(0, 1) if clip else shapes))
-    return torch.cat(boxes) * torch.tensor([w, h, w, h], dtype=torch.float32)
+        shapes = shapes.clamp(0, 1) if clip else shapes
+        centers = torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)
+        if prior_size:
+            centers, shapes = centers * torch.tensor([w, h]), shapes * float(prior_size)
+        boxes.append(_tile(centers, shapes))
+    out = torch.cat(boxes)
+    return out if prior_size else out * torch.tensor([w, h, w, h], dtype=torch.float32)
 
 
 def _per_level(ratios: Sequence[float] | Sequence[Sequence[float]], levels: int) -> list[Sequence[float]]:

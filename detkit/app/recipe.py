@@ -30,10 +30,17 @@ _ABSENT = object()  # OmegaConf.select's default for a key the group's config la
 
 
 def detector_config(model_cfg: DictConfig) -> DictConfig:
-    """``model_cfg`` without the keys that are not the detector's constructor arguments (:data:`NOT_CONSTRUCTOR`)."""
+    """``model_cfg`` without the keys that are not the detector's constructor arguments (:data:`NOT_CONSTRUCTOR`),
+    its interpolations resolved against the run's config first (``${data.img_size}`` and the like: a copy loses
+    the root they point into)."""
     if not any(key in model_cfg for key in NOT_CONSTRUCTOR):
         return model_cfg
-    return OmegaConf.masked_copy(model_cfg, [key for key in model_cfg if key not in NOT_CONSTRUCTOR])
+    kept = {}
+    for key in model_cfg:
+        if key not in NOT_CONSTRUCTOR:
+            value = model_cfg[key]
+            kept[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return OmegaConf.create(kept)
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:

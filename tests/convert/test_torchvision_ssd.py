@@ -252,7 +252,7 @@ def test_resize_to_resizes_images_and_training_boxes_and_maps_detections_back():
     image = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(6))
     assert model.network_input([image])[0].shape == (1, 3, 96, 96)
     plain = build_model(compose_config("train", ["model=ssdlite", "model.backbone.width=0.25",
-                                                 "model.score_thresh=0.0"]).model, 3)
+                                                 "model.score_thresh=0.0", "data.img_size=96"]).model, 3)
     plain.load_state_dict(model.state_dict())
     stretched = torch.nn.functional.interpolate(image[None], size=(96, 96), mode="bilinear", align_corners=False)
     scale = torch.tensor([80 / 96, 64 / 96, 80 / 96, 64 / 96])

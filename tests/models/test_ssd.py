@@ -60,6 +60,43 @@ def test_priors_follow_the_input_size():
         model(torch.rand(1, 3, 256, 256))
 
 
+def _shapes(priors: torch.Tensor) -> set:
+    """The distinct (w, h) of default boxes (rounded to 1e-3 px)."""
+    wh = priors[:, 2:] - priors[:, :2]
+    return {tuple(v) for v in (wh * 1000).round().int().tolist()}
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_prior_size_keeps_default_box_pixels_at_another_input(relative):
+    # A network trained at 384 px learns offsets from boxes of 384 px's pixel sizes; evaluated at 480 with boxes
+    # that grew with the input, it predicted every box 1.25x too large (README, "SSD's default boxes at another
+    # input size"). With prior_size the sizes stay, the centres still tile the input.
+    def build(prior_size):
+        torch.manual_seed(0)
+        if relative:
+            return SSD(3, MobileNetV3SSD(width=0.25), priors={"scales": [0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0],
+                       "aspect_ratios": [[2, 3]] * 6, "clip": True}, prior_size=prior_size).eval()
+        return SSD(3, VGG16SSD(width=1 / 16), priors=dict(SSD300, clip=False), prior_size=prior_size).eval()
+
+    fixed, shared = build(384), build(None)
+    at = lambda model, side: model.raw_outputs(torch.rand(1, 3, side, side))[2]  # noqa: E731
+    assert torch.allclose(at(fixed, 384), at(shared, 384), atol=1e-3)  # the training size: as before
+    big_fixed, big_shared = at(fixed, 480), at(shared, 480)
+    assert _shapes(big_fixed) == _shapes(at(fixed, 384))
+    assert min(w for w, _ in _shapes(big_shared)) == pytest.approx(
+        1.25 * min(w for w, _ in _shapes(big_fixed)), rel=1e-4)
+    first = big_fixed[0]  # cell (0, 0) of the first map, centred at half a step of the 480 px input
+    step = 480 / fixed.backbone(torch.rand(1, 3, 480, 480))[0].shape[-1]
+    assert torch.allclose((first[:2] + first[2:]) / 2, torch.tensor([step / 2, step / 2]), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["ssdlite_cpu", "ssd300_cpu", "ssdlite_mnv3"])
+def test_ssd_configs_lay_out_default_boxes_at_the_training_size(name):
+    for size in (384, 320):
+        cfg = compose_config("train", [f"model={name}", f"data.img_size={size}"])
+        assert build_model(cfg.model, num_classes=3).prior_size == size
+
+
 def test_parameter_count_equals_torchvision_ssd300_vgg16():
     num_classes = 21  # torchvision counts the background
     ours = SSD(num_classes - 1, VGG16SSD())
@@ -191,7 +228,8 @@ def test_mobilenet_v2_init_std_draws_every_conv_from_a_normal():
 def test_ssdlite_cpu_has_a_stride8_level_of_small_boxes_and_overfits_small_objects():
     # BatchNorm momentum 0.1 instead of torchvision's 0.03, so that the running statistics eval mode uses forget their
     # initial values within the overfit's 100 steps (0.97^100 = 4.8% of them remain at 0.03, 0.9^100 < 0.01% at 0.1).
-    cfg = compose_config("train", ["model=ssdlite_cpu", "model.backbone.width=0.25", "model.batch_norm.momentum=0.1"])
+    cfg = compose_config("train", ["model=ssdlite_cpu", "model.backbone.width=0.25", "model.batch_norm.momentum=0.1",
+                                   "data.img_size=160"])  # the default boxes' sizes are those of the training size
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=3)
     images, targets = small_object_batch()

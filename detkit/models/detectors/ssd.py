@@ -97,6 +97,11 @@ class SSD(nn.Module):
             its centre on each map: :func:`~detkit.matching.match_atss`) added to SSD's: a box either rule
             makes positive is positive).
         atss_topk: candidates per map of the ``atss`` matcher (9, ATSS's).
+        prior_size: the input side (pixels) at which default boxes take their sizes; at any other input
+            (evaluation at ``data.test_size``, multi-scale training) they keep those pixel sizes, as anchors do,
+            and only their centres follow the maps. The configs set the training size, ``data.img_size``. None:
+            sizes are shares of each input (SSD's fixed input; a network trained at 384 px then predicts boxes
+            1.25× too large at 480). Ignored with ``resize_to``, whose input is always one size.
         score_thresh, nms_thresh, max_det: per-class score threshold, NMS IoU and detections kept per image.
         pre_nms_topk: (box, class) candidates kept before NMS; None: 400 per class, the budget of Caffe SSD's
             per-class top 400.
@@ -122,7 +127,8 @@ class SSD(nn.Module):
                  image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
                  extra_logits: int = 0, class_topk: int | None = None,
                  resize_to: Sequence[int] | None = None, head_init_std: float | None = None,
-                 batch_norm: Mapping | None = None, matcher: str = "iou", atss_topk: int = 9) -> None:
+                 batch_norm: Mapping | None = None, matcher: str = "iou", atss_topk: int = 9,
+                 prior_size: int | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
         # a key set to None is unset (a config that inherits ``scales`` can drop it with ``scales: null``)
@@ -153,6 +159,7 @@ class SSD(nn.Module):
         self.class_topk = class_topk
         self.resize_to = tuple(plain(resize_to)) if resize_to is not None else None
         register_normalization(self, image_mean, image_std)
+        self.prior_size = int(prior_size) if prior_size else None
         self._priors: dict[tuple, Tensor] = {}
 
     def default_boxes(self, image_size: Sequence[int], feature_sizes: Sequence[Sequence[int]],
@@ -161,10 +168,13 @@ class SSD(nn.Module):
         ``feature_sizes``; cached per size and device."""
         key = (tuple(image_size), tuple(map(tuple, feature_sizes)), str(device))
         if key not in self._priors:
+            fixed = self.prior_size if self.resize_to is None else None
             if "scales" in self.priors_config:
-                boxes = ssd_relative_boxes(tuple(image_size), [tuple(f) for f in feature_sizes], **self.priors_config)
+                boxes = ssd_relative_boxes(tuple(image_size), [tuple(f) for f in feature_sizes], **self.priors_config,
+                                           prior_size=fixed)
             else:
-                boxes = ssd_default_boxes(**ssd_prior_config(self.priors_config, tuple(image_size), feature_sizes))
+                boxes = ssd_default_boxes(**ssd_prior_config(self.priors_config, tuple(image_size), feature_sizes,
+                                                             fixed))
             self._priors[key] = boxes.to(device)
         return self._priors[key]
 
