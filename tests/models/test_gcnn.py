@@ -130,3 +130,33 @@ def test_test_keep_steps_on_only_the_most_object_like_boxes_of_each_image():
     for i in range(2):  # step 2 sees, of each image, the first step's output for its `keep` best boxes
         best = objectness[i].topk(keep).indices
         assert torch.equal(outputs[1][0][i * keep:(i + 1) * keep], moved.view(2, count, 4)[i, best])
+
+
+@pytest.mark.parametrize("assign", ["initial", "per_step"])
+def test_per_step_assignment_labels_each_steps_boxes_by_their_own_iou(monkeypatch, assign):
+    import detkit.models.detectors.gcnn as gcnn
+
+    model = build("gcnn", *SMALL_VGG, f"model.assign={assign}")
+    with torch.no_grad():  # every box moves right by half its width a step (deltas are scaled by 10)
+        model.head.bbox_pred.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]).repeat(3))
+    calls, seen = _count_calls(model), []
+    loss = gcnn.roi_head_loss
+    monkeypatch.setattr(gcnn, "roi_head_loss", lambda logits, deltas, labels, regression: (
+        seen.append((labels.clone(), regression.clone())), loss(logits, deltas, labels, regression))[1])
+    model(torch.rand(2, 3, 64, 64), TARGETS)
+    count = len(model.grid((64, 64)))
+    for step, (rois, (labels, regression)) in enumerate(zip(calls["rois"], seen)):
+        per_image = [assign_grid(r, t["boxes"], t["labels"], 3) for r, t in zip(rois.split(count), TARGETS)]
+        own, matched = torch.cat([p[0] for p in per_image]), torch.cat([p[1] for p in per_image])
+        if step == 0 or assign == "per_step":
+            assert torch.equal(labels, own)  # what the boxes of this step cover
+            fg = own < 3
+            target = model.coder.encode(step_target(rois[fg], matched[fg], step + 1, model.train_steps), rois[fg])
+            assert torch.allclose(regression[fg], target, atol=1e-5)
+        else:
+            assert torch.equal(labels, seen[0][0])  # the paper's: the grid box's ground truth at every step
+    assert not torch.equal(calls["rois"][0], calls["rois"][-1])
+    # the boxes moved: some cover another object, or none, than their grid box did
+    assert any(not torch.equal(labels, seen[0][0]) for labels, _ in seen[1:]) == (assign == "per_step")
+    with pytest.raises(InstantiationException, match="assign must be one of"):
+        build("gcnn", *SMALL_VGG, "model.assign=sometimes")

@@ -35,7 +35,9 @@ from detkit.models.detectors.fast_rcnn import RoIDetector
 from detkit.models.roi_heads import FAST_RCNN_WEIGHTS, class_deltas, roi_head_loss
 from detkit.postprocess import postprocess_detections
 
-__all__ = ["GCNN", "step_target", "assign_grid"]
+__all__ = ["GCNN", "step_target", "assign_grid", "ASSIGN"]
+
+ASSIGN = ("initial", "per_step")
 
 
 def step_target(boxes: Tensor, gt: Tensor, step: int, train_steps: int) -> Tensor:
@@ -82,13 +84,17 @@ class GCNN(RoIDetector):
             foreground) before the steps, to bound the cost of a large grid.
         test_keep: None regresses every grid box through the S_test steps; a number keeps, after the first,
             that many boxes per image (the highest object probability) for the other steps.
+        assign: ``initial`` (the paper's) keeps each box's ground truth and class of the grid for every step;
+            ``per_step`` assigns each step's boxes anew by their IoU (Cascade R-CNN's way), so that a box the
+            regressor moved onto an object, or off it, is trained as what it now covers.
         The other arguments: see :class:`~detkit.models.detectors.fast_rcnn.RoIDetector`.
     """
 
     def __init__(self, num_classes: int, backbone: nn.Module, train_steps: int = 3, test_steps: int = 5,
                  grid_scales: Sequence[float] = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5), grid_overlap: float = 0.5,
                  grid_ratios: Sequence[float] | None = (1.0,), assign_iou: float = 0.2,
-                 boxes_per_image: int | None = None, test_keep: int | None = None, **head_args) -> None:
+                 boxes_per_image: int | None = None, test_keep: int | None = None, assign: str = "initial",
+                 **head_args) -> None:
         super().__init__(num_classes, backbone, **head_args)
         if train_steps < 1 or test_steps < 1:
             raise ValueError(f"train_steps and test_steps must be ≥ 1, got {train_steps}, {test_steps}")
@@ -98,7 +104,10 @@ class GCNN(RoIDetector):
         gcnn_grid(64, self.grid_scales, grid_overlap, self.grid_ratios)  # a bad scale, overlap or ratio fails here
         if test_keep is not None and test_keep < 1:
             raise ValueError(f"test_keep must be None or ≥ 1, got {test_keep}")
+        if assign not in ASSIGN:
+            raise ValueError(f"assign must be one of {ASSIGN}, got {assign!r}")
         self.assign_iou, self.boxes_per_image, self.test_keep = assign_iou, boxes_per_image, test_keep
+        self.assign = assign
         self.coder = DeltaCoder(FAST_RCNN_WEIGHTS)
         self._grids: dict[tuple, Tensor] = {}
 
@@ -147,6 +156,11 @@ class GCNN(RoIDetector):
         fg = labels < self.num_classes
         losses = {"loss_cls": x.new_zeros(()), "loss_box": x.new_zeros(())}
         for s in range(1, self.train_steps + 1):
+            if s > 1 and self.assign == "per_step":
+                labels, gt = (torch.cat(parts) for parts in zip(*(
+                    assign_grid(b, t["boxes"], t["labels"], self.num_classes, self.assign_iou)
+                    for b, t in zip(boxes.split(counts), targets))))
+                fg = labels < self.num_classes
             class_logits, box_deltas = self.head(features, list(boxes.split(counts)), sizes)
             regression = torch.zeros_like(boxes)
             regression[fg] = self.coder.encode(step_target(boxes[fg], gt[fg], s, self.train_steps), boxes[fg])
