@@ -35,12 +35,8 @@ def detector_config(model_cfg: DictConfig) -> DictConfig:
     the root they point into)."""
     if not any(key in model_cfg for key in NOT_CONSTRUCTOR):
         return model_cfg
-    kept = {}
-    for key in model_cfg:
-        if key not in NOT_CONSTRUCTOR:
-            value = model_cfg[key]
-            kept[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return OmegaConf.create(kept)
+    tree = OmegaConf.to_container(model_cfg, resolve=True)
+    return OmegaConf.create({key: value for key, value in tree.items() if key not in NOT_CONSTRUCTOR})
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
