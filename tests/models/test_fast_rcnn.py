@@ -27,7 +27,28 @@ def test_configs_build_with_the_papers_settings():
     assert model.head.pooler.spatial_scale == 1 / 16 and model.backbone.strides == [16]
     assert len(model.dense((384, 384))) == 1728
     tiny = build("fast_rcnn_cpu")
-    assert len(tiny.dense((384, 384))) == 48 * 48 + 24 * 24 + 12 * 12 and tiny.head.pooler.spatial_scale == 1 / 16
+    assert len(tiny.dense((384, 384))) == 48 * 48 + 24 * 24 + 12 * 12 and tiny.head.pooler.spatial_scale == 1 / 8
+
+
+@pytest.mark.parametrize("name", ["fast_rcnn_cpu", "gcnn_cpu"])
+def test_cpu_configs_pool_the_finest_fpn_level_which_carries_the_coarse_map(name):
+    model = build(name)
+    assert model.backbone.strides == [8, 16] and model.head.pooler.spatial_scale == 1 / 8
+    images = torch.rand(2, 3, 64, 64)
+    pooled = model.features(images)
+    assert pooled.shape == (2, 64, 8, 8)
+    # the stride-16 map reaches the pooled map through the top-down path: zeroing its lateral changes it
+    with torch.no_grad():
+        model.neck.fpn.inner_blocks[1][0].weight.zero_()
+        model.neck.fpn.inner_blocks[1][0].bias.zero_()
+    assert not torch.allclose(model.features(images), pooled)
+    # the coarse level's 3x3 smoothing is not built: its output is never pooled
+    assert all(isinstance(b, torch.nn.Identity) for b in model.neck.fpn.layer_blocks[1:])
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 30.0, 50.0]]), "labels": torch.tensor([1])}] * 2
+    model.train()
+    sum(model(images, targets).values()).backward()
+    assert model.neck.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
+    assert model.neck.fpn.inner_blocks[0][0].weight.grad.abs().sum() > 0  # the stride-8 map's lateral
 
 
 @pytest.mark.parametrize("kind", ["roi_pool", "roi_align"])

@@ -30,6 +30,7 @@ from detkit.models.detectors.common import (
     register_normalization,
     stack_images,
 )
+from detkit.models.necks.fpn import FPN
 from detkit.models.roi_heads import RoIBoxHead, SingleLevelPooler, roi_detections, roi_head_loss, sample_rois
 
 __all__ = ["DenseProposals", "RoIDetector", "FastRCNN"]
@@ -78,6 +79,9 @@ class RoIDetector(nn.Module):
     Args:
         num_classes: K.
         backbone: module returning a list of maps with ``out_channels`` and ``strides``; the last map is pooled.
+        fpn_channels: None, or an FPN (:class:`~detkit.models.necks.fpn.FPN`, no extra levels) of this width on
+            all the backbone's maps, whose finest level is pooled instead: with a backbone's stride-8 and
+            stride-16 maps, a stride-8 map that carries the stride-16 map's context, for objects a few cells wide.
         pooler: ``roi_pool`` (the papers) or ``roi_align``.
         pool_size, sampling_ratio: the pooled grid P×P; ``roi_align``'s samples per bin side.
         deformable_roi: deformable RoI pooling (:class:`~detkit.models.deformable.DeformableRoIPooler`, with
@@ -91,22 +95,30 @@ class RoIDetector(nn.Module):
                  sampling_ratio: int = 2, representation: int = 1024, dropout: float = 0.0,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, max_det: int = 100,
                  image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
-                 deformable_roi: bool = False) -> None:
+                 deformable_roi: bool = False, fpn_channels: int | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.backbone = backbone
-        stride = list(backbone.strides)[-1]
+        if fpn_channels is None:
+            self.neck = None
+            stride, channels = list(backbone.strides)[-1], list(backbone.out_channels)[-1]
+        else:
+            self.neck = FPN(list(backbone.out_channels), fpn_channels, extra="none", in_strides=backbone.strides)
+            for i in range(1, len(self.neck.fpn.layer_blocks)):  # only the finest level is pooled: the coarser
+                self.neck.fpn.layer_blocks[i] = nn.Identity()     # levels' 3×3 smoothing would be unused weights
+            stride, channels = self.neck.strides[0], fpn_channels
         roi_pooler = SingleLevelPooler(pooler, pool_size, 1.0 / stride, sampling_ratio)
         if deformable_roi:
-            roi_pooler = DeformableRoIPooler(roi_pooler, list(backbone.out_channels)[-1])
-        self.head = RoIBoxHead(roi_pooler, list(backbone.out_channels)[-1], pool_size, num_classes,
-                               representation, dropout)
+            roi_pooler = DeformableRoIPooler(roi_pooler, channels)
+        self.head = RoIBoxHead(roi_pooler, channels, pool_size, num_classes, representation, dropout)
         self.score_thresh, self.nms_thresh, self.max_det = score_thresh, nms_thresh, max_det
         register_normalization(self, image_mean, image_std)
 
     def features(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) 0–1 images → the backbone's last map (B, C, H/stride, W/stride), float32."""
-        return self.backbone(normalize(images, self.image_mean, self.image_std))[-1].float()
+        """(B, 3, H, W) 0–1 images → the map pooled (B, C, H/stride, W/stride), float32: the backbone's last,
+        or the FPN's finest."""
+        maps = self.backbone(normalize(images, self.image_mean, self.image_std))
+        return (maps[-1] if self.neck is None else self.neck(maps)[0]).float()
 
     def head_in_chunks(self, features: Tensor, rois: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
                        max_rois: int = 4096) -> tuple[Tensor, Tensor]:
