@@ -78,6 +78,24 @@ def test_neck_structure_lateral_1x1_top_down_nearest_smoothing_3x3():
     assert len(pyramid) == 4
 
 
+def test_outputs_keeps_the_finest_levels_and_builds_no_smoothing_for_the_others():
+    channels = [16, 32, 64]
+    maps = [torch.randn(1, c, 32 // 2**i, 32 // 2**i) for i, c in enumerate(channels)]
+    torch.manual_seed(0)
+    full = FPN(channels, 24, extra="none", in_strides=[8, 16, 32])
+    torch.manual_seed(0)
+    finest = FPN(channels, 24, extra="none", in_strides=[8, 16, 32], outputs=1)
+    assert finest.strides == [8] and finest.num_levels == 1
+    assert all(isinstance(b, nn.Identity) for b in finest.fpn.layer_blocks[1:])
+    assert count(finest) == count(full) - 2 * (24 * 24 * 9 + 24)
+    with torch.no_grad():  # same weights where both have them: the same finest level, from every coarser map
+        pyramid = finest(maps)
+        assert len(pyramid) == 1 and torch.allclose(pyramid[0], full(maps)[0], atol=1e-6)
+    for bad in ({"outputs": 0}, {"outputs": 4}, {"outputs": 1, "extra": "pool"}):
+        with pytest.raises(ValueError, match="outputs must be in 1..3"):
+            FPN(channels, 24, **{"extra": "none", **bad})
+
+
 def test_retinanet_p3_to_p7_from_c5_or_p5():
     backbone = tiny_resnet()
     maps = backbone(torch.rand(1, 3, 128, 128))

@@ -103,9 +103,8 @@ class RoIDetector(nn.Module):
             self.neck = None
             stride, channels = list(backbone.strides)[-1], list(backbone.out_channels)[-1]
         else:
-            self.neck = FPN(list(backbone.out_channels), fpn_channels, extra="none", in_strides=backbone.strides)
-            for i in range(1, len(self.neck.fpn.layer_blocks)):  # only the finest level is pooled: the coarser
-                self.neck.fpn.layer_blocks[i] = nn.Identity()     # levels' 3×3 smoothing would be unused weights
+            self.neck = FPN(list(backbone.out_channels), fpn_channels, extra="none", in_strides=backbone.strides,
+                            outputs=1)
             stride, channels = self.neck.strides[0], fpn_channels
         roi_pooler = SingleLevelPooler(pooler, pool_size, 1.0 / stride, sampling_ratio)
         if deformable_roi:

@@ -31,13 +31,17 @@ class FPN(nn.Module):
         extra: ``pool`` (P6 subsampled from P5), ``p6p7`` (P6, P7 by strided convs) or ``none``.
         p6_from: for ``p6p7``, ``c5`` (the RetinaNet paper) or ``p5`` (torchvision's ``retinanet_resnet50_fpn``,
             fewer parameters).
+        outputs: None (every level), or only the ``outputs`` finest levels (with ``extra="none"``): the coarser
+            levels still feed the top-down path, but their 3×3 smoothing, whose result nothing would read, is
+            not built (a single-level RoI detector pools the finest alone).
 
     ``strides``: stride of each output level relative to the input, given the backbone map ``in_strides``
     (default 4, 8, 16, 32: C2–C5).
     """
 
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256, first_level: int = 0,
-                 extra: str = "pool", p6_from: str = "c5", in_strides: Sequence[int] = (4, 8, 16, 32)) -> None:
+                 extra: str = "pool", p6_from: str = "c5", in_strides: Sequence[int] = (4, 8, 16, 32),
+                 outputs: int | None = None) -> None:
         super().__init__()
         if extra not in EXTRAS:
             raise ValueError(f"unknown FPN extra levels {extra!r}; expected one of {', '.join(EXTRAS)}")
@@ -46,6 +50,9 @@ class FPN(nn.Module):
         if not 0 <= first_level < len(in_channels):
             raise ValueError(f"first_level {first_level} outside the {len(in_channels)} backbone maps")
         used = list(in_channels)[first_level:]
+        if outputs is not None and not (1 <= outputs <= len(used) and extra == "none"):
+            raise ValueError(f"outputs must be in 1..{len(used)} (the levels of the maps used), with extra='none'; "
+                             f"got outputs={outputs}, extra={extra!r}")
         extra_block = None
         if extra == "pool":
             extra_block = LastLevelMaxPool()
@@ -58,6 +65,10 @@ class FPN(nn.Module):
         strides = list(in_strides)[first_level:]
         extra_levels = {"pool": 1, "p6p7": 2, "none": 0}[extra]
         self.strides = strides + [strides[-1] * 2 ** (i + 1) for i in range(extra_levels)]
+        if outputs is not None:
+            for i in range(outputs, len(used)):
+                self.fpn.layer_blocks[i] = nn.Identity()
+            self.strides = self.strides[:outputs]
 
     @property
     def num_levels(self) -> int:
@@ -65,10 +76,10 @@ class FPN(nn.Module):
 
     def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
         """Backbone maps (B, in_channels[i], H_i, W_i) → pyramid levels (B, out_channels, H_l, W_l), finest
-        first."""
+        first (``num_levels`` of them)."""
         used = list(maps)[self.first_level:]
         if len(used) != len(self.fpn.inner_blocks):
             raise ValueError(f"FPN built for {len(self.fpn.inner_blocks) + self.first_level} backbone maps, got "
                              f"{len(maps)}")
         out = self.fpn(OrderedDict((str(i), m) for i, m in enumerate(used)))
-        return list(out.values())
+        return list(out.values())[:self.num_levels]
