@@ -94,6 +94,8 @@ def test_outputs_keeps_the_finest_levels_and_builds_no_smoothing_for_the_others(
     for bad in ({"outputs": 0}, {"outputs": 4}, {"outputs": 1, "extra": "pool"}):
         with pytest.raises(ValueError, match="outputs must be in 1..3"):
             FPN(channels, 24, **{"extra": "none", **bad})
+    with pytest.raises(ValueError, match=r"out_channels \(model.fpn_channels\) must be ≥ 1, got 0"):
+        FPN(channels, 0)
 
 
 def test_retinanet_p3_to_p7_from_c5_or_p5():

@@ -47,6 +47,8 @@ class FPN(nn.Module):
             raise ValueError(f"unknown FPN extra levels {extra!r}; expected one of {', '.join(EXTRAS)}")
         if p6_from not in ("c5", "p5"):
             raise ValueError(f"p6_from must be c5 or p5, got {p6_from!r}")
+        if int(out_channels) < 1:
+            raise ValueError(f"FPN out_channels (model.fpn_channels) must be ≥ 1, got {out_channels}")
         if not 0 <= first_level < len(in_channels):
             raise ValueError(f"first_level {first_level} outside the {len(in_channels)} backbone maps")
         used = list(in_channels)[first_level:]
